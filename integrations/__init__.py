@@ -1,0 +1,1 @@
+"""Host integrations (transformers, vLLM), installed as ``sona_plugin.integrations``."""

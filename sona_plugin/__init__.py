@@ -1,0 +1,31 @@
+"""sona_plugin: continual learning from user feedback for running LLM deployments.
+
+The core (this package) has no dependency on vLLM or transformers; the integrations
+live in ``sona_plugin.integrations``.
+"""
+
+from .base_lora import BaseLoRA
+from .config import SonaConfig
+from .engine import SonaEngine
+from .errors import (
+    ConfigError,
+    DimensionMismatch,
+    InvalidValue,
+    SonaError,
+    StateError,
+    UnknownTrajectory,
+)
+from .ewc import EwcPlusPlus
+from .micro_lora import MicroLoRA
+from .reasoning_bank import ReasoningBank
+from .trajectory import TrajectoryBuffer, TrajectoryBuilder
+from .types import LearnedPattern, LearningSignal, PatternType, Trajectory, TrajectoryStep
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BaseLoRA", "ConfigError", "DimensionMismatch", "EwcPlusPlus", "InvalidValue",
+    "LearnedPattern", "LearningSignal", "MicroLoRA", "PatternType", "ReasoningBank",
+    "SonaConfig", "SonaEngine", "SonaError", "StateError", "Trajectory", "TrajectoryBuffer",
+    "TrajectoryBuilder", "TrajectoryStep", "UnknownTrajectory", "__version__",
+]

@@ -1,0 +1,219 @@
+"""MicroLoRA: a rank 1-2 residual adapter on the final hidden state, updated per feedback.
+
+Forward: ``y = h + s * B (A h)`` with ``A`` (r x d) small random, ``B`` (d x r) zero, so the
+adapter is the identity until it learns, and ``s = alpha / r``.
+
+Update: the instant loop hands in the upstream gradient ``g_t = dJ/dy_t`` of its
+objective ``J`` at each recorded step and a per-step advantage ``a_t``; the parameter
+gradients are (exactly, by the chain rule through ``y``)::
+
+    dJ/dB = s * sum_t a_t g_t (A h_t)^T        dJ/dA = s * sum_t a_t (B^T g_t) h_t^T
+
+One feedback takes one stabilised ascent step (DESIGN.md, measured on SmolLM2: each
+stabiliser alone collapses or drifts; together they are stable over hundreds of
+feedbacks): decay toward the initial adapter, global gradient clipping, an Adam step
+(beta1 = 0), a cap on ``||s B A||_F``, and a trust region on the change the step causes
+on its own steps (the step is halved until it fits, else rejected).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import kernels
+from .errors import ConfigError, DimensionMismatch, InvalidValue
+
+_EPS = 1e-8
+_MAX_HALVINGS = 6
+
+
+@dataclass
+class UpdateReport:
+    """What one instant update did."""
+
+    accepted: bool
+    step_fraction: float
+    divergence: float
+    grad_norm: float
+    delta_norm: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class MicroLoRA:
+    """Rank 1-2 LoRA ``y = h + s B A h`` with a stabilised REINFORCE update.
+
+    Args:
+        hidden_dim: width d of the adapted vectors.
+        rank: 1 or 2.
+        alpha: LoRA alpha; scale ``s = alpha / rank``.
+        lr: Adam step size.
+        beta2: Adam second-moment decay.
+        norm_cap: bound on ``||s B A||_F`` (so ``||y - h|| <= norm_cap * ||h||``).
+        trust_region: bound on the divergence one update may cause on its own steps.
+        decay: per update, ``B <- (1 - decay) B`` and ``A <- A - decay (A - A0)``.
+        grad_clip: global L2 norm bound of one update's gradient.
+        seed: seed of ``A``'s initialisation.
+    """
+
+    def __init__(self, hidden_dim: int, rank: int = 2, alpha: float = 1.0, *, lr: float = 3e-3,
+                 beta2: float = 0.99, norm_cap: float = 0.3, trust_region: float = 0.05,
+                 decay: float = 0.01, grad_clip: float = 1.0, seed: int = 0):
+        if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim <= 0:
+            raise ConfigError(f"hidden_dim must be an integer > 0, got {hidden_dim!r}")
+        if isinstance(rank, bool) or rank not in (1, 2):
+            raise ConfigError(f"micro_lora_rank must be 1 or 2, got {rank!r}")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ConfigError(f"lora_alpha must be > 0, got {alpha!r}")
+        self.hidden_dim, self.rank = hidden_dim, rank
+        self.scale = float(alpha) / rank
+        self.lr, self.beta2, self.norm_cap = lr, beta2, norm_cap
+        self.trust_region, self.decay, self.grad_clip = trust_region, decay, grad_clip
+        rng = np.random.default_rng(seed)
+        self.A0 = (rng.standard_normal((rank, hidden_dim)) / math.sqrt(hidden_dim)).astype(np.float32)
+        self._A = self.A0.copy()
+        self._B = np.zeros((hidden_dim, rank), np.float32)
+        self._vA = np.zeros_like(self._A)
+        self._vB = np.zeros_like(self._B)
+        self.steps = 0
+        self.rejected = 0
+
+    # -- parameters -------------------------------------------------------------------
+    @property
+    def A(self) -> np.ndarray:
+        return self._A
+
+    @property
+    def B(self) -> np.ndarray:
+        return self._B
+
+    def set_params(self, A: np.ndarray, B: np.ndarray) -> None:
+        """Replace (A, B); shapes checked, arrays copied to float32 C order."""
+        A = np.ascontiguousarray(A, np.float32)
+        B = np.ascontiguousarray(B, np.float32)
+        if A.shape != self._A.shape or B.shape != self._B.shape:
+            raise DimensionMismatch(f"MicroLoRA params must have shapes {self._A.shape} and "
+                                    f"{self._B.shape}, got {A.shape} and {B.shape}")
+        if not (np.isfinite(A).all() and np.isfinite(B).all()):
+            raise InvalidValue("MicroLoRA params contain non-finite values")
+        self._A, self._B = A, B
+
+    def param_count(self) -> int:
+        return self._A.size + self._B.size
+
+    def delta_norm(self, A: np.ndarray | None = None, B: np.ndarray | None = None) -> float:
+        """``||s B A||_F`` computed from the r x r Gram matrices."""
+        A = self._A if A is None else A
+        B = self._B if B is None else B
+        g = float(np.sum((B.T @ B) * (A @ A.T)))
+        return self.scale * math.sqrt(max(g, 0.0))
+
+    # -- forward ----------------------------------------------------------------------
+    def forward(self, x, out=None):
+        """``x + s B A x`` for x of shape [d] or [n, d] (float32 NumPy or CPU torch)."""
+        return kernels.micro_lora_forward(x, self._A, self._B, self.scale, out)
+
+    def forward_with(self, A: np.ndarray, B: np.ndarray, H: np.ndarray) -> np.ndarray:
+        return kernels.micro_lora_forward(H, A, B, self.scale, None)
+
+    # -- learning ---------------------------------------------------------------------
+    def gradient(self, H: np.ndarray, G: np.ndarray, adv: np.ndarray,
+                 A: np.ndarray | None = None, B: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """(dJ/dA, dJ/dB) for steps H [T, d], upstream gradients G [T, d], advantages [T]."""
+        A = self._A if A is None else A
+        B = self._B if B is None else B
+        gA = np.zeros_like(A)
+        gB = np.zeros_like(B)
+        kernels.reinforce_accumulate(H, G, adv, A, B, self.scale, gA, gB)
+        return gA, gB
+
+    def update(self, H: np.ndarray, grad_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+               adv: np.ndarray,
+               divergence: Callable[[np.ndarray, np.ndarray], float]) -> UpdateReport:
+        """One stabilised ascent step on ``J = sum_t a_t J_t(y_t)``.
+
+        Args:
+            H: the recorded inputs h_t, [T, d] float32.
+            grad_fn: ``grad_fn(A, B) -> G`` the upstream gradients dJ_t/dy_t [T, d] at (A, B).
+            adv: per-step advantages a_t, [T].
+            divergence: ``divergence(A_new, B_new)`` the change the candidate causes on the
+                steps, compared with the current adapter (KL, or relative output change).
+        """
+        A = self._A - self.decay * (self._A - self.A0)
+        B = (1.0 - self.decay) * self._B
+        G = grad_fn(A, B)
+        gA, gB = self.gradient(H, G, adv, A, B)
+        gnorm = math.sqrt(float(np.vdot(gA, gA) + np.vdot(gB, gB)))
+        if not math.isfinite(gnorm):
+            raise InvalidValue("instant-loop gradient is not finite; update refused")
+        if gnorm > self.grad_clip:
+            gA *= self.grad_clip / gnorm
+            gB *= self.grad_clip / gnorm
+        t = self.steps + 1
+        vA = self.beta2 * self._vA + (1 - self.beta2) * gA * gA
+        vB = self.beta2 * self._vB + (1 - self.beta2) * gB * gB
+        corr = 1.0 - self.beta2**t
+        stepA = self.lr * gA / (np.sqrt(vA / corr) + _EPS)
+        stepB = self.lr * gB / (np.sqrt(vB / corr) + _EPS)
+        frac, div = 1.0, 0.0
+        for _ in range(_MAX_HALVINGS + 1):
+            A_new = (A + frac * stepA).astype(np.float32)
+            B_new = (B + frac * stepB).astype(np.float32)
+            dn = self.delta_norm(A_new, B_new)
+            if dn > self.norm_cap:
+                B_new *= np.float32(self.norm_cap / dn)
+            div = float(divergence(A_new, B_new))
+            if div <= self.trust_region:
+                break
+            frac *= 0.5
+        else:
+            # the decay still applies: an over-large step is refused, ageing is not
+            self._A, self._B = A.astype(np.float32), B.astype(np.float32)
+            self._vA, self._vB = vA, vB
+            self.steps = t
+            self.rejected += 1
+            return UpdateReport(False, 0.0, div, gnorm, self.delta_norm())
+        self._A, self._B = A_new, B_new
+        self._vA, self._vB = vA.astype(np.float32), vB.astype(np.float32)
+        self.steps = t
+        return UpdateReport(True, frac, div, gnorm, self.delta_norm())
+
+    def shrink(self, factor: float) -> None:
+        """Scale B by ``factor`` (after a hot-swap the BaseLoRA carries the lesson)."""
+        self._B = (self._B * np.float32(factor)).astype(np.float32)
+
+    # -- export -----------------------------------------------------------------------
+    def to_lm_head_lora(self, W) -> dict:
+        """Exact PEFT LoRA factors for an ``lm_head`` of weight ``W`` [V, d].
+
+        ``W (h + s B A h) = W h + (s W B)(A h)``, so with PEFT's scaling set to 1
+        (``lora_alpha = r``): ``lora_A = A`` [r, d] and ``lora_B = s W B`` [V, r].
+        """
+        Wn = W.detach().cpu().float().numpy() if hasattr(W, "detach") else np.asarray(W, np.float32)
+        if Wn.ndim != 2 or Wn.shape[1] != self.hidden_dim:
+            raise DimensionMismatch(f"lm_head weight must be [vocab, {self.hidden_dim}], got "
+                                    f"{Wn.shape}", self.hidden_dim, Wn.shape[-1] if Wn.ndim else 0)
+        return {"lora_A": self._A.copy(), "lora_B": (self.scale * (Wn @ self._B)).astype(np.float32),
+                "r": self.rank, "lora_alpha": self.rank}
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
+        arrays = {"A": self._A, "B": self._B, "A0": self.A0, "vA": self._vA, "vB": self._vB}
+        meta = {"steps": self.steps, "rejected": self.rejected, "scale": self.scale}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        for k in ("A", "B", "A0", "vA", "vB"):
+            if k not in arrays:
+                raise InvalidValue(f"MicroLoRA state lacks {k!r}")
+        self.set_params(arrays["A"], arrays["B"])
+        self.A0 = np.ascontiguousarray(arrays["A0"], np.float32)
+        self._vA = np.ascontiguousarray(arrays["vA"], np.float32)
+        self._vB = np.ascontiguousarray(arrays["vB"], np.float32)
+        self.steps, self.rejected = int(meta["steps"]), int(meta["rejected"])

@@ -1,0 +1,376 @@
+"""SonaEngine: learning moves the adapter the right way, state survives, bad input is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sona_plugin import (
+    ConfigError,
+    DimensionMismatch,
+    InvalidValue,
+    LearningSignal,
+    SonaConfig,
+    SonaEngine,
+    SonaError,
+    UnknownTrajectory,
+)
+
+D = 64
+
+
+def clusters(seed: int, d: int = D, k: int = 4, sigma: float = 0.3):
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((k, d)).astype(np.float32)
+
+    def sample(c: int) -> np.ndarray:
+        return (means[c] + sigma * rng.standard_normal(d)).astype(np.float32)
+
+    return means, sample
+
+
+def one_step_feedback(engine: SonaEngine, h: np.ndarray, quality: float) -> None:
+    tid = engine.begin_trajectory(h)
+    engine.add_step(tid, h, np.ones(4, np.float32) / 4, 0.5)
+    engine.end_trajectory(tid, quality)
+    engine.learn_from_feedback(LearningSignal(quality=quality, trajectory_id=tid))
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_identity_before_learning():
+    eng = SonaEngine(D)
+    x = np.random.default_rng(0).standard_normal(D).astype(np.float32)
+    np.testing.assert_array_equal(eng.apply_lora(x), x)
+    np.testing.assert_array_equal(eng.apply_micro_lora(x), x)
+    np.testing.assert_array_equal(eng.apply_base_lora(x), x)
+
+
+def test_one_positive_feedback_moves_the_output_and_a_negative_one_the_other_way():
+    _, sample = clusters(1)
+    h = sample(0)
+    pos, neg = SonaEngine(D), SonaEngine(D)
+    one_step_feedback(pos, h, 1.0)
+    one_step_feedback(neg, h, 0.0)
+    d_pos = pos.apply_micro_lora(h) - h
+    d_neg = neg.apply_micro_lora(h) - h
+    assert np.linalg.norm(d_pos) > 1e-4 * np.linalg.norm(h)
+    assert np.linalg.norm(d_neg) > 1e-4 * np.linalg.norm(h)
+    # the objective is the alignment <h/|h|, y>: a like raises it, a dislike lowers it
+    u = h / np.linalg.norm(h)
+    assert float(u @ d_pos) > 0 > float(u @ d_neg)
+    cos = float(d_pos @ d_neg / (np.linalg.norm(d_pos) * np.linalg.norm(d_neg)))
+    assert cos < -0.9
+
+
+def test_end_trajectory_then_flush_learns_too():
+    _, sample = clusters(2)
+    h = sample(1)
+    eng = SonaEngine(D)
+    tid = eng.begin_trajectory(h)
+    eng.add_step(tid, h, (), 0.9)
+    eng.end_trajectory(tid, 0.95)
+    np.testing.assert_array_equal(eng.apply_micro_lora(h), h)  # queued, not applied yet
+    reports = eng.flush()
+    assert len(reports) == 1 and reports[0].update.accepted
+    assert rel(eng.apply_micro_lora(h), h) > 1e-4
+
+
+def test_twenty_likes_on_one_cluster_change_it_more_than_a_far_cluster():
+    means, sample = clusters(3)
+    eng = SonaEngine(D)
+    near = np.stack([sample(0) for _ in range(10)])
+    far = np.stack([sample(2) for _ in range(10)])
+    for _ in range(20):
+        one_step_feedback(eng, sample(0), 0.95)
+    change_near = np.mean([rel(eng.apply_micro_lora(x), x) for x in near])
+    change_far = np.mean([rel(eng.apply_micro_lora(x), x) for x in far])
+    assert change_near >= 1e-2
+    assert change_far < change_near / 2
+
+
+def test_hundreds_of_feedbacks_stay_bounded():
+    _, sample = clusters(4)
+    rng = np.random.default_rng(0)
+    eng = SonaEngine(D)
+    for _ in range(400):
+        one_step_feedback(eng, sample(int(rng.integers(4))), float(rng.uniform()))
+    cfg = eng.config
+    assert eng.micro_lora.delta_norm() <= cfg.micro_lora_norm_cap + 1e-5
+    x = sample(0)
+    y = eng.apply_micro_lora(x)
+    assert np.isfinite(y).all()
+    assert rel(y, x) <= cfg.micro_lora_norm_cap + 1e-5
+
+
+def test_lm_head_objective_raises_the_liked_tokens_log_prob():
+    rng = np.random.default_rng(5)
+    V = 50
+    W = rng.standard_normal((V, D)).astype(np.float32) / math.sqrt(D)
+    H = rng.standard_normal((6, D)).astype(np.float32)
+    tokens = rng.integers(V, size=6)
+
+    def logprob(eng: SonaEngine) -> float:
+        Y = eng.apply_micro_lora(H)
+        z = Y @ W.T
+        z = z - z.max(1, keepdims=True)
+        lp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        return float(lp[np.arange(6), tokens].sum())
+
+    results = {}
+    for quality in (1.0, 0.0):
+        eng = SonaEngine(D)
+        eng.set_output_head(W)
+        before = logprob(eng)
+        tid = eng.begin_trajectory(H[0])
+        for h, t in zip(H, tokens):
+            top = np.argsort(-(W @ h))[:20]
+            eng.add_step(tid, h, (), 0.0, action=int(t), topk_ids=top)
+        eng.end_trajectory(tid, quality)
+        eng.learn_from_feedback(LearningSignal(quality=quality, trajectory_id=tid))
+        results[quality] = logprob(eng) - before
+    assert results[1.0] > 0 > results[0.0]
+
+
+def test_router_reward_raises_the_route_for_similar_queries_only():
+    means, sample = clusters(6, k=3, sigma=0.2)
+    eng = SonaEngine(SonaConfig(hidden_dim=D))
+    for r in (0, 1, 2):
+        eng.add_route(r)
+    q_far = sample(2)
+    p0_near = eng.route_probabilities(sample(0))[1]
+    p0_far = eng.route_probabilities(q_far)[1]
+    for _ in range(15):
+        q = sample(0)
+        tid = eng.start_trajectory(q)
+        eng.record_step(tid, 1, 0.8, 100)
+        eng.end_trajectory(tid, 0.95)
+        eng.learn_from_feedback(LearningSignal(quality=0.95, trajectory_id=tid))
+        # route 2 is bad for cluster 0
+        tid = eng.start_trajectory(q)
+        eng.record_step(tid, 2, 0.8, 100)
+        eng.end_trajectory(tid, 0.05)
+        eng.learn_from_feedback(LearningSignal(quality=0.05, trajectory_id=tid))
+    p_near = eng.route_probabilities(sample(0))[1]
+    p_far = eng.route_probabilities(q_far)[1]
+    assert p_near > p0_near + 0.3
+    assert abs(p_far - p0_far) < (p_near - p0_near) / 3
+
+
+def test_background_cycle_runs_on_any_number_and_consolidates():
+    _, sample = clusters(7)
+    eng = SonaEngine(D)
+    h = sample(0)
+    one_step_feedback(eng, h, 1.0)
+    micro_before = eng.apply_micro_lora(h) - h
+    lora_before = eng.apply_lora(h) - h
+    res = eng.run_background_cycle()
+    assert res.trajectories_processed == 1 and res.patterns_extracted == 1
+    assert res.consolidated, res.status
+    # the lesson moved into the BaseLoRA: the base delta now points the same way ...
+    base_delta = eng.apply_base_lora(h) - h
+    assert float(base_delta @ micro_before) > 0
+    # ... and the MicroLoRA shrank, so apply_lora does not count it twice
+    assert np.linalg.norm(eng.apply_micro_lora(h) - h) < np.linalg.norm(micro_before)
+    assert rel(eng.apply_lora(h) - h, lora_before) < 0.5
+    assert eng.stats()["background_cycles"] == 1
+
+
+def test_force_learn_with_nothing_says_so():
+    msg = SonaEngine(D).force_learn()
+    assert "no trajectories" in msg
+
+
+def test_background_thread_runs_cycles_off_the_callers_path():
+    _, sample = clusters(8)
+    eng = SonaEngine(SonaConfig(hidden_dim=D, background_trigger_count=5))
+    eng.start_background(poll_s=0.01)
+    try:
+        for _ in range(5):
+            tid = eng.begin_trajectory(sample(0))
+            eng.add_step(tid, sample(0), (), 0.5)
+            eng.end_trajectory(tid, 0.9)
+        assert eng.tick() is None  # the thread does the work, not the caller
+        eng.coordinator._thread.join(0.0)
+        for _ in range(500):
+            if eng.stats()["background_cycles"]:
+                break
+            import time
+
+            time.sleep(0.01)
+        assert eng.stats()["background_cycles"] == 1
+        assert eng.coordinator.last_error is None
+    finally:
+        eng.stop_background()
+    assert not eng.coordinator.running
+
+
+def _fill(eng: SonaEngine) -> None:
+    _, sample = clusters(9)
+    rng = np.random.default_rng(1)
+    for i in range(30):
+        one_step_feedback(eng, sample(i % 4), float(rng.uniform()))
+    eng.run_background_cycle()
+    for i in range(5):  # pending work: buffered, queued and open trajectories
+        tid = eng.begin_trajectory(sample(i % 4))
+        eng.add_step(tid, sample(i % 4), (0.5, 0.5), 0.1, action=3)
+        if i < 4:
+            eng.end_trajectory(tid, 0.7)
+
+
+def test_save_load_round_trip_is_exact(tmp_path: Path):
+    eng = SonaEngine(D)
+    _fill(eng)
+    eng.save(tmp_path / "a")
+    back = SonaEngine.load(tmp_path / "a")
+    back.save(tmp_path / "b")
+    for f in ("state.safetensors", "state.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    x = clusters(9)[1](1)
+    np.testing.assert_array_equal(back.apply_lora(x), eng.apply_lora(x))
+    assert back.stats() == eng.stats()
+    assert [p.id for p in back.find_patterns(x, 3)] == [p.id for p in eng.find_patterns(x, 3)]
+    # and both keep learning identically
+    for e in (eng, back):
+        e.flush()
+        e.run_background_cycle()
+    np.testing.assert_array_equal(back.apply_lora(x), eng.apply_lora(x))
+
+
+def _digest(eng: SonaEngine, path: Path) -> str:
+    eng.save(path)
+    h = hashlib.sha256()
+    for f in ("state.safetensors", "state.json"):
+        h.update((path / f).read_bytes())
+    return h.hexdigest()
+
+
+x_ok = np.ones(D, np.float32)
+
+
+def _nan_at(i: int) -> np.ndarray:
+    v = x_ok.copy()
+    v[i] = np.nan
+    return v
+
+
+BAD_INPUTS = [
+    ("wrong dimension", DimensionMismatch, "dimension",
+     lambda e, t: e.apply_micro_lora(np.ones(D + 1, np.float32))),
+    ("wrong dimension begin", DimensionMismatch, "dimension",
+     lambda e, t: e.begin_trajectory(np.ones(D - 3))),
+    ("wrong dimension step", DimensionMismatch, "dimension",
+     lambda e, t: e.add_step(t, np.ones(7), (), 0.5)),
+    ("empty vector", InvalidValue, "empty", lambda e, t: e.apply_lora(np.zeros(0, np.float32))),
+    ("empty embedding", InvalidValue, "empty", lambda e, t: e.begin_trajectory([])),
+    ("nan in vector", InvalidValue, "non-finite", lambda e, t: e.apply_micro_lora(_nan_at(5))),
+    ("inf in step", InvalidValue, "non-finite",
+     lambda e, t: e.add_step(t, np.full(D, np.inf), (), 0.5)),
+    ("nan in find", InvalidValue, "non-finite", lambda e, t: e.find_patterns(_nan_at(0), 3)),
+    ("nan quality", InvalidValue, "quality", lambda e, t: e.end_trajectory(t, float("nan"))),
+    ("inf quality", InvalidValue, "quality", lambda e, t: e.end_trajectory(t, float("inf"))),
+    ("quality > 1", InvalidValue, "quality", lambda e, t: e.end_trajectory(t, 1.5)),
+    ("quality < 0", InvalidValue, "quality", lambda e, t: e.end_trajectory(t, -0.5)),
+    ("nan reward", InvalidValue, "reward", lambda e, t: e.add_step(t, x_ok, (), float("nan"))),
+    ("reward out of range", InvalidValue, "reward", lambda e, t: e.add_step(t, x_ok, (), 1e9)),
+    ("feedback quality out of range", InvalidValue, "quality",
+     lambda e, t: e.learn_from_feedback(LearningSignal(quality=2.0))),
+    ("unknown trajectory", UnknownTrajectory, "never started",
+     lambda e, t: e.add_step(999999, x_ok, (), 0.5)),
+    ("negative trajectory id", UnknownTrajectory, "never started",
+     lambda e, t: e.end_trajectory(-1, 0.5)),
+    ("ended trajectory", UnknownTrajectory, "already ended",
+     lambda e, t: e.end_trajectory(1, 0.5)),
+    ("k = 0", InvalidValue, "k", lambda e, t: e.find_patterns(x_ok, 0)),
+    ("k < 0", InvalidValue, "k", lambda e, t: e.find_patterns(x_ok, -1)),
+    ("layer out of range", InvalidValue, "layer", lambda e, t: e.apply_base_lora(99, x_ok)),
+    ("negative layer", InvalidValue, "layer", lambda e, t: e.apply_base_lora(-1, x_ok)),
+    ("rank 0", ConfigError, "micro_lora_rank", lambda e, t: SonaEngine(D, micro_lora_rank=0)),
+    ("rank 3", ConfigError, "micro_lora_rank", lambda e, t: SonaEngine(D, micro_lora_rank=3)),
+    ("dimension 0", ConfigError, "hidden_dim", lambda e, t: SonaEngine(0)),
+    ("negative dimension", ConfigError, "hidden_dim", lambda e, t: SonaEngine(-1)),
+    ("disabled then nan", InvalidValue, "non-finite",
+     lambda e, t: (e.set_enabled(False), e.apply_micro_lora(_nan_at(1)))),
+]
+
+
+@pytest.mark.parametrize("name,err,word,call", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises_a_named_error_and_changes_nothing(tmp_path, name, err, word, call):
+    eng = SonaEngine(D)
+    _fill(eng)
+    open_id = eng.begin_trajectory(x_ok)
+    before = _digest(eng, tmp_path / "before")
+    with pytest.raises(err) as info:
+        call(eng, open_id)
+    assert isinstance(info.value, SonaError)
+    assert word in str(info.value)
+    eng.set_enabled(True)
+    assert _digest(eng, tmp_path / "after") == before
+
+
+def test_disabled_engine_returns_input_and_learns_nothing():
+    _, sample = clusters(10)
+    eng = SonaEngine(D)
+    h = sample(0)
+    eng.set_enabled(False)
+    assert not eng.is_enabled()
+    one_step_feedback(eng, h, 1.0)
+    eng.set_enabled(True)
+    np.testing.assert_array_equal(eng.apply_micro_lora(h), h)
+    assert eng.stats()["micro_updates"] == 0
+
+
+def test_types_in_types_out():
+    import torch
+
+    eng = SonaEngine(D)
+    one_step_feedback(eng, clusters(11)[1](0), 1.0)
+    x64 = np.random.default_rng(0).standard_normal(D)
+    y64 = eng.apply_lora(x64)
+    assert y64.dtype == np.float64
+    xt = torch.from_numpy(x64.astype(np.float32))
+    yt = eng.apply_micro_lora(xt)
+    assert isinstance(yt, torch.Tensor) and yt.dtype == torch.float32
+    np.testing.assert_allclose(yt.numpy(), eng.apply_micro_lora(x64.astype(np.float32)), rtol=1e-6)
+    batch = np.stack([x64, 2 * x64]).astype(np.float32)
+    yb = eng.apply_micro_lora(batch)
+    np.testing.assert_allclose(yb[1], eng.apply_micro_lora(batch[1]), rtol=1e-5)
+
+
+def test_stats_are_json_and_use_the_seeds_names():
+    import json
+
+    eng = SonaEngine(D)
+    _fill(eng)
+    s = json.loads(eng.get_stats())
+    for key in ("trajectories_buffered", "patterns_stored", "micro_updates", "background_cycles",
+                "trajectories_dropped"):
+        assert key in s
+    assert s["micro_updates"] == 30
+
+
+def test_buffer_drops_are_counted_and_recording_never_blocks():
+    eng = SonaEngine(SonaConfig(hidden_dim=D, trajectory_capacity=3))
+    for _ in range(5):
+        tid = eng.begin_trajectory(x_ok)
+        eng.end_trajectory(tid, 0.5)
+    s = eng.stats()
+    assert s["trajectories_buffered"] == 3 and s["trajectories_dropped"] == 2
+
+
+def test_micro_lora_exports_exact_lm_head_factors():
+    rng = np.random.default_rng(12)
+    eng = SonaEngine(D)
+    for _ in range(5):
+        one_step_feedback(eng, rng.standard_normal(D).astype(np.float32), 1.0)
+    W = rng.standard_normal((30, D)).astype(np.float32)
+    f = eng.micro_lora.to_lm_head_lora(W)
+    h = rng.standard_normal(D).astype(np.float32)
+    folded = W @ h + f["lora_B"] @ (f["lora_A"] @ h) * (f["lora_alpha"] / f["r"])
+    np.testing.assert_allclose(folded, W @ eng.apply_micro_lora(h), rtol=1e-4, atol=1e-5)
