@@ -318,7 +318,8 @@ class SonaEngine:
         keys = self._instant.routes
         if not keys.ids:
             return {}
-        p = keys.probs(self.apply_lora(q)[None, :])[0]
+        p = keys.probs(self.apply_lora(q)[None, :])[0].astype(np.float64)
+        p /= p.sum()
         return {r: float(p[i]) for i, r in enumerate(keys.ids)}
 
     def add_route(self, node_id: int) -> None:

@@ -1,7 +1,10 @@
 """MicroLoRA: a rank 1-2 residual adapter on the final hidden state, updated per feedback.
 
-Forward: ``y = h + s * B (A h)`` with ``A`` (r x d) small random, ``B`` (d x r) zero, so the
-adapter is the identity until it learns, and ``s = alpha / r``.
+Forward: ``y = h + s * B (A h)`` with ``A`` (r x d) zero and ``B`` (d x r) small random
+(the mirror of PEFT's zero-``B`` start), so the adapter is the identity until it learns,
+and ``s = alpha / r``. Starting ``A`` at zero keeps learning local: the rows of ``A`` are
+built only from inputs that received feedback, so an input dissimilar to all of them
+(orthogonal in the limit) is left alone. With a random ``A`` every input would move.
 
 Update: the instant loop hands in the upstream gradient ``g_t = dJ/dy_t`` of its
 objective ``J`` at each recorded step and a per-step advantage ``a_t``; the parameter
@@ -12,7 +15,7 @@ gradients are (exactly, by the chain rule through ``y``)::
 One feedback takes one stabilised ascent step (DESIGN.md, measured on SmolLM2: each
 stabiliser alone collapses or drifts; together they are stable over hundreds of
 feedbacks): decay toward the initial adapter, global gradient clipping, an Adam step
-(beta1 = 0), a cap on ``||s B A||_F``, and a trust region on the change the step causes
+(beta1 = 0), a cap on ``||s B A||_F`` (by rescaling ``A``), and a trust region on the change the step causes
 on its own steps (the step is halved until it fits, else rejected).
 """
 
@@ -56,7 +59,7 @@ class MicroLoRA:
         beta2: Adam second-moment decay.
         norm_cap: bound on ``||s B A||_F`` (so ``||y - h|| <= norm_cap * ||h||``).
         trust_region: bound on the divergence one update may cause on its own steps.
-        decay: per update, ``B <- (1 - decay) B`` and ``A <- A - decay (A - A0)``.
+        decay: per update, ``A <- (1 - decay) A`` and ``B <- B - decay (B - B0)``.
         grad_clip: global L2 norm bound of one update's gradient.
         seed: seed of ``A``'s initialisation.
     """
@@ -75,9 +78,9 @@ class MicroLoRA:
         self.lr, self.beta2, self.norm_cap = lr, beta2, norm_cap
         self.trust_region, self.decay, self.grad_clip = trust_region, decay, grad_clip
         rng = np.random.default_rng(seed)
-        self.A0 = (rng.standard_normal((rank, hidden_dim)) / math.sqrt(hidden_dim)).astype(np.float32)
-        self._A = self.A0.copy()
-        self._B = np.zeros((hidden_dim, rank), np.float32)
+        self.B0 = (rng.standard_normal((hidden_dim, rank)) / math.sqrt(hidden_dim)).astype(np.float32)
+        self._A = np.zeros((rank, hidden_dim), np.float32)
+        self._B = self.B0.copy()
         self._vA = np.zeros_like(self._A)
         self._vB = np.zeros_like(self._B)
         self.steps = 0
@@ -145,8 +148,8 @@ class MicroLoRA:
             divergence: ``divergence(A_new, B_new)`` the change the candidate causes on the
                 steps, compared with the current adapter (KL, or relative output change).
         """
-        A = self._A - self.decay * (self._A - self.A0)
-        B = (1.0 - self.decay) * self._B
+        A = (1.0 - self.decay) * self._A
+        B = self._B - self.decay * (self._B - self.B0)
         G = grad_fn(A, B)
         gA, gB = self.gradient(H, G, adv, A, B)
         gnorm = math.sqrt(float(np.vdot(gA, gA) + np.vdot(gB, gB)))
@@ -167,7 +170,7 @@ class MicroLoRA:
             B_new = (B + frac * stepB).astype(np.float32)
             dn = self.delta_norm(A_new, B_new)
             if dn > self.norm_cap:
-                B_new *= np.float32(self.norm_cap / dn)
+                A_new *= np.float32(self.norm_cap / dn)
             div = float(divergence(A_new, B_new))
             if div <= self.trust_region:
                 break
@@ -185,8 +188,8 @@ class MicroLoRA:
         return UpdateReport(True, frac, div, gnorm, self.delta_norm())
 
     def shrink(self, factor: float) -> None:
-        """Scale B by ``factor`` (after a hot-swap the BaseLoRA carries the lesson)."""
-        self._B = (self._B * np.float32(factor)).astype(np.float32)
+        """Scale the delta by ``factor`` (after a hot-swap the BaseLoRA carries the lesson)."""
+        self._A = (self._A * np.float32(factor)).astype(np.float32)
 
     # -- export -----------------------------------------------------------------------
     def to_lm_head_lora(self, W) -> dict:
@@ -204,16 +207,16 @@ class MicroLoRA:
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
-        arrays = {"A": self._A, "B": self._B, "A0": self.A0, "vA": self._vA, "vB": self._vB}
+        arrays = {"A": self._A, "B": self._B, "B0": self.B0, "vA": self._vA, "vB": self._vB}
         meta = {"steps": self.steps, "rejected": self.rejected, "scale": self.scale}
         return arrays, meta
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        for k in ("A", "B", "A0", "vA", "vB"):
+        for k in ("A", "B", "B0", "vA", "vB"):
             if k not in arrays:
                 raise InvalidValue(f"MicroLoRA state lacks {k!r}")
         self.set_params(arrays["A"], arrays["B"])
-        self.A0 = np.ascontiguousarray(arrays["A0"], np.float32)
+        self.B0 = np.ascontiguousarray(arrays["B0"], np.float32)
         self._vA = np.ascontiguousarray(arrays["vA"], np.float32)
         self._vB = np.ascontiguousarray(arrays["vB"], np.float32)
         self.steps, self.rejected = int(meta["steps"]), int(meta["rejected"])

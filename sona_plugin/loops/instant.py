@@ -240,7 +240,12 @@ class InstantLoop:
         onehot = np.zeros_like(p)
         onehot[np.arange(len(H)), idx] = 1.0
         gK = adv * ((onehot - p).T @ Y) / keys.tau
-        keys.K = (keys.K + keys.lr * gK).astype(np.float32)
+        K = keys.K + keys.lr * gK
+        # keys stay in a ball of radius c: the sharpest policy has a logit gap of 2c / tau,
+        # and a query dissimilar to every rewarded one keeps its logits near zero
+        c = self.config.route_key_norm_cap
+        K *= np.minimum(1.0, c / (np.linalg.norm(K, axis=1, keepdims=True) + 1e-12))
+        keys.K = K.astype(np.float32)
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
