@@ -78,6 +78,10 @@ class SonaConfig:
                                     1, None)
     max_trajectory_steps: int = _opt(50, "Steps kept per trajectory; later steps are counted and "
                                          "dropped. Crate README: 50.", 1, None)
+    keep_attention_weights: bool = _opt(False, "Keep each step's attention weights (checked "
+                                               "either way). No learning rule reads them and "
+                                               "they are half a step's bytes, so by default "
+                                               "they are dropped.")
     max_pending_signals: int = _opt(1000, "Bound of open (begun, not ended) trajectories; the "
                                           "oldest is evicted beyond it. API reference: 1000.",
                                     1, None)

@@ -38,9 +38,10 @@ class SonaEngine:
     Router style: ``start_trajectory`` / ``record_step(id, node_id, score, latency_us)`` /
     ``end_trajectory``. LLM style: ``begin_trajectory`` / ``add_step(id, activations,
     attention_weights, reward)`` / ``end_trajectory``, or a :class:`TrajectoryBuilder`.
-    ``end_trajectory`` queues the trajectory for the instant loop (applied by ``flush``,
-    ``tick`` or ``run_instant_cycle``) and for the background loop;
-    ``learn_from_feedback`` applies a feedback at once.
+    ``end_trajectory(id, quality)`` is a feedback: the instant loop learns from it at once
+    (or, if a cycle holds the learning lock, as soon as ``flush``/``tick`` run) and the
+    trajectory is buffered for the background loop. ``learn_from_feedback`` applies a
+    further feedback (a user's rating) to an ended trajectory.
     """
 
     def __init__(self, config: SonaConfig | dict | int | None = None, **overrides: Any):
@@ -71,11 +72,15 @@ class SonaEngine:
             run_deep=self._deep_cycle, trigger_count=c.background_trigger_count,
             interval_s=c.background_interval_ms / 1000.0, deep_every=c.consolidation_interval)
         self._open: OrderedDict[int, TrajectoryBuilder] = OrderedDict()
-        self._ended: OrderedDict[int, Trajectory] = OrderedDict()  # queued for the instant loop
+        # recently ended trajectories, for feedback by id; and those whose instant update
+        # waits because a cycle held the learning lock when they ended
+        self._recent: OrderedDict[int, Trajectory] = OrderedDict()
+        self._pending: OrderedDict[int, Trajectory] = OrderedDict()
         self._last_ended: Trajectory | None = None
         self._next_id = 1
         self._enabled = True
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # bookkeeping: open/recent/pending maps, counters
+        self._learn_lock = threading.Lock()  # held by every update of learned state
         self._counters = {"trajectories_started": 0, "trajectories_ended": 0,
                           "open_evicted": 0, "instant_dropped": 0, "feedback": 0,
                           "background_cycles": 0, "deep_cycles": 0}
@@ -166,9 +171,9 @@ class SonaEngine:
     def _builder(self, tid: int) -> TrajectoryBuilder:
         b = self._open.get(tid)
         if b is None:
-            state = "has already ended" if (tid in self._ended or (
-                self._last_ended is not None and self._last_ended.id == tid)) \
-                or (isinstance(tid, int) and 0 < tid < self._next_id) else "was never started"
+            state = "has already ended" if (tid in self._recent or (
+                isinstance(tid, (int, np.integer)) and 0 < tid < self._next_id)) \
+                else "was never started"
             raise UnknownTrajectory(f"trajectory id {tid!r} {state}")
         return b
 
@@ -176,7 +181,8 @@ class SonaEngine:
                  **extra: Any) -> None:
         """Record one step: ``activations`` (hidden_dim), attention weights, reward in [-1, 1]."""
         b = self._builder(trajectory_id)
-        b.append(make_step(activations, attention_weights, reward, self.config.hidden_dim, **extra))
+        b.append(make_step(activations, attention_weights, reward, self.config.hidden_dim,
+                           keep_attention=self.config.keep_attention_weights, **extra))
 
     add_trajectory_step = add_step
 
@@ -191,7 +197,12 @@ class SonaEngine:
         b.append(make_step(q, (), score, None, action=node_id, latency_us=latency_us))
 
     def end_trajectory(self, trajectory_id, quality: float) -> int:
-        """End a trajectory with its quality in [0, 1]; queue it for learning. Returns its id."""
+        """End a trajectory with its quality in [0, 1]: a feedback, learned from at once.
+
+        The instant update runs in the calling thread unless a background or deep cycle
+        holds the learning lock; then it waits in a queue (``flush``/``tick`` apply it)
+        and the call returns without blocking. Returns the trajectory id.
+        """
         if isinstance(trajectory_id, TrajectoryBuilder):
             trajectory_id = trajectory_id.id
         q = check_unit("quality", quality)
@@ -204,38 +215,62 @@ class SonaEngine:
             if not self._enabled:
                 return t.id
             self._buffer.record(t)
-            self._ended[t.id] = t
-            if len(self._ended) > self.config.max_pending_signals:
-                self._ended.popitem(last=False)
+            self._recent[t.id] = t
+            if len(self._recent) > self.config.max_pending_signals:
+                self._recent.popitem(last=False)
+            self._pending[t.id] = t
+            if len(self._pending) > self.config.max_pending_signals:
+                self._pending.popitem(last=False)
                 self._counters["instant_dropped"] += 1
+        if self._learn_lock.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._learn_lock.release()
         return t.id
 
     def submit_trajectory(self, builder: TrajectoryBuilder, quality: float) -> int:
         return self.end_trajectory(builder.id, quality)
 
+    def _apply_pending(self) -> list[InstantReport]:
+        """Instant updates for queued trajectories, oldest first (learning lock held)."""
+        reports = []
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return reports
+                _, t = self._pending.popitem(last=False)
+            rep = self._instant.learn(t, t.final_quality)
+            if rep is not None:
+                reports.append(rep)
+
     # -- learning -----------------------------------------------------------------------
     def learn_from_feedback(self, signal: LearningSignal) -> InstantReport | None:
-        """Apply one feedback now.
+        """Apply one feedback now (waits for a running cycle to finish).
 
         With ``signal.gradient`` the update uses that gradient at ``signal.query_embedding``;
         otherwise it judges ``signal.trajectory_id`` (default: the most recently ended
-        trajectory) with ``signal.quality``, superseding the quality it ended with.
+        trajectory) with ``signal.quality``; an instant update still queued for that
+        trajectory is superseded.
         """
         if not isinstance(signal, LearningSignal):
             raise InvalidValue(f"learn_from_feedback takes a LearningSignal, got "
                                f"{type(signal).__name__}")
         if not self._enabled:
             return None
-        with self._lock:
+        if signal.gradient is not None:
+            e = as_vector("query_embedding", signal.query_embedding, self.config.hidden_dim)
+            g = as_vector("gradient", signal.gradient, self.config.hidden_dim)
+        with self._learn_lock:
             if signal.gradient is not None:
-                e = as_vector("query_embedding", signal.query_embedding, self.config.hidden_dim)
-                g = as_vector("gradient", signal.gradient, self.config.hidden_dim)
                 rep = self._instant.learn_gradient(e, g, signal.quality)
             else:
-                t = self._feedback_target(signal.trajectory_id)
+                with self._lock:
+                    t = self._feedback_target(signal.trajectory_id)
+                    self._pending.pop(t.id, None)
                 rep = self._instant.learn(t, signal.quality)
-                self._ended.pop(t.id, None)
-            self._counters["feedback"] += 1
+            with self._lock:
+                self._counters["feedback"] += 1
             return rep
 
     def _feedback_target(self, tid: int | None) -> Trajectory:
@@ -243,9 +278,7 @@ class SonaEngine:
             if self._last_ended is None:
                 raise UnknownTrajectory("no trajectory has ended yet: nothing to apply feedback to")
             return self._last_ended
-        t = self._ended.get(tid)
-        if t is None and self._last_ended is not None and self._last_ended.id == tid:
-            t = self._last_ended
+        t = self._recent.get(tid)
         if t is None:
             for t2 in self._buffer.peek():
                 if t2.id == tid:
@@ -256,28 +289,30 @@ class SonaEngine:
         return t
 
     def run_instant_cycle(self) -> list[InstantReport]:
-        """Apply every queued trajectory's quality to the MicroLoRA, oldest first."""
+        """Apply every queued instant update now, oldest first."""
         if not self._enabled:
             return []
-        with self._lock:
-            items, self._ended = list(self._ended.values()), OrderedDict()
-            return [self._instant.learn(t, t.final_quality) for t in items]
+        with self._learn_lock:
+            return self._apply_pending()
 
     def flush(self) -> list[InstantReport]:
         """Seeds' name for :meth:`run_instant_cycle`."""
         return self.run_instant_cycle()
 
     def _background_cycle(self) -> BackgroundResult:
-        with self._lock:
-            self.run_instant_cycle()
+        with self._learn_lock:
+            if self._enabled:
+                self._apply_pending()
             res = self._background.run_cycle(self._buffer.drain())
-            self._counters["background_cycles"] += 1
+            with self._lock:
+                self._counters["background_cycles"] += 1
             return res
 
     def _deep_cycle(self) -> DeepResult:
-        with self._lock:
+        with self._learn_lock:
             res = self._deep.run_cycle()
-            self._counters["deep_cycles"] += 1
+            with self._lock:
+                self._counters["deep_cycles"] += 1
             return res
 
     def run_background_cycle(self) -> BackgroundResult:
@@ -295,7 +330,7 @@ class SonaEngine:
         """Run what is due (instant queue, then background/deep on schedule)."""
         if not self._enabled:
             return None
-        if self._ended and not self._coordinator.running:
+        if self._pending and not self._coordinator.running:
             self.run_instant_cycle()
         return self._coordinator.tick()
 
@@ -371,7 +406,7 @@ class SonaEngine:
             "trajectories_ended": c["trajectories_ended"],
             "trajectories_open": len(self._open),
             "open_evicted": c["open_evicted"],
-            "instant_pending": len(self._ended),
+            "instant_pending": len(self._pending),
             "instant_dropped": c["instant_dropped"],
             "feedback_applied": c["feedback"],
             "micro_updates": self._instant.updates,
@@ -399,7 +434,7 @@ class SonaEngine:
         Atomic: written to a temporary sibling, fsynced, then renamed into place.
         """
         path = Path(path)
-        with self._lock:
+        with self._learn_lock, self._lock:
             arrays, meta = self._state()
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -450,9 +485,9 @@ class SonaEngine:
         arrays.update(a)
         meta["buffer"] = {**m, "recorded": self._buffer.recorded_count,
                           "dropped": self._buffer.dropped_count}
-        a, m = _pack_trajectories("ended", list(self._ended.values()))
+        a, m = _pack_trajectories("recent", list(self._recent.values()))
         arrays.update(a)
-        meta["ended"] = m
+        meta["recent"] = {**m, "pending": list(self._pending)}
         a, m = _pack_trajectories("open", [b.trajectory for b in self._open.values()])
         arrays.update(a)
         meta["open"] = m
@@ -472,8 +507,9 @@ class SonaEngine:
         buffered = _unpack_trajectories("buffer", arrays, meta["buffer"])
         self._buffer.restore(buffered, meta["buffer"]["recorded"], meta["buffer"]["dropped"])
         by_id = {t.id: t for t in buffered}
-        ended = _unpack_trajectories("ended", arrays, meta["ended"])
-        self._ended = OrderedDict((t.id, by_id.get(t.id, t)) for t in ended)
+        recent = [by_id.get(t.id, t) for t in _unpack_trajectories("recent", arrays, meta["recent"])]
+        self._recent = OrderedDict((t.id, t) for t in recent)
+        self._pending = OrderedDict((i, self._recent[i]) for i in meta["recent"]["pending"])
         for t in _unpack_trajectories("open", arrays, meta["open"]):
             b = TrajectoryBuilder(t.id, t.query_embedding, None, None, self.config.max_trajectory_steps)
             b.trajectory = t
@@ -485,7 +521,7 @@ class SonaEngine:
         last = e["last_ended"]
         self._last_ended = None
         if last is not None:
-            self._last_ended = self._ended.get(last) or by_id.get(last)
+            self._last_ended = self._recent.get(last) or by_id.get(last)
         self._background.cycles = int(e["background_cycles"])
         self._deep.cycles = int(e["deep_cycles"])
 

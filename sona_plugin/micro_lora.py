@@ -81,8 +81,7 @@ class MicroLoRA:
         self.B0 = (rng.standard_normal((hidden_dim, rank)) / math.sqrt(hidden_dim)).astype(np.float32)
         self._A = np.zeros((rank, hidden_dim), np.float32)
         self._B = self.B0.copy()
-        self._vA = np.zeros_like(self._A)
-        self._vB = np.zeros_like(self._B)
+        self._v = np.zeros(2 * rank * hidden_dim, np.float32)  # Adam second moment of [A | B]
         self.steps = 0
         self.rejected = 0
 
@@ -113,7 +112,7 @@ class MicroLoRA:
         """``||s B A||_F`` computed from the r x r Gram matrices."""
         A = self._A if A is None else A
         B = self._B if B is None else B
-        g = float(np.sum((B.T @ B) * (A @ A.T)))
+        g = float(np.vdot(B.T @ B, A @ A.T))
         return self.scale * math.sqrt(max(g, 0.0))
 
     # -- forward ----------------------------------------------------------------------
@@ -148,26 +147,31 @@ class MicroLoRA:
             divergence: ``divergence(A_new, B_new)`` the change the candidate causes on the
                 steps, compared with the current adapter (KL, or relative output change).
         """
-        A = (1.0 - self.decay) * self._A
-        B = self._B - self.decay * (self._B - self.B0)
+        r, d = self.rank, self.hidden_dim
+        n_a = r * d
+        # one flat parameter vector [A | B]: the Adam arithmetic is a handful of array ops
+        theta = np.empty(2 * n_a, np.float32)
+        A, B = theta[:n_a].reshape(r, d), theta[n_a:].reshape(d, r)
+        np.multiply(self._A, 1.0 - self.decay, out=A)
+        np.add(self._B * (1.0 - self.decay), self.decay * self.B0, out=B)
         G = grad_fn(A, B)
-        gA, gB = self.gradient(H, G, adv, A, B)
-        gnorm = math.sqrt(float(np.vdot(gA, gA) + np.vdot(gB, gB)))
+        g = np.zeros_like(theta)
+        kernels.reinforce_accumulate(H, G, adv, A, B, self.scale, g[:n_a].reshape(r, d),
+                                     g[n_a:].reshape(d, r))
+        gnorm = math.sqrt(float(g.dot(g)))
         if not math.isfinite(gnorm):
             raise InvalidValue("instant-loop gradient is not finite; update refused")
         if gnorm > self.grad_clip:
-            gA *= self.grad_clip / gnorm
-            gB *= self.grad_clip / gnorm
+            g *= self.grad_clip / gnorm
         t = self.steps + 1
-        vA = self.beta2 * self._vA + (1 - self.beta2) * gA * gA
-        vB = self.beta2 * self._vB + (1 - self.beta2) * gB * gB
-        corr = 1.0 - self.beta2**t
-        stepA = self.lr * gA / (np.sqrt(vA / corr) + _EPS)
-        stepB = self.lr * gB / (np.sqrt(vB / corr) + _EPS)
+        v = self._v * self.beta2
+        v += (1 - self.beta2) * (g * g)
+        step = g * (self.lr / math.sqrt(1.0 - self.beta2**t))
+        step /= np.sqrt(v) + _EPS * math.sqrt(1.0 - self.beta2**t)
         frac, div = 1.0, 0.0
         for _ in range(_MAX_HALVINGS + 1):
-            A_new = (A + frac * stepA).astype(np.float32)
-            B_new = (B + frac * stepB).astype(np.float32)
+            new = theta + frac * step if frac != 1.0 else theta + step
+            A_new, B_new = new[:n_a].reshape(r, d), new[n_a:].reshape(d, r)
             dn = self.delta_norm(A_new, B_new)
             if dn > self.norm_cap:
                 A_new *= np.float32(self.norm_cap / dn)
@@ -177,13 +181,13 @@ class MicroLoRA:
             frac *= 0.5
         else:
             # the decay still applies: an over-large step is refused, ageing is not
-            self._A, self._B = A.astype(np.float32), B.astype(np.float32)
-            self._vA, self._vB = vA, vB
+            self._A, self._B = A, B
+            self._v = v
             self.steps = t
             self.rejected += 1
             return UpdateReport(False, 0.0, div, gnorm, self.delta_norm())
         self._A, self._B = A_new, B_new
-        self._vA, self._vB = vA.astype(np.float32), vB.astype(np.float32)
+        self._v = v
         self.steps = t
         return UpdateReport(True, frac, div, gnorm, self.delta_norm())
 
@@ -207,16 +211,15 @@ class MicroLoRA:
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
-        arrays = {"A": self._A, "B": self._B, "B0": self.B0, "vA": self._vA, "vB": self._vB}
+        arrays = {"A": self._A, "B": self._B, "B0": self.B0, "v": self._v}
         meta = {"steps": self.steps, "rejected": self.rejected, "scale": self.scale}
         return arrays, meta
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        for k in ("A", "B", "B0", "vA", "vB"):
+        for k in ("A", "B", "B0", "v"):
             if k not in arrays:
                 raise InvalidValue(f"MicroLoRA state lacks {k!r}")
         self.set_params(arrays["A"], arrays["B"])
         self.B0 = np.ascontiguousarray(arrays["B0"], np.float32)
-        self._vA = np.ascontiguousarray(arrays["vA"], np.float32)
-        self._vB = np.ascontiguousarray(arrays["vB"], np.float32)
+        self._v = np.ascontiguousarray(arrays["v"], np.float32)
         self.steps, self.rejected = int(meta["steps"]), int(meta["rejected"])

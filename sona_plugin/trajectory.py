@@ -13,13 +13,21 @@ from .errors import DimensionMismatch, InvalidValue
 from .types import Trajectory, TrajectoryStep, check_unit
 
 
-def as_vector(name: str, x: Any, dim: int | None = None, *, allow_empty: bool = False) -> np.ndarray:
+_EMPTY = np.zeros(0, np.float32)
+_EMPTY.flags.writeable = False
+
+
+def as_vector(name: str, x: Any, dim: int | None = None, *, allow_empty: bool = False,
+              copy: bool = False) -> np.ndarray:
     """``x`` as a 1-D float32 array, checked: length ``dim`` (if given), non-empty, finite.
 
-    A float32 C-contiguous NumPy array is used as is (no copy); anything else (lists,
-    float64, torch tensors) is converted once.
+    A float32 NumPy array is used as is unless ``copy`` (what the engine keeps, it owns:
+    a caller may reuse its buffer); anything else (lists, float64, torch tensors) is
+    converted once.
     """
-    if type(x) is not np.ndarray or x.dtype != np.float32:
+    if copy and type(x) is np.ndarray:
+        x = np.array(x, dtype=np.float32)
+    elif type(x) is not np.ndarray or x.dtype != np.float32:
         if hasattr(x, "detach"):  # torch tensor
             x = x.detach().cpu().numpy()
         try:
@@ -115,7 +123,8 @@ class TrajectoryBuilder:
         self.max_steps = max_steps
         self._t0 = time.perf_counter()
         self.trajectory = Trajectory(
-            id=id, query_embedding=as_vector("query_embedding", query_embedding, embedding_dim))
+            id=id, query_embedding=as_vector("query_embedding", query_embedding, embedding_dim,
+                                             copy=True))
 
     @property
     def id(self) -> int:
@@ -161,11 +170,18 @@ class TrajectoryBuilder:
 
 def make_step(activations: Any, attention_weights: Any, reward: float, dim: int | None, *,
               action: int | None = None, latency_us: int = 0, topk_ids: Any = None,
-              topk_logprobs: Any = None) -> TrajectoryStep:
-    """A checked TrajectoryStep (reward in [-1, 1], activations of length ``dim``)."""
+              topk_logprobs: Any = None, keep_attention: bool = False) -> TrajectoryStep:
+    """A checked TrajectoryStep (reward in [-1, 1], activations of length ``dim``).
+
+    Attention weights are checked, and kept only if ``keep_attention``: no learning rule
+    here reads them, and they are half of a step's bytes.
+    """
     r = check_unit("reward", reward, -1.0, 1.0)
-    h = as_vector("activations", activations, dim)
-    a = as_vector("attention_weights", attention_weights, None, allow_empty=True)
+    h = as_vector("activations", activations, dim, copy=True)
+    a = as_vector("attention_weights", attention_weights, None, allow_empty=True,
+                  copy=keep_attention)
+    if not keep_attention:
+        a = _EMPTY
     if action is not None and (isinstance(action, bool) or int(action) != action or action < 0):
         raise InvalidValue(f"action must be a non-negative integer, got {action!r}")
     if latency_us < 0:

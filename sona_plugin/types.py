@@ -35,7 +35,7 @@ class PatternType(str, enum.Enum):
     CONVERSATIONAL = "Conversational"
 
 
-@dataclass
+@dataclass(slots=True)
 class TrajectoryStep:
     """One step of a trajectory.
 
@@ -55,7 +55,7 @@ class TrajectoryStep:
     timestamp: float = field(default_factory=time.time)
 
 
-@dataclass
+@dataclass(slots=True)
 class Trajectory:
     """A query's path through the model (or router), and the quality it earned."""
 

@@ -110,6 +110,7 @@ class InstantLoop:
         self.head: np.ndarray | None = None
         self.updates = 0
         self.rejected = 0
+        self.skipped = 0
         self.lock = threading.Lock()
 
     def set_output_head(self, W) -> None:
@@ -123,15 +124,19 @@ class InstantLoop:
         self.head = np.ascontiguousarray(Wn, np.float32)
 
     # ------------------------------------------------------------------------------
-    def learn(self, trajectory: Trajectory, quality: float) -> InstantReport:
-        """One update from an ended trajectory judged ``quality`` in [0, 1]."""
+    def learn(self, trajectory: Trajectory, quality: float) -> InstantReport | None:
+        """One update from an ended trajectory judged ``quality`` in [0, 1].
+
+        Returns None (and counts a skip) for a trajectory with no step whose embedding
+        is not as wide as the MicroLoRA: there is nothing to adapt.
+        """
         steps = trajectory.steps
         if not steps:
             H = trajectory.query_embedding[None, :]
             if H.shape[1] != self.config.hidden_dim:
-                raise InvalidValue(f"trajectory {trajectory.id} has no steps and its embedding "
-                                   f"is {H.shape[1]}-d, not the {self.config.hidden_dim}-d the "
-                                   f"MicroLoRA adapts: nothing to learn from")
+                # no step and an embedding of another width: nothing the MicroLoRA can use
+                self.skipped += 1
+                return None
             actions: list[int | None] = [None]
         else:
             H = np.stack([s.activations for s in steps]).astype(np.float32, copy=False)
@@ -176,15 +181,21 @@ class InstantLoop:
             return InstantReport(None, adv, self.baseline, report)
 
     # -- objectives -------------------------------------------------------------------
-    def _relative_change(self, H: np.ndarray, A: np.ndarray, B: np.ndarray) -> float:
+    def _relative_change(self, H: np.ndarray, A: np.ndarray, B: np.ndarray,
+                         Y_old: np.ndarray | None = None, inv_norm: np.ndarray | None = None
+                         ) -> float:
+        """Mean ``||y_new(h_t) - y_old(h_t)|| / ||h_t||`` over the steps."""
         m = self.micro
-        diff = m.forward_with(A, B, H) - m.forward(H)
-        return float(np.mean(np.linalg.norm(diff, axis=1) / (np.linalg.norm(H, axis=1) + 1e-12)))
+        diff = m.forward_with(A, B, H) - (m.forward(H) if Y_old is None else Y_old)
+        if inv_norm is None:
+            inv_norm = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H, H)) + 1e-12)
+        return float(np.sqrt(np.einsum("ij,ij->i", diff, diff)).dot(inv_norm)) / len(H)
 
     def _align_objective(self, H: np.ndarray) -> tuple[Callable, Callable]:
-        U = H / (np.linalg.norm(H, axis=1, keepdims=True) + 1e-12)
-        U = U.astype(np.float32)
-        return (lambda A, B: U), (lambda A, B: self._relative_change(H, A, B))
+        inv_norm = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H, H)) + 1e-12)
+        U = (H * inv_norm[:, None].astype(np.float32)).astype(np.float32, copy=False)
+        Y_old = self.micro.forward(H)
+        return (lambda A, B: U), (lambda A, B: self._relative_change(H, A, B, Y_old, inv_norm))
 
     def _lm_objective(self, H: np.ndarray, steps) -> tuple[Callable, Callable]:
         W = self.head
@@ -251,6 +262,7 @@ class InstantLoop:
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {"route_keys": self.routes.K}
         meta = {"baseline": self.baseline, "updates": self.updates, "rejected": self.rejected,
+                "skipped": self.skipped,
                 "route_ids": self.routes.ids}
         if self.head is not None:
             arrays["output_head"] = self.head
@@ -259,6 +271,7 @@ class InstantLoop:
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         self.baseline = float(meta["baseline"])
         self.updates, self.rejected = int(meta["updates"]), int(meta["rejected"])
+        self.skipped = int(meta["skipped"])
         self.routes.ids = [int(r) for r in meta["route_ids"]]
         self.routes.index = {r: i for i, r in enumerate(self.routes.ids)}
         self.routes.K = np.ascontiguousarray(arrays["route_keys"], np.float32)

@@ -33,11 +33,12 @@ def clusters(seed: int, d: int = D, k: int = 4, sigma: float = 0.3):
     return means, sample
 
 
-def one_step_feedback(engine: SonaEngine, h: np.ndarray, quality: float) -> None:
+def one_step_feedback(engine: SonaEngine, h: np.ndarray, quality: float) -> int:
+    """A single-step trajectory ended with ``quality``: one feedback, learned at once."""
     tid = engine.begin_trajectory(h)
     engine.add_step(tid, h, np.ones(4, np.float32) / 4, 0.5)
     engine.end_trajectory(tid, quality)
-    engine.learn_from_feedback(LearningSignal(quality=quality, trajectory_id=tid))
+    return tid
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -69,14 +70,29 @@ def test_one_positive_feedback_moves_the_output_and_a_negative_one_the_other_way
     assert cos < -0.9
 
 
-def test_end_trajectory_then_flush_learns_too():
+def test_feedback_on_an_ended_trajectory_learns_at_once():
     _, sample = clusters(2)
     h = sample(1)
     eng = SonaEngine(D)
     tid = eng.begin_trajectory(h)
     eng.add_step(tid, h, (), 0.9)
-    eng.end_trajectory(tid, 0.95)
-    np.testing.assert_array_equal(eng.apply_micro_lora(h), h)  # queued, not applied yet
+    eng.end_trajectory(tid, 0.5)  # neutral: the baseline starts at quality_threshold 0.5
+    before = eng.apply_micro_lora(h)
+    rep = eng.learn_from_feedback(LearningSignal.positive(trajectory_id=tid))
+    assert rep.update.accepted and rep.advantage > 0
+    assert rel(eng.apply_micro_lora(h), before) > 1e-4
+
+
+def test_an_update_waits_while_a_cycle_holds_the_lock_and_flush_applies_it():
+    _, sample = clusters(2)
+    h = sample(1)
+    eng = SonaEngine(D)
+    tid = eng.begin_trajectory(h)
+    eng.add_step(tid, h, (), 0.9)
+    with eng._learn_lock:  # as a background cycle would
+        eng.end_trajectory(tid, 0.95)  # returns without blocking
+        assert eng.stats()["instant_pending"] == 1
+    np.testing.assert_array_equal(eng.apply_micro_lora(h), h)
     reports = eng.flush()
     assert len(reports) == 1 and reports[0].update.accepted
     assert rel(eng.apply_micro_lora(h), h) > 1e-4
@@ -133,7 +149,6 @@ def test_lm_head_objective_raises_the_liked_tokens_log_prob():
             top = np.argsort(-(W @ h))[:20]
             eng.add_step(tid, h, (), 0.0, action=int(t), topk_ids=top)
         eng.end_trajectory(tid, quality)
-        eng.learn_from_feedback(LearningSignal(quality=quality, trajectory_id=tid))
         results[quality] = logprob(eng) - before
     assert results[1.0] > 0 > results[0.0]
 
@@ -159,12 +174,10 @@ def test_router_reward_raises_the_route_for_similar_queries_only():
         tid = eng.start_trajectory(q)
         eng.record_step(tid, 1, 0.8, 100)
         eng.end_trajectory(tid, 0.95)
-        eng.learn_from_feedback(LearningSignal(quality=0.95, trajectory_id=tid))
         # route 2 is bad for cluster 0
         tid = eng.start_trajectory(q)
         eng.record_step(tid, 2, 0.8, 100)
         eng.end_trajectory(tid, 0.05)
-        eng.learn_from_feedback(LearningSignal(quality=0.05, trajectory_id=tid))
     p_near = eng.route_probabilities(sample(0))[1]
     p_far = eng.route_probabilities(q_far)[1]
     assert p_near > p0_near + 0.3
@@ -229,8 +242,11 @@ def _fill(eng: SonaEngine) -> None:
     for i in range(5):  # pending work: buffered, queued and open trajectories
         tid = eng.begin_trajectory(sample(i % 4))
         eng.add_step(tid, sample(i % 4), (0.5, 0.5), 0.1, action=3)
-        if i < 4:
+        if i < 2:
             eng.end_trajectory(tid, 0.7)
+        elif i < 4:
+            with eng._learn_lock:  # queued instant updates survive a save too
+                eng.end_trajectory(tid, 0.7)
 
 
 def test_save_load_round_trip_is_exact(tmp_path: Path):
@@ -245,6 +261,7 @@ def test_save_load_round_trip_is_exact(tmp_path: Path):
     np.testing.assert_array_equal(back.apply_lora(x), eng.apply_lora(x))
     assert back.stats() == eng.stats()
     assert [p.id for p in back.find_patterns(x, 3)] == [p.id for p in eng.find_patterns(x, 3)]
+    assert back.stats()["instant_pending"] == 2
     # and both keep learning identically
     for e in (eng, back):
         e.flush()
@@ -361,7 +378,7 @@ def test_stats_are_json_and_use_the_seeds_names():
     for key in ("trajectories_buffered", "patterns_stored", "micro_updates", "background_cycles",
                 "trajectories_dropped"):
         assert key in s
-    assert s["micro_updates"] == 30
+    assert s["micro_updates"] == 32 and s["instant_pending"] == 2
 
 
 def test_buffer_drops_are_counted_and_recording_never_blocks():
