@@ -12,7 +12,6 @@ import numpy as np
 from .errors import DimensionMismatch, InvalidValue
 from .types import Trajectory, TrajectoryStep, check_unit
 
-
 _EMPTY = np.zeros(0, np.float32)
 _EMPTY.flags.writeable = False
 

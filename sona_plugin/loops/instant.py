@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import SonaConfig
-from ..errors import InvalidValue
 from ..micro_lora import MicroLoRA, UpdateReport
 from ..types import Trajectory
 
