@@ -221,6 +221,43 @@ class ReasoningBank:
         self._p_q[i] = q
         self._p_w[i] = wt
 
+    def add_trajectories(self, embeddings: np.ndarray, qualities: np.ndarray,
+                         routes: list[str | None] | None = None) -> None:
+        """Queue many summaries at once (one check for the whole batch).
+
+        ``embeddings`` [n, embed_dim], ``qualities`` [n] in [0, 1], weights
+        ``max(quality, 1e-3)``. Same semantics and errors as :meth:`add_trajectory`.
+        """
+        E = np.ascontiguousarray(embeddings, dtype=np.float32)
+        Q = np.asarray(qualities, dtype=np.float64)
+        if E.ndim != 2 or E.shape[1] != self._dim or Q.shape != (E.shape[0],):
+            raise DimensionMismatch(f"embeddings must be [n, {self._dim}] with n qualities, got "
+                                    f"{E.shape} and {Q.shape}", self._dim,
+                                    E.shape[-1] if E.ndim else 0)
+        if not np.isfinite(E).all():
+            raise InvalidValue("embeddings contain a non-finite value")
+        if not (np.isfinite(Q).all() and (Q >= 0).all() and (Q <= 1).all()):
+            raise InvalidValue("qualities must be finite numbers in [0, 1]")
+        routes = [None] * len(E) if routes is None else list(routes)
+        if len(routes) != len(E):
+            raise DimensionMismatch(f"{len(routes)} routes for {len(E)} embeddings",
+                                    len(E), len(routes))
+        if any(r is not None and not isinstance(r, str) for r in routes):
+            raise InvalidValue("routes must be strings or None")
+        n = len(E)
+        if self._p_start == 0 and self._p_len + n <= self._cap:
+            if self._p_len + n > self._p_emb.shape[0]:
+                self._grow_pending(min(self._cap, max(64, 2 * (self._p_len + n))))
+            i = self._p_len
+            self._p_emb[i:i + n] = E
+            self._p_q[i:i + n] = Q
+            self._p_w[i:i + n] = np.maximum(Q, _MIN_WEIGHT)
+            self._p_route.extend(routes)
+            self._p_len += n
+            return
+        for e, q, r in zip(E, Q.tolist(), routes):
+            self.add_trajectory(e, q, r)
+
     def _grow_pending(self, size: int) -> None:
         emb = np.zeros((size, self._dim), dtype=np.float32)
         emb[: self._p_len] = self._p_emb[: self._p_len]
@@ -445,7 +482,23 @@ class ReasoningBank:
 
         See :meth:`find_patterns_with_scores`.
         """
-        return [p for p, _ in self.find_patterns_with_scores(query, k)]
+        # the hot path: the kernel itself checks a float32 query's width and finiteness
+        if type(query) is not np.ndarray or query.dtype != np.float32 or query.ndim != 1:
+            query = as_vector("query", query, self._dim)
+        if type(k) is not int or k <= 0:
+            k = self._check_k(k)
+        pats = self._patterns
+        if not pats:
+            if query.shape[0] != self._dim:
+                as_vector("query", query, self._dim)
+            return []
+        idx, _ = cosine_topk(self._cv, query, k, self._nv)
+        now = time.time()
+        out = [pats[i] for i in idx.tolist()]
+        for p in out:
+            p.access_count += 1
+            p.last_accessed = now
+        return out
 
     def route_quality(self, query: Any, k: int = 5) -> dict[str, float]:
         """Per-route quality near ``query``.

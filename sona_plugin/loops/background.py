@@ -93,12 +93,12 @@ class BackgroundLoop:
         if not trajectories:
             res.skipped.append("no trajectories")
         e = self.config.embed_dim
-        n_bank = 0
-        for t in trajectories:
-            if t.query_embedding.shape[0] == e and t.final_quality is not None:
-                self.bank.add_trajectory(t.query_embedding, t.final_quality,
-                                         route=_route_of(t))
-                n_bank += 1
+        usable = [t for t in trajectories
+                  if t.query_embedding.shape[0] == e and t.final_quality is not None]
+        if usable:
+            self.bank.add_trajectories(np.stack([t.query_embedding for t in usable]),
+                                       np.array([t.final_quality for t in usable]),
+                                       [_route_of(t) for t in usable])
         if trajectories:
             res.patterns_extracted = len(self.bank.extract_patterns())
         res.patterns_total = self.bank.pattern_count

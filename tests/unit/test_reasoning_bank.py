@@ -430,3 +430,24 @@ def test_stats_are_json_serialisable():
     b.extract_patterns()
     s = json.loads(json.dumps(b.stats()))
     assert s["pattern_count"] == 4 and s["extractions"] == 1 and s["patterns_created"] == 4
+
+
+def test_batch_add_equals_one_by_one_and_refuses_bad_rows():
+    cfg = SonaConfig(hidden_dim=16, pattern_clusters=3)
+    rng = np.random.default_rng(3)
+    E = rng.standard_normal((40, 16)).astype(np.float32)
+    Q = rng.uniform(size=40)
+    routes = [str(i % 3) for i in range(40)]
+    a, b = ReasoningBank(cfg), ReasoningBank(cfg)
+    for e, q, r in zip(E, Q, routes):
+        a.add_trajectory(e, float(q), r)
+    b.add_trajectories(E, Q, routes)
+    pa, pb = a.extract_patterns(), b.extract_patterns()
+    assert [p.avg_quality for p in pa] == pytest.approx([p.avg_quality for p in pb])
+    bad = E.copy()
+    bad[7, 3] = np.inf
+    with pytest.raises(InvalidValue):
+        b.add_trajectories(bad, Q)
+    with pytest.raises(InvalidValue):
+        b.add_trajectories(E, np.full(40, 1.5))
+    assert b.trajectory_count == 0
