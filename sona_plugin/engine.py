@@ -288,6 +288,21 @@ class SonaEngine:
             raise UnknownTrajectory(f"trajectory id {tid!r} {state}")
         return t
 
+    def learn_trajectory(self, trajectory: Trajectory, quality: float) -> InstantReport | None:
+        """Instant update from a trajectory recorded by a host integration (not buffered).
+
+        The integration keeps its own durable record (the feedback store); the engine only
+        learns from it. ``quality`` in [0, 1].
+        """
+        q = check_unit("quality", quality)
+        if not self._enabled:
+            return None
+        with self._learn_lock:
+            rep = self._instant.learn(trajectory, q)
+            with self._lock:
+                self._counters["feedback"] += 1
+            return rep
+
     def run_instant_cycle(self) -> list[InstantReport]:
         """Apply every queued instant update now, oldest first."""
         if not self._enabled:

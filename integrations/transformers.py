@@ -1,0 +1,530 @@
+"""SONA for Hugging Face transformers: a text-generation pipeline that learns from feedback.
+
+``sona_plugin.pipeline(...)`` returns a :class:`SonaPipeline`. While it generates, two
+hooks on the model's output layer (``lm_head``) do SONA's work in-process:
+
+* a forward pre-hook applies the MicroLoRA to the final hidden state (the input of
+  ``lm_head``, after the final norm) through the C++ kernel on the CPU tensor, without a
+  copy; so ``pipe.model(input_ids).logits`` are the adapted logits;
+* inside a generation it records, per generated token, that hidden state and the
+  head's top-k log-probs; the chosen tokens come from the generated sequences.
+
+``pipe.feedback(response_id, reward)`` stores the (prompt, response, reward, embedding)
+record durably and applies the instant update at once; ``pipe.learn()`` trains the
+PEFT BaseLoRA on the stored feedback (loop B), gates it, publishes it as an immutable
+version and hot-swaps it in; each response says which adapter version answered it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file as load_torch_file
+from safetensors.torch import save_file as save_torch_file
+from transformers.pipelines.text_generation import TextGenerationPipeline
+
+from sona_plugin import kernels
+from sona_plugin.config import SonaConfig
+from sona_plugin.engine import SonaEngine
+from sona_plugin.errors import ConfigError, InvalidValue, UnknownTrajectory
+from sona_plugin.types import Trajectory, TrajectoryStep
+
+logger = logging.getLogger(__name__)
+
+_TOPK = 64
+
+
+class _RWLock:
+    """Many generations at once, or one adapter swap: a swap waits for running
+    generations to finish and holds new ones back, so every response is generated
+    entirely by one adapter version."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class _Recorder:
+    """Per-generation capture: one entry per forward pass of the model."""
+
+    hidden: list[np.ndarray] = field(default_factory=list)     # [rows, d] last position
+    topk_ids: list[np.ndarray] = field(default_factory=list)   # [rows, k]
+    topk_lp: list[np.ndarray] = field(default_factory=list)    # [rows, k]
+
+
+@dataclass
+class Response:
+    """What the pipeline remembers about one generated sequence until its feedback."""
+
+    response_id: str
+    prompt: str
+    embed_text: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_text: str
+    hidden: np.ndarray          # [T, d] final hidden states h_t (before the MicroLoRA)
+    topk_ids: np.ndarray        # [T, k]
+    topk_logprobs: np.ndarray   # [T, k]
+    adapter_version: int | None
+    created_at: float = field(default_factory=time.time)
+
+
+class SonaTextGenerationPipeline(TextGenerationPipeline):
+    """transformers' text-generation pipeline that adds a ``response_id`` to every sequence."""
+
+    sona: SonaPipeline
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        prompt_text = model_inputs.get("prompt_text")
+        with self.sona._generation() as (rec, version):
+            out = super()._forward(model_inputs, **generate_kwargs)
+        handles = self.sona._register(out["generated_sequence"], out["input_ids"], prompt_text,
+                                      rec, version)
+        out["sona_response_handle"] = handles
+        return out
+
+    def postprocess(self, model_outputs, *args, **kwargs):
+        records = super().postprocess(model_outputs, *args, **kwargs)
+        for r in records:
+            h = r.pop("sona_response_handle", None)
+            if h is not None:
+                r["response_id"] = self.sona._handle_to_id.pop(int(h))
+        return records
+
+
+class SonaPipeline:
+    """A text-generation pipeline that learns from feedback (see the module docstring).
+
+    Use :func:`sona_plugin.pipeline` to build one. Attributes: ``engine`` (the
+    SonaEngine holding the MicroLoRA and the pattern bank), ``store``, ``registry``.
+    """
+
+    def __init__(self, hf_pipeline: SonaTextGenerationPipeline, engine: SonaEngine, *,
+                 state_dir: Path, store, model_source: Any, max_responses: int = 1000):
+        self._pipe = hf_pipeline
+        hf_pipeline.sona = self
+        self.engine = engine
+        self.state_dir = state_dir
+        self.store = store
+        self._model_source = model_source  # path to reload a pristine base for training
+        self._responses: OrderedDict[str, Response] = OrderedDict()
+        self._max_responses = max_responses
+        self._handle_to_id: dict[int, str] = {}
+        self._next_handle = 0
+        self._local = threading.local()
+        self._swap = _RWLock()
+        self._meta_lock = threading.Lock()
+        self._peft = None                 # PeftModel once a BaseLoRA version is served
+        self._served_version: int | None = None
+        self._served_name: str | None = None
+        self._embedder = None
+        self._learner = None              # built on first learn()
+        self.responses_evicted = 0
+        model = hf_pipeline.model
+        self._lm_head = model.get_output_embeddings()
+        self._hooks = [
+            self._lm_head.register_forward_pre_hook(self._pre_hook),
+            self._lm_head.register_forward_hook(self._post_hook),
+        ]
+        from sona_plugin.adapters import AdapterRegistry
+
+        self.registry = AdapterRegistry(state_dir / "adapters")
+        cur = self.registry.current()
+        if cur is not None:
+            self._hot_swap(cur.version)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _pre_hook(self, module, args):
+        (h,) = args[:1]
+        micro = self.engine.micro_lora
+        rec: _Recorder | None = getattr(self._local, "rec", None)
+        if rec is not None:
+            rec.hidden.append(h[:, -1, :].detach().to(torch.float32).cpu().numpy().copy())
+        if not self.engine.is_enabled():
+            return None
+        A, B, s = micro.A, micro.B, micro.scale
+        if h.requires_grad or h.device.type != "cpu" or h.dtype != torch.float32:
+            At = torch.from_numpy(A).to(h.device, h.dtype)
+            Bt = torch.from_numpy(B).to(h.device, h.dtype)
+            return (h + s * (h @ At.T) @ Bt.T, *args[1:])
+        x = h.contiguous()
+        out = torch.empty_like(x)
+        kernels.micro_lora_forward(x.view(-1, x.shape[-1]), A, B, s, out.view(-1, x.shape[-1]))
+        return (out, *args[1:])
+
+    def _post_hook(self, module, args, logits):
+        rec: _Recorder | None = getattr(self._local, "rec", None)
+        if rec is not None:
+            last = logits[:, -1, :].detach().float()
+            lp = torch.log_softmax(last, dim=-1)
+            top = torch.topk(lp, _TOPK, dim=-1)
+            rec.topk_ids.append(top.indices.cpu().numpy())
+            rec.topk_lp.append(top.values.cpu().numpy())
+        return None
+
+    @contextmanager
+    def _generation(self):
+        with self._swap.read():
+            rec = _Recorder()
+            self._local.rec = rec
+            try:
+                yield rec, self._served_version
+            finally:
+                self._local.rec = None
+
+    def _register(self, generated: torch.Tensor, input_ids: torch.Tensor | None, prompt_text,
+                  rec: _Recorder, version: int | None) -> torch.Tensor:
+        """Turn one generate call's capture into Responses; returns handles [in_b, n]."""
+        in_b, n, _ = generated.shape
+        P = 0 if input_ids is None else input_ids.shape[1]
+        tok = self._pipe.tokenizer
+        stop = set()
+        for t in (tok.eos_token_id, tok.pad_token_id):
+            if t is not None:
+                stop.add(int(t))
+        gen_cfg = getattr(self._pipe.model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        if eos is not None:
+            stop.update([int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])])
+        H = np.stack(rec.hidden, axis=1) if rec.hidden else np.zeros((in_b * n, 0, 1), np.float32)
+        Ki = np.stack(rec.topk_ids, axis=1) if rec.topk_ids else None
+        Kl = np.stack(rec.topk_lp, axis=1) if rec.topk_lp else None
+        handles = torch.zeros((in_b, n), dtype=torch.long)
+        texts = _prompt_texts(prompt_text, in_b)
+        for i in range(in_b):
+            prompt_ids = [] if input_ids is None else input_ids[i].tolist()
+            if input_ids is not None and tok.pad_token_id is not None:
+                # left padding of a batch is not part of the prompt
+                k = 0
+                while k < len(prompt_ids) and prompt_ids[k] == tok.pad_token_id:
+                    k += 1
+                prompt_ids = prompt_ids[k:]
+            prompt_str = tok.decode(prompt_ids) if prompt_ids else ""
+            for j in range(n):
+                row = i * n + j
+                seq = generated[i, j, P:].tolist()
+                T = 0
+                while T < len(seq):
+                    T += 1
+                    if seq[T - 1] in stop:
+                        break
+                T = min(T, H.shape[1])
+                rid = uuid.uuid4().hex
+                r = Response(
+                    response_id=rid, prompt=prompt_str, embed_text=texts[i] or prompt_str,
+                    prompt_ids=prompt_ids, response_ids=seq[:T],
+                    response_text=tok.decode(seq[:T], skip_special_tokens=True),
+                    hidden=np.ascontiguousarray(H[row, :T], np.float32),
+                    topk_ids=Ki[row, :T] if Ki is not None else np.zeros((T, 0), np.int64),
+                    topk_logprobs=Kl[row, :T] if Kl is not None else np.zeros((T, 0), np.float32),
+                    adapter_version=version)
+                with self._meta_lock:
+                    self._responses[rid] = r
+                    while len(self._responses) > self._max_responses:
+                        self._responses.popitem(last=False)
+                        self.responses_evicted += 1
+                    h = self._next_handle
+                    self._next_handle += 1
+                    self._handle_to_id[h] = rid
+                handles[i, j] = h
+        return handles
+
+    # -- the pipeline ---------------------------------------------------------------------
+    def __call__(self, inputs, **kwargs):
+        """Generate, as transformers' pipeline does; every sequence gets a ``response_id``."""
+        return self._pipe(inputs, **kwargs)
+
+    @property
+    def model(self):
+        """The live model, hooks on: ``pipe.model(input_ids).logits`` are the adapted logits."""
+        return self._pipe.model
+
+    @property
+    def tokenizer(self):
+        return self._pipe.tokenizer
+
+    @property
+    def adapter_version(self) -> int | None:
+        """The BaseLoRA version now served (None: the base model)."""
+        return self._served_version
+
+    def response(self, response_id: str) -> Response:
+        r = self._responses.get(response_id)
+        if r is None:
+            raise UnknownTrajectory(f"unknown response_id {response_id!r} (never generated here, "
+                                    f"or evicted after {self._max_responses} newer responses)")
+        return r
+
+    # -- feedback -------------------------------------------------------------------------
+    def feedback(self, response_id: str, reward: float | None = None, *,
+                 liked: bool | None = None) -> dict:
+        """Judge a response: ``reward`` in [-1, 1], or ``liked=True/False`` (+1 / -1).
+
+        The record is durable in the store when this returns, and the MicroLoRA has taken
+        its instant update. Policy: one feedback per response; a second raises
+        InvalidValue and changes nothing (the first judgement stands).
+        """
+        if (reward is None) == (liked is None):
+            raise InvalidValue("give exactly one of reward (in [-1, 1]) or liked (True/False)")
+        if liked is not None:
+            if not isinstance(liked, bool):
+                raise InvalidValue(f"liked must be True or False, got {liked!r}")
+            reward = 1.0 if liked else -1.0
+        try:
+            reward = float(reward)
+        except (TypeError, ValueError):
+            raise InvalidValue(f"reward must be a number in [-1, 1], got {reward!r}") from None
+        if not (math.isfinite(reward) and -1.0 <= reward <= 1.0):
+            raise InvalidValue(f"reward must be a finite number in [-1, 1], got {reward!r}")
+        r = self.response(response_id)
+        if self.store.has(response_id):
+            raise InvalidValue(f"feedback for response {response_id} was already given; "
+                               f"one feedback per response")
+        from sona_plugin.store import FeedbackRecord
+
+        emb = self.embed([r.embed_text])[0]
+        rec = FeedbackRecord(response_id=r.response_id, prompt=r.prompt, prompt_ids=r.prompt_ids,
+                             response_ids=r.response_ids, response_text=r.response_text,
+                             reward=reward, embedding=emb, adapter_version=r.adapter_version)
+        row = self.store.add(rec)  # durable from here on
+        report = None
+        if len(r.response_ids):
+            t = Trajectory(id=row, query_embedding=emb, steps=[
+                TrajectoryStep(r.hidden[i], np.zeros(0, np.float32), reward,
+                               int(r.response_ids[i]), 0, r.topk_ids[i], r.topk_logprobs[i])
+                for i in range(len(r.response_ids))], final_quality=(reward + 1.0) / 2.0)
+            report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
+        with self._meta_lock:
+            self._responses.pop(response_id, None)
+        return {"response_id": response_id, "stored_id": row, "reward": reward,
+                "instant": report.to_dict() if report is not None else None}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if self._embedder is None:
+            from sona_plugin.models import default_embedder
+
+            self._embedder = default_embedder()
+        return np.asarray(self._embedder.encode(list(texts), normalize_embeddings=True,
+                                                show_progress_bar=False), np.float32)
+
+    # -- background learning and adapters -------------------------------------------------
+    def learn(self, **kwargs) -> dict:
+        """Run loop B now: train, gate, publish, hot-swap. Returns the report."""
+        from ._learner import Learner
+
+        if self._learner is None:
+            self._learner = Learner(self)
+        return self._learner.run(**kwargs)
+
+    def adapters(self) -> list[dict]:
+        """Published BaseLoRA versions, oldest first, with which one is served."""
+        cur = self._served_version
+        return [{"version": v.version, "path": str(v.path), "metadata": v.metadata,
+                 "created_at": v.created_at, "served": v.version == cur}
+                for v in self.registry.versions()]
+
+    def rollback(self, version: int) -> None:
+        """Serve an earlier (or later) published version; the registry's CURRENT follows."""
+        self.registry.set_current(version)
+        self._hot_swap(version)
+
+    def _hot_swap(self, version: int) -> None:
+        """Load ``version`` under a fresh adapter name and make it active.
+
+        Runs under the swap lock's write side: in-flight generations finish on the old
+        version first, new ones start on the new one; nothing fails or mixes versions.
+        """
+        from peft import PeftModel
+
+        v = self.registry.get(version)
+        name = f"v{version:06d}"
+        model = self._pipe.model
+        with self._swap.write():
+            old = self._served_name
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(model, str(v.path), adapter_name=name)
+            elif name != old:
+                if name in self._peft.peft_config:
+                    self._peft.delete_adapter(name)
+                self._peft.load_adapter(str(v.path), adapter_name=name)
+                self._peft.set_adapter(name)
+                if old is not None and old != name:
+                    self._peft.delete_adapter(old)
+            self._peft.eval()
+            self._served_version, self._served_name = version, name
+        # the BaseLoRA now carries what the instant loop had learned: let it fade
+        self.engine.micro_lora.shrink(0.5)
+
+    def export_peft(self, path: str | Path) -> Path:
+        """A PEFT adapter directory reproducing this pipeline's adapted logits.
+
+        The served BaseLoRA (if any) plus the MicroLoRA folded into an ``lm_head`` LoRA:
+        ``W (h + s B A h) = W h + (s W B)(A h)``, so ``lora_A = A``, ``lora_B = s W B`` with
+        scaling 1 (``alpha_pattern``/``rank_pattern`` for ``lm_head``). Embedding weights
+        are not written (``save_embedding_layers=False`` semantics).
+        """
+        from peft import LoraConfig
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        W = self._lm_head.weight
+        fold = self.engine.micro_lora.to_lm_head_lora(W)
+        r = int(fold["r"])
+        tensors: dict[str, torch.Tensor] = {}
+        if self._served_version is not None:
+            v = self.registry.get(self._served_version)
+            base_cfg = json.loads((Path(v.path) / "adapter_config.json").read_text())
+            tensors.update(load_torch_file(str(Path(v.path) / "adapter_model.safetensors")))
+            targets = sorted(set(base_cfg["target_modules"]) | {"lm_head"})
+            cfg = LoraConfig(r=base_cfg["r"], lora_alpha=base_cfg["lora_alpha"],
+                             target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                             rank_pattern={"lm_head": r}, alpha_pattern={"lm_head": r})
+        else:
+            cfg = LoraConfig(r=r, lora_alpha=r, target_modules=["lm_head"], bias="none",
+                             task_type="CAUSAL_LM")
+        tensors["base_model.model.lm_head.lora_A.weight"] = torch.from_numpy(fold["lora_A"]).contiguous()
+        tensors["base_model.model.lm_head.lora_B.weight"] = torch.from_numpy(fold["lora_B"]).contiguous()
+        cfg.base_model_name_or_path = str(self._model_source) if self._model_source else None
+        cfg.save_pretrained(str(path))
+        save_torch_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return path
+
+    def stats(self) -> dict:
+        s = self.engine.stats()
+        s.update({"responses_held": len(self._responses), "responses_evicted": self.responses_evicted,
+                  "feedback_stored": self.store.count(), "adapter_version": self._served_version,
+                  "adapter_versions": len(self.registry.versions())})
+        return s
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.store.close()
+
+
+def _prompt_texts(prompt_text, in_b: int) -> list[str]:
+    """The user's own words per batch row (the last user message for chats)."""
+    items = prompt_text if isinstance(prompt_text, (list, tuple)) and len(prompt_text) == in_b \
+        and in_b > 1 else [prompt_text] * in_b
+    out = []
+    for p in items:
+        msgs = getattr(p, "messages", None)
+        if msgs is None and isinstance(p, (list, tuple)) and p and isinstance(p[0], dict):
+            msgs = p
+        if msgs is not None:
+            users = [m.get("content", "") for m in msgs if m.get("role") == "user"]
+            out.append(str(users[-1]) if users else "")
+        else:
+            out.append(p if isinstance(p, str) else "")
+    return out
+
+
+def pipeline(task: str = "text-generation", model=None, tokenizer=None,
+             sona_config: SonaConfig | dict | None = None, *, state_dir: str | Path | None = None,
+             store=None, **pipeline_kwargs) -> SonaPipeline:
+    """A transformers text-generation pipeline with SONA on.
+
+    Args:
+        task: only "text-generation".
+        model: a model path or a loaded causal LM; None means the embedded default
+            (SmolLM2-135M-Instruct, converted once under ``$SONA_HOME``).
+        tokenizer: tokenizer (or path); default: the model's.
+        sona_config: SonaConfig (or dict); ``hidden_dim`` defaults to the model's hidden
+            size and ``embedding_dim`` to the embedder's (384).
+        state_dir: where the feedback store and the adapter versions live (default
+            ``$SONA_HOME/state``).
+        store: a TrajectoryStore (default SQLite in ``state_dir``).
+        **pipeline_kwargs: passed to ``transformers.pipeline``.
+    """
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import pipeline as hf_pipeline
+
+    from sona_plugin.models import default_llm_path, sona_home
+    from sona_plugin.store import open_store
+
+    if task != "text-generation":
+        raise ConfigError(f"task must be 'text-generation', got {task!r}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    source: Any = None
+    if model is None or isinstance(model, (str, Path)):
+        source = Path(model) if model is not None else default_llm_path()
+        tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
+            AutoTokenizer.from_pretrained(tokenizer or source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    else:
+        source = getattr(model, "name_or_path", None) or None
+        tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
+            AutoTokenizer.from_pretrained(tokenizer or model.name_or_path)
+    model.eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    hidden = int(model.get_output_embeddings().weight.shape[1])
+    if sona_config is None:
+        cfg = SonaConfig(hidden_dim=hidden, embedding_dim=384)
+    else:
+        d = sona_config.to_dict() if isinstance(sona_config, SonaConfig) else dict(sona_config)
+        d.setdefault("embedding_dim", 384)
+        if d.get("hidden_dim", hidden) != hidden:
+            raise ConfigError(f"hidden_dim must equal the model's hidden size {hidden}, got "
+                              f"{d['hidden_dim']}")
+        d["hidden_dim"] = hidden
+        cfg = SonaConfig.from_dict(d)
+    engine = SonaEngine(cfg)
+    engine.set_output_head(model.get_output_embeddings().weight)
+    sd = Path(state_dir) if state_dir is not None else sona_home() / "state"
+    sd.mkdir(parents=True, exist_ok=True)
+    st = store if store is not None else open_store(cfg.database_url or sd / "sona.db")
+    pipe = hf_pipeline("text-generation", model=model, tokenizer=tok,
+                       pipeline_class=SonaTextGenerationPipeline, **pipeline_kwargs)
+    return SonaPipeline(pipe, engine, state_dir=sd, store=st, model_source=source)
+
+
+__all__ = ["Response", "SonaPipeline", "SonaTextGenerationPipeline", "pipeline"]

@@ -1,0 +1,52 @@
+"""The trajectory store: durable (prompt, response, reward, embedding) feedback records."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass
+class FeedbackRecord:
+    """One piece of feedback on one generated response.
+
+    ``prompt`` is the text the model was conditioned on (chat template applied) and
+    ``prompt_ids``/``response_ids`` its exact tokens, so a trainer can score the response
+    without re-tokenising. ``reward`` is in [-1, 1]; ``embedding`` is the prompt's
+    sentence embedding (float32). ``adapter_version`` is the BaseLoRA version that
+    answered (None: the base model).
+    """
+
+    response_id: str
+    prompt: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_text: str
+    reward: float
+    embedding: np.ndarray
+    adapter_version: int | None = None
+    created_at: float = field(default_factory=time.time)
+    task: str | None = None
+    id: int | None = None
+
+
+@runtime_checkable
+class TrajectoryStore(Protocol):
+    """Where feedback lives. ``add`` returns only once the record is durable."""
+
+    def add(self, record: FeedbackRecord) -> int:
+        """Store a record; raises InvalidValue if its response_id is already stored."""
+
+    def get(self, response_id: str) -> FeedbackRecord | None: ...
+
+    def has(self, response_id: str) -> bool: ...
+
+    def records(self, since_id: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
+        """Records with row id > since_id, oldest first."""
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
