@@ -247,11 +247,7 @@ class SonaPipeline:
             for j in range(n):
                 row = i * n + j
                 seq = generated[i, j, P:].tolist()
-                T = 0
-                while T < len(seq):
-                    T += 1
-                    if seq[T - 1] in stop:
-                        break
+                T = next((k + 1 for k, tok_id in enumerate(seq) if tok_id in stop), len(seq))
                 T = min(T, H.shape[1])
                 rid = uuid.uuid4().hex
                 r = Response(

@@ -292,3 +292,165 @@ def kmeans_assign(X: Any, C: Any, labels: Any = None, sq_dists: Any = None) -> t
         la[:] = best
         da[:] = D[np.arange(n), best]
     return labels, sq_dists
+
+
+_MAX_RANK = 8
+
+
+def micro_update(
+    H: Any,
+    G: Any,
+    adv: Any,
+    A: Any,
+    B: Any,
+    B0: Any,
+    v: Any,
+    t: int,
+    scale: float,
+    lr: float,
+    beta2: float,
+    decay: float,
+    grad_clip: float,
+    norm_cap: float,
+    trust_region: float,
+    max_halvings: int,
+    A_out: Any,
+    B_out: Any,
+    v_out: Any,
+) -> tuple[bool, float, float, float, float]:
+    """One stabilised Adam step of the MicroLoRA ``y = h + s B A h``; returns
+    ``(accepted, frac, div, gnorm, delta_norm)`` and writes A_out, B_out, v_out.
+
+    Decay toward (0, B0); the gradient of ``sum_t adv_t G_t . y_t`` at the decayed
+    parameters; global clipping; Adam (beta1 = 0) on theta = [A.ravel() | B.ravel()]
+    with second moment v; then steps of fraction 1, 1/2, ... (max_halvings + 1 tries),
+    each with ``||s B A||_F`` capped at norm_cap (by rescaling A), until the mean
+    relative output change on the rows of H (against the undecayed A, B) is
+    <= trust_region; if none fits, the decayed parameters are written.
+
+    Precision (the native kernel follows the same steps): parameters, their
+    candidates and v_out are rounded to float32 where they are stored; the
+    gradient, the Adam step and every reduction are float64.
+    """
+    Ha = _arr(H, "H")
+    _ndim(Ha, "H", 2, "[T, d]")
+    Ga = _arr(G, "G")
+    _ndim(Ga, "G", 2, "[T, d]")
+    adva = _arr(adv, "adv")
+    _ndim(adva, "adv", 1, "[T]")
+    Aa = _arr(A, "A")
+    _ndim(Aa, "A", 2, "[r, d]")
+    Ba = _arr(B, "B")
+    _ndim(Ba, "B", 2, "[d, r]")
+    B0a = _arr(B0, "B0")
+    _ndim(B0a, "B0", 2, "[d, r]")
+    va = _arr(v, "v")
+    _ndim(va, "v", 1, "[2*r*d]")
+    T = Ha.shape[0]
+    r, d = Aa.shape
+    n = 2 * r * d
+    if r == 0:
+        raise InvalidValue("A has 0 rows; the rank r must be >= 1")
+    if r > _MAX_RANK:
+        raise InvalidValue(f"the rank r must be <= {_MAX_RANK}, got {r}")
+    if T == 0:
+        raise InvalidValue("H has no rows; T must be >= 1")
+    if Ha.shape[1] != d:
+        raise DimensionMismatch(f"H has dimension {Ha.shape[1]}, expected {d}", d, Ha.shape[1])
+    if Ga.shape[0] != T:
+        raise DimensionMismatch(f"G has {Ga.shape[0]} rows, expected {T}", T, Ga.shape[0])
+    if Ga.shape[1] != d:
+        raise DimensionMismatch(f"G has dimension {Ga.shape[1]}, expected {d}", d, Ga.shape[1])
+    if adva.shape[0] != T:
+        raise DimensionMismatch(f"adv has length {adva.shape[0]}, expected {T}", T, adva.shape[0])
+    for name, M in (("B", Ba), ("B0", B0a)):
+        if M.shape[0] != d:
+            raise DimensionMismatch(f"{name} has {M.shape[0]} rows, expected {d}", d, M.shape[0])
+        if M.shape[1] != r:
+            raise DimensionMismatch(f"{name} has {M.shape[1]} columns, expected {r}", r, M.shape[1])
+    if va.shape[0] != n:
+        raise DimensionMismatch(f"v has length {va.shape[0]}, expected {n}", n, va.shape[0])
+    s = float(_scale(scale))
+    t = operator.index(t)  # ints only, like the native binding
+    if t < 1:
+        raise InvalidValue(f"t must be >= 1, got {t}")
+    max_halvings = operator.index(max_halvings)
+    if max_halvings < 0:
+        raise InvalidValue(f"max_halvings must be >= 0, got {max_halvings}")
+    lr, beta2, decay = float(lr), float(beta2), float(decay)
+    grad_clip, norm_cap, trust_region = float(grad_clip), float(norm_cap), float(trust_region)
+    if not 0.0 <= beta2 < 1.0:
+        raise InvalidValue(f"beta2 must be in [0, 1), got {beta2:g}")
+    for name, val in (("lr", lr), ("decay", decay), ("grad_clip", grad_clip),
+                      ("norm_cap", norm_cap), ("trust_region", trust_region)):
+        if math.isnan(val):
+            raise InvalidValue(f"{name} must not be NaN")
+    outs = []
+    for name, obj, want in (("A_out", A_out, Aa), ("B_out", B_out, Ba), ("v_out", v_out, va)):
+        o = _arr(obj, name, writable=True)
+        _ndim(o, name, want.ndim, {"A_out": "[r, d]", "B_out": "[d, r]", "v_out": "[2*r*d]"}[name])
+        if o.shape != want.shape:
+            i = 0 if o.shape[0] != want.shape[0] else 1
+            raise DimensionMismatch(
+                f"{name} has shape {_shape(o)}, expected {_shape(want)}", want.shape[i], o.shape[i]
+            )
+        outs.append(o)
+    Ao, Bo, vo = outs
+    for o in outs:
+        if any(np.may_share_memory(o, a) for a in (Ha, Ga, adva, Aa, Ba, B0a, va)):
+            raise InvalidValue("A_out, B_out and v_out must not share memory with the inputs")
+    if np.may_share_memory(Ao, Bo) or np.may_share_memory(Ao, vo) or np.may_share_memory(Bo, vo):
+        raise InvalidValue("A_out, B_out and v_out must not share memory with each other")
+    _check_finite(adva, "adv")
+    _check_finite(Ha, "H")
+    _check_finite(Ga, "G")
+
+    f64 = np.float64
+    H64, G64 = Ha.astype(f64), Ga.astype(f64)
+    A64, B64 = Aa.astype(f64), Ba.astype(f64)
+    # decayed parameters (float32, as stored)
+    Ad = ((1.0 - decay) * A64).astype(np.float32)
+    Bd = ((1.0 - decay) * B64 + decay * B0a.astype(f64)).astype(np.float32)
+    Ad64, Bd64 = Ad.astype(f64), Bd.astype(f64)
+    # gradient of sum_t adv_t G_t . y_t at the decayed parameters
+    w = s * adva.astype(f64)
+    a = H64 @ Ad64.T  # [T, r]: A h_t
+    b = G64 @ Bd64  # [T, r]: B^T g_t
+    g = np.concatenate([((b * w[:, None]).T @ H64).ravel(), ((G64 * w[:, None]).T @ a).ravel()])
+    gnorm = math.sqrt(float(np.dot(g, g)))
+    if not math.isfinite(gnorm):
+        raise InvalidValue("gradient is not finite")
+    if gnorm > grad_clip:
+        g *= grad_clip / gnorm
+    # Adam, beta1 = 0
+    c = math.sqrt(1.0 - beta2**t)
+    v_new = beta2 * va.astype(f64) + (1.0 - beta2) * (g * g)
+    step = g * (lr / c) / (np.sqrt(v_new) + 1e-8 * c)
+    theta = np.concatenate([Ad64.ravel(), Bd64.ravel()])
+    # trust region: mean_t ||s (B_n A_n - B A) h_t|| / ||h_t||, A and B the current inputs
+    inv_n = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H64, H64)) + 1e-12)
+    q = (H64 @ A64.T) @ B64.T  # [T, d]: B A h_t
+    n_a = r * d
+    frac, div = 1.0, 0.0
+    for _ in range(max_halvings + 1):
+        new = (theta + frac * step).astype(np.float32)
+        An, Bn = new[:n_a].reshape(r, d), new[n_a:].reshape(d, r)
+        An64, Bn64 = An.astype(f64), Bn.astype(f64)
+        dn = s * math.sqrt(max(float(np.sum((Bn64.T @ Bn64) * (An64 @ An64.T))), 0.0))
+        if dn > norm_cap:
+            An = (An64 * (norm_cap / dn)).astype(np.float32)
+            An64 = An.astype(f64)
+            dn = norm_cap
+        diff = s * ((H64 @ An64.T) @ Bn64.T - q)
+        div = float(np.mean(np.sqrt(np.einsum("ij,ij->i", diff, diff)) * inv_n))
+        if div <= trust_region:
+            Ao[...] = An
+            Bo[...] = Bn
+            vo[...] = v_new
+            return True, frac, div, gnorm, dn
+        frac *= 0.5
+    Ao[...] = Ad
+    Bo[...] = Bd
+    vo[...] = v_new
+    dn = s * math.sqrt(max(float(np.sum((Bd64.T @ Bd64) * (Ad64 @ Ad64.T))), 0.0))
+    return False, 0.0, div, gnorm, dn

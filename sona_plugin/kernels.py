@@ -49,6 +49,7 @@ __all__ = [
     "cosine_topk",
     "kmeans_assign",
     "micro_lora_forward",
+    "micro_update",
     "reinforce_accumulate",
     "set_simd_level",
     "simd_levels",
@@ -114,6 +115,7 @@ micro_lora_forward = _impl.micro_lora_forward
 reinforce_accumulate = _impl.reinforce_accumulate
 cosine_topk = _impl.cosine_topk
 kmeans_assign = _impl.kmeans_assign
+micro_update = _impl.micro_update
 
 
 def simd_levels() -> list[str]:

@@ -1,5 +1,6 @@
 // sona_plugin._native: float32 kernels for SONA (MicroLoRA forward, REINFORCE
-// gradient accumulation, cosine top-k, k-means assignment).
+// gradient accumulation, the fused MicroLoRA update step, cosine top-k, k-means
+// assignment).
 //
 // * SIMD level chosen at import time from the CPU (__builtin_cpu_supports), not
 //   from build flags: kernels_impl.inc is compiled once per level with
@@ -26,8 +27,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -69,6 +72,19 @@ static int64_t first_nonfinite(const float *p, int64_t n) {
     return -1;
 }
 
+// micro_update: inputs (float32, C-contiguous, validated by the binding), outputs, result.
+struct MicroArgs {
+    const float *H, *G, *adv, *A, *B, *B0, *v;  // [T, d], [T, d], [T], [r, d], [d, r], [d, r], [2rd]
+    int64_t T, d, r, t, max_halvings;
+    double scale, lr, beta2, decay, grad_clip, norm_cap, trust_region;
+    float *A_out, *B_out, *v_out;
+};
+struct MicroResult {
+    bool accepted;
+    double frac, div, gnorm, delta_norm;
+};
+constexpr int64_t kMicroMaxRank = 8;
+
 struct Table {
     const char *name;
     Status (*lora_forward)(const float *, int64_t, int64_t, const float *, const float *, int64_t,
@@ -80,6 +96,7 @@ struct Table {
     void (*cos_sims)(const float *, int64_t, int64_t, const float *, float, const float *,
                      float *);
     Status (*kmeans)(const float *, int64_t, int64_t, const float *, int64_t, int64_t *, float *);
+    Status (*micro_update)(const MicroArgs &, MicroResult *);  // which: 1 H, 2 G, 3 adv, 4 gradient
 };
 
 #if SONA_X86
@@ -754,6 +771,119 @@ static nb::tuple kmeans_assign(nb::handle X_h, nb::handle C_h, nb::handle lab_h,
     return nb::make_tuple(lab_o, dist_o);
 }
 
+static std::string fmt_g(double v) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%g", v);
+    return buf;
+}
+
+static nb::tuple micro_update(nb::handle H_h, nb::handle G_h, nb::handle adv_h, nb::handle A_h,
+                              nb::handle B_h, nb::handle B0_h, nb::handle v_h, int64_t t,
+                              double scale, double lr, double beta2, double decay,
+                              double grad_clip, double norm_cap, double trust_region,
+                              int64_t max_halvings, nb::handle Ao_h, nb::handle Bo_h,
+                              nb::handle vo_h) {
+    Arr H, G, adv, A, B, B0, v, Ao, Bo, vo;
+    parse(H_h, "H", DT::F32, false, H);
+    require_ndim(H, "H", 2, "[T, d]");
+    parse(G_h, "G", DT::F32, false, G);
+    require_ndim(G, "G", 2, "[T, d]");
+    parse(adv_h, "adv", DT::F32, false, adv);
+    require_ndim(adv, "adv", 1, "[T]");
+    parse(A_h, "A", DT::F32, false, A);
+    require_ndim(A, "A", 2, "[r, d]");
+    parse(B_h, "B", DT::F32, false, B);
+    require_ndim(B, "B", 2, "[d, r]");
+    parse(B0_h, "B0", DT::F32, false, B0);
+    require_ndim(B0, "B0", 2, "[d, r]");
+    parse(v_h, "v", DT::F32, false, v);
+    require_ndim(v, "v", 1, "[2*r*d]");
+    const int64_t Tn = H.shape[0], r = A.shape[0], d = A.shape[1], n = 2 * r * d;
+    if (r == 0)
+        raise_invalid("A has 0 rows; the rank r must be >= 1");
+    if (r > kMicroMaxRank)
+        raise_invalid("the rank r must be <= " + S(kMicroMaxRank) + ", got " + S(r));
+    if (Tn == 0)
+        raise_invalid("H has no rows; T must be >= 1");
+    if (H.shape[1] != d)
+        raise_dim("H has dimension " + S(H.shape[1]) + ", expected " + S(d), d, H.shape[1]);
+    if (G.shape[0] != Tn)
+        raise_dim("G has " + S(G.shape[0]) + " rows, expected " + S(Tn), Tn, G.shape[0]);
+    if (G.shape[1] != d)
+        raise_dim("G has dimension " + S(G.shape[1]) + ", expected " + S(d), d, G.shape[1]);
+    if (adv.shape[0] != Tn)
+        raise_dim("adv has length " + S(adv.shape[0]) + ", expected " + S(Tn), Tn, adv.shape[0]);
+    for (const auto &[name, M] : {std::pair<const char *, const Arr *>{"B", &B}, {"B0", &B0}}) {
+        if (M->shape[0] != d)
+            raise_dim(std::string(name) + " has " + S(M->shape[0]) + " rows, expected " + S(d), d,
+                      M->shape[0]);
+        if (M->shape[1] != r)
+            raise_dim(std::string(name) + " has " + S(M->shape[1]) + " columns, expected " + S(r),
+                      r, M->shape[1]);
+    }
+    if (v.shape[0] != n)
+        raise_dim("v has length " + S(v.shape[0]) + ", expected " + S(n), n, v.shape[0]);
+    const float s = checked_scale(scale);
+    if (t < 1)
+        raise_invalid("t must be >= 1, got " + S(t));
+    if (max_halvings < 0)
+        raise_invalid("max_halvings must be >= 0, got " + S(max_halvings));
+    if (!(beta2 >= 0.0 && beta2 < 1.0))
+        raise_invalid("beta2 must be in [0, 1), got " + fmt_g(beta2));
+    for (const auto &[name, val] : {std::pair<const char *, double>{"lr", lr}, {"decay", decay},
+                                    {"grad_clip", grad_clip}, {"norm_cap", norm_cap},
+                                    {"trust_region", trust_region}})
+        if (std::isnan(val))
+            raise_invalid(std::string(name) + " must not be NaN");
+    struct Out {
+        nb::handle h;
+        const char *name, *layout;
+        Arr *a;
+        const Arr *like;
+    };
+    for (const Out &o : {Out{Ao_h, "A_out", "[r, d]", &Ao, &A}, Out{Bo_h, "B_out", "[d, r]", &Bo, &B},
+                         Out{vo_h, "v_out", "[2*r*d]", &vo, &v}}) {
+        parse(o.h, o.name, DT::F32, true, *o.a);
+        require_ndim(*o.a, o.name, o.like->ndim, o.layout);
+        bool same = true;
+        for (int i = 0; i < o.like->ndim; ++i)
+            same = same && o.a->shape[i] == o.like->shape[i];
+        if (!same) {
+            const int i = o.a->shape[0] != o.like->shape[0] ? 0 : 1;
+            raise_dim(std::string(o.name) + " has shape " + shape_str(o.a->ndim, o.a->shape) +
+                          ", expected " + shape_str(o.like->ndim, o.like->shape),
+                      o.like->shape[i], o.a->shape[i]);
+        }
+    }
+    for (const Arr *o : {&Ao, &Bo, &vo})
+        for (const Arr *in : {&H, &G, &adv, &A, &B, &B0, &v})
+            if (overlaps(*o, *in))
+                raise_invalid("A_out, B_out and v_out must not share memory with the inputs");
+    if (overlaps(Ao, Bo) || overlaps(Ao, vo) || overlaps(Bo, vo))
+        raise_invalid("A_out, B_out and v_out must not share memory with each other");
+
+    const MicroArgs args{H.f(),  G.f(),     adv.f(), A.f(),     B.f(),         B0.f(),
+                         v.f(),  Tn,        d,       r,         t,             max_halvings,
+                         (double) s, lr,    beta2,   decay,     grad_clip,     norm_cap,
+                         trust_region, Ao.fw(), Bo.fw(), vo.fw()};
+    MicroResult res{};
+    const Table &tab = T();
+    Status st;
+    if (Tn * d >= kReleaseGilMinWork) {
+        nb::gil_scoped_release nogil;
+        st = tab.micro_update(args, &res);
+    } else {
+        st = tab.micro_update(args, &res);
+    }
+    if (st.which == 4)
+        raise_invalid("gradient is not finite");
+    if (st.which == 3)
+        raise_nonfinite("adv", st.row, -1);
+    if (st.which)
+        raise_nonfinite(st.which == 1 ? "H" : "G", st.row, st.col);
+    return nb::make_tuple(res.accepted, res.frac, res.div, res.gnorm, res.delta_norm);
+}
+
 // ---------------------------------------------------------- SIMD control --
 
 static void set_simd_level(const std::string &level) {
@@ -861,6 +991,14 @@ NB_MODULE(_native, m) {
     m.def("kmeans_assign", &kmeans_assign, nb::arg("X"), nb::arg("C"),
           nb::arg("labels") = nb::none(), nb::arg("sq_dists") = nb::none(),
           "Nearest centroid (squared L2) per row of X: (labels int64[n], sq_dists float32[n]).");
+    m.def("micro_update", &micro_update, nb::arg("H"), nb::arg("G"), nb::arg("adv"), nb::arg("A"),
+          nb::arg("B"), nb::arg("B0"), nb::arg("v"), nb::arg("t"), nb::arg("scale"), nb::arg("lr"),
+          nb::arg("beta2"), nb::arg("decay"), nb::arg("grad_clip"), nb::arg("norm_cap"),
+          nb::arg("trust_region"), nb::arg("max_halvings"), nb::arg("A_out"), nb::arg("B_out"),
+          nb::arg("v_out"),
+          "One stabilised Adam step of the MicroLoRA y = h + s B A h (decay, gradient of "
+          "sum_t adv_t G_t . y_t, clipping, Adam, norm cap, trust region by step halving); writes "
+          "A_out, B_out, v_out; returns (accepted, frac, div, gnorm, delta_norm).");
     m.def("simd_level", []() { return g_level; }, "Active SIMD level: avx512, avx2, neon or scalar.");
     m.def("supported_simd_levels", &supported_levels, "SIMD levels this CPU can run, highest first.");
     m.def("set_simd_level", &set_simd_level, nb::arg("name"),
