@@ -316,10 +316,10 @@ class SonaPipeline:
             raise InvalidValue(f"reward must be a number in [-1, 1], got {reward!r}") from None
         if not (math.isfinite(reward) and -1.0 <= reward <= 1.0):
             raise InvalidValue(f"reward must be a finite number in [-1, 1], got {reward!r}")
-        r = self.response(response_id)
         if self.store.has(response_id):
             raise InvalidValue(f"feedback for response {response_id} was already given; "
                                f"one feedback per response")
+        r = self.response(response_id)
         from sona_plugin.store import FeedbackRecord
 
         emb = self.embed([r.embed_text])[0]

@@ -414,10 +414,11 @@ def micro_update(
     Ad64, Bd64 = Ad.astype(f64), Bd.astype(f64)
     # gradient of sum_t adv_t G_t . y_t at the decayed parameters
     w = s * adva.astype(f64)
-    a = H64 @ Ad64.T  # [T, r]: A h_t
-    b = G64 @ Bd64  # [T, r]: B^T g_t
-    g = np.concatenate([((b * w[:, None]).T @ H64).ravel(), ((G64 * w[:, None]).T @ a).ravel()])
-    gnorm = math.sqrt(float(np.dot(g, g)))
+    with np.errstate(all="ignore"):  # a non-finite A, B or B0 is reported just below
+        a = H64 @ Ad64.T  # [T, r]: A h_t
+        b = G64 @ Bd64  # [T, r]: B^T g_t
+        g = np.concatenate([((b * w[:, None]).T @ H64).ravel(), ((G64 * w[:, None]).T @ a).ravel()])
+        gnorm = math.sqrt(float(np.dot(g, g)))
     if not math.isfinite(gnorm):
         raise InvalidValue("gradient is not finite")
     if gnorm > grad_clip:
@@ -425,7 +426,7 @@ def micro_update(
     # Adam, beta1 = 0
     c = math.sqrt(1.0 - beta2**t)
     v_new = beta2 * va.astype(f64) + (1.0 - beta2) * (g * g)
-    step = g * (lr / c) / (np.sqrt(v_new) + 1e-8 * c)
+    step = g * (lr * c) / (np.sqrt(v_new) + 1e-8 * c)
     theta = np.concatenate([Ad64.ravel(), Bd64.ravel()])
     # trust region: mean_t ||s (B_n A_n - B A) h_t|| / ||h_t||, A and B the current inputs
     inv_n = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H64, H64)) + 1e-12)

@@ -166,8 +166,10 @@ class MicroLoRA:
         t = self.steps + 1
         v = self._v * self.beta2
         v += (1 - self.beta2) * (g * g)
-        step = g * (self.lr / math.sqrt(1.0 - self.beta2**t))
-        step /= np.sqrt(v) + _EPS * math.sqrt(1.0 - self.beta2**t)
+        # Adam with beta1 = 0: lr * g / (sqrt(v / (1 - beta2^t)) + eps)
+        c = math.sqrt(1.0 - self.beta2**t)
+        step = g * (self.lr * c)
+        step /= np.sqrt(v) + _EPS * c
         frac, div = 1.0, 0.0
         for _ in range(_MAX_HALVINGS + 1):
             new = theta + frac * step if frac != 1.0 else theta + step
@@ -190,6 +192,23 @@ class MicroLoRA:
         self._v = v
         self.steps = t
         return UpdateReport(True, frac, div, gnorm, self.delta_norm())
+
+    def update_fixed(self, H: np.ndarray, G: np.ndarray, adv: np.ndarray) -> UpdateReport:
+        """:meth:`update` for an upstream gradient ``G`` that does not depend on (A, B), with
+        the mean relative output change ``||y_new - y_old|| / ||h||`` as the trust-region
+        divergence: the same rule, fused into one native call (``kernels.micro_update``)."""
+        A_out = np.empty_like(self._A)
+        B_out = np.empty_like(self._B)
+        v_out = np.empty_like(self._v)
+        t = self.steps + 1
+        accepted, frac, div, gnorm, dn = kernels.micro_update(
+            H, G, adv, self._A, self._B, self.B0, self._v, t, self.scale, self.lr, self.beta2,
+            self.decay, self.grad_clip, self.norm_cap, self.trust_region, _MAX_HALVINGS,
+            A_out, B_out, v_out)
+        self._A, self._B, self._v = A_out, B_out, v_out
+        self.steps = t
+        self.rejected += int(not accepted)
+        return UpdateReport(bool(accepted), frac, div, gnorm, dn)
 
     def shrink(self, factor: float) -> None:
         """Scale the delta by ``factor`` (after a hot-swap the BaseLoRA carries the lesson)."""

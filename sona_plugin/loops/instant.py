@@ -44,7 +44,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _unit(Y: np.ndarray) -> np.ndarray:
-    return Y / (np.linalg.norm(Y, axis=-1, keepdims=True) + 1e-12)
+    return (Y / (np.linalg.norm(Y, axis=-1, keepdims=True) + 1e-12)).astype(np.float32)
 
 
 def _kl_rows(p: np.ndarray, q: np.ndarray) -> float:
@@ -151,8 +151,11 @@ class InstantLoop:
                 route_idx = np.array([self.routes.ensure(int(a)) for a in actions])
                 grad_fn, div = self._router_objective(H, route_idx)
             else:
-                grad_fn, div = self._align_objective(H)
-            report = self.micro.update(H, grad_fn, advs, div)
+                grad_fn = div = None
+            if grad_fn is None:
+                report = self.micro.update_fixed(H, _unit(H), advs)
+            else:
+                report = self.micro.update(H, grad_fn, advs, div)
             if route_idx is not None:
                 self._update_route_keys(H, route_idx, adv)
             self.baseline = (self.config.baseline_momentum * self.baseline
@@ -167,12 +170,7 @@ class InstantLoop:
         G = gradient[None, :].astype(np.float32)
         with self.lock:
             adv = quality - self.baseline
-            micro = self.micro
-
-            def div(A, B):
-                return self._relative_change(H, A, B)
-
-            report = micro.update(H, lambda A, B: G, np.full(1, adv, np.float32), div)
+            report = self.micro.update_fixed(H, G, np.full(1, adv, np.float32))
             self.baseline = (self.config.baseline_momentum * self.baseline
                              + (1 - self.config.baseline_momentum) * quality)
             self.updates += 1
@@ -180,22 +178,6 @@ class InstantLoop:
             return InstantReport(None, adv, self.baseline, report)
 
     # -- objectives -------------------------------------------------------------------
-    def _relative_change(self, H: np.ndarray, A: np.ndarray, B: np.ndarray,
-                         Y_old: np.ndarray | None = None, inv_norm: np.ndarray | None = None
-                         ) -> float:
-        """Mean ``||y_new(h_t) - y_old(h_t)|| / ||h_t||`` over the steps."""
-        m = self.micro
-        diff = m.forward_with(A, B, H) - (m.forward(H) if Y_old is None else Y_old)
-        if inv_norm is None:
-            inv_norm = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H, H)) + 1e-12)
-        return float(np.sqrt(np.einsum("ij,ij->i", diff, diff)).dot(inv_norm)) / len(H)
-
-    def _align_objective(self, H: np.ndarray) -> tuple[Callable, Callable]:
-        inv_norm = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H, H)) + 1e-12)
-        U = (H * inv_norm[:, None].astype(np.float32)).astype(np.float32, copy=False)
-        Y_old = self.micro.forward(H)
-        return (lambda A, B: U), (lambda A, B: self._relative_change(H, A, B, Y_old, inv_norm))
-
     def _lm_objective(self, H: np.ndarray, steps) -> tuple[Callable, Callable]:
         W = self.head
         rows = []

@@ -1,0 +1,155 @@
+"""Loop B for a host model: train the PEFT BaseLoRA on stored feedback, gate, publish, swap.
+
+One cycle (``SonaPipeline.learn()``):
+
+1. new feedback = store records since the last cycle; every fifth record (by row id) is
+   held out for the promotion gate and never trained on;
+2. their prompt embeddings and qualities go into the ReasoningBank (k-means++ patterns);
+3. the training set is the new records plus replay of older ones (and of kept dreams),
+   drawn balanced across patterns (``select_training_set``);
+4. the trainer (a private copy of the base model with a PEFT LoRA, continuing from the
+   served version) takes REINFORCE + KL-to-base + EWC++ steps (``BaseLoRATrainer``);
+5. the gate compares the candidate with the served adapter on held-out feedback, anchor
+   text NLL and on-topic answers; a candidate that passes is published atomically as a
+   new immutable version and hot-swapped into the serving pipeline; one that fails is
+   discarded and the trainer returns to the served weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from sona_plugin.ewc import EwcPlusPlus
+from sona_plugin.store import FeedbackRecord
+
+logger = logging.getLogger(__name__)
+
+_PROBE_PROMPTS = [
+    "What is the capital of Italy?", "How do I boil an egg?", "Why is the sky blue?",
+    "Give me a tip for learning a new language.", "What does a CPU do?",
+    "How many legs does a spider have?",
+]
+_HELDOUT_EVERY = 5
+_HELDOUT_MAX = 40
+_SERVED = "served"
+
+
+class Learner:
+    """Runs background cycles for one :class:`SonaPipeline`."""
+
+    def __init__(self, pipe: Any, *, epochs: int = 2, seed: int = 0):
+        self.pipe = pipe
+        self.epochs = epochs
+        self.seed = seed
+        self.last_id = 0
+        self.cycles = 0
+        self.trainer = None
+        self.ewc = EwcPlusPlus(pipe.engine.config)
+        self.dreams: list[FeedbackRecord] = []
+
+    def _make_trainer(self):
+        from sona_plugin.training import BaseLoRATrainer
+
+        base = _fresh_base(self.pipe)
+        trainer = BaseLoRATrainer(base, self.pipe.engine.config, ewc=self.ewc, seed=self.seed)
+        v = self.pipe.adapter_version
+        if v is not None:
+            trainer.load_adapter_weights(self.pipe.registry.get(v).path)
+        return trainer
+
+    def run(self, epochs: int | None = None, gate: bool = True, probe: bool = True) -> dict:
+        from sona_plugin.training import ModelView, PromotionGate, select_training_set
+
+        t0 = time.perf_counter()
+        pipe = self.pipe
+        store = pipe.store
+        new = store.records(since_id=self.last_id)
+        report: dict[str, Any] = {"version": pipe.adapter_version, "published": False,
+                                  "new_records": len(new)}
+        if not new:
+            report.update(skipped="no new feedback since the last cycle",
+                          seconds=time.perf_counter() - t0)
+            return report
+        older = store.records(since_id=0, limit=None)
+        heldout = [r for r in older if r.id % _HELDOUT_EVERY == 0][-_HELDOUT_MAX:]
+        train_new = [r for r in new if r.id % _HELDOUT_EVERY != 0]
+        replay_pool = [r for r in older if r.id <= self.last_id and r.id % _HELDOUT_EVERY != 0]
+        replay_pool += self.dreams
+        bank = pipe.engine.reasoning_bank
+        import numpy as np
+
+        bank.add_trajectories(np.stack([r.embedding for r in new]),
+                              np.array([(r.reward + 1.0) / 2.0 for r in new]))
+        report["patterns_extracted"] = len(bank.extract_patterns())
+        selected = select_training_set(train_new, bank=bank, replay=replay_pool,
+                                       replay_fraction=0.25, seed=self.seed + self.cycles)
+        report["trained_on"] = len(selected)
+        report["heldout"] = len(heldout)
+        if self.trainer is None:
+            self.trainer = self._make_trainer()
+        trainer = self.trainer
+        tr = trainer.train(selected, epochs=epochs or self.epochs)
+        report["train"] = tr.to_dict()
+        self.last_id = max(r.id for r in new)
+        self.cycles += 1
+        if tr.skipped:
+            report.update(skipped=f"training skipped: {tr.skipped}",
+                          seconds=time.perf_counter() - t0)
+            return report
+        peft = trainer.peft_model
+        served = pipe.adapter_version
+        if served is not None:
+            if _SERVED in peft.peft_config:
+                peft.delete_adapter(_SERVED)
+            peft.load_adapter(str(pipe.registry.get(served).path), adapter_name=_SERVED)
+            peft.set_adapter("default")
+            current = ModelView.adapter(peft, _SERVED)
+        else:
+            current = ModelView.base(peft)
+        if gate:
+            g = PromotionGate().evaluate(
+                ModelView.adapter(peft, "default"), current, heldout, None, pipe.tokenizer,
+                embedder=pipe.embed if probe else None, probe_prompts=_PROBE_PROMPTS if probe else None)
+            report["gate"] = g.to_dict()
+            passed = g.passed
+        else:
+            passed = True
+        if served is not None:
+            peft.delete_adapter(_SERVED)
+            peft.set_adapter("default")
+        if not passed:
+            # back to what is served, so the next cycle starts from it
+            if served is not None:
+                trainer.load_adapter_weights(pipe.registry.get(served).path)
+            else:
+                _reset_lora(peft)
+            report["seconds"] = time.perf_counter() - t0
+            return report
+        meta = {"trained_on": len(selected), "new_records": len(new), "cycle": self.cycles,
+                "last_record_id": self.last_id, "train_loss": tr.losses[-1] if tr.losses else None}
+        v = pipe.registry.publish(lambda path: trainer.save_adapter(path), meta)
+        pipe._hot_swap(v.version)
+        report.update(version=v.version, published=True, seconds=time.perf_counter() - t0)
+        return report
+
+
+def _fresh_base(pipe: Any):
+    """A private, hook-free copy of the base model for training."""
+    from transformers import AutoModelForCausalLM
+
+    src = pipe._model_source
+    if src is not None:
+        return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    raise RuntimeError("learn() needs the model's path to load a private training copy; "
+                       "build the pipeline from a path (or the default model)")
+
+
+def _reset_lora(peft) -> None:
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            with torch.no_grad():
+                p.zero_()

@@ -1,0 +1,211 @@
+"""SonaPipeline on the real SmolLM2-135M-Instruct: feedback moves the model, versions load in
+PEFT, hot-swaps lose nothing, and acknowledged work survives kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sona_plugin import InvalidValue, UnknownTrajectory
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    from sona_plugin.integrations.transformers import pipeline
+
+    p = pipeline(state_dir=tmp_path_factory.mktemp("state"))
+    yield p
+    p.close()
+
+
+def chat(q: str) -> list[dict]:
+    return [{"role": "user", "content": q}]
+
+
+def response_logprob(pipe, rid_or_resp) -> float:
+    r = pipe.response(rid_or_resp) if isinstance(rid_or_resp, str) else rid_or_resp
+    ids = torch.tensor([r.prompt_ids + r.response_ids])
+    with torch.no_grad():
+        logits = pipe.model(ids).logits[0]
+    lp = torch.log_softmax(logits[len(r.prompt_ids) - 1:-1], -1)
+    return float(lp[torch.arange(len(r.response_ids)), torch.tensor(r.response_ids)].sum())
+
+
+def generate_one(pipe, q: str, **kw) -> str:
+    out = pipe(chat(q), max_new_tokens=kw.pop("max_new_tokens", 16), do_sample=False, **kw)
+    return out[0]["response_id"]
+
+
+def test_every_sequence_gets_a_response_id(pipe):
+    out = pipe([chat("Name a fruit."), chat("Name a color.")], max_new_tokens=8, do_sample=True,
+               num_return_sequences=2, batch_size=2)
+    ids = [seq["response_id"] for row in out for seq in row]
+    assert len(ids) == 4 and len(set(ids)) == 4
+    for row in out:
+        for seq in row:
+            r = pipe.response(seq["response_id"])
+            assert seq["generated_text"][-1]["content"].strip() == r.response_text.strip()
+            assert r.hidden.shape == (len(r.response_ids), 576)
+
+
+def test_one_like_raises_and_one_dislike_lowers_the_responses_log_prob(pipe):
+    liked = generate_one(pipe, "What is the capital of France?")
+    disliked = generate_one(pipe, "Name a big animal.")
+    r_liked, r_disliked = pipe.response(liked), pipe.response(disliked)
+    before_l, before_d = response_logprob(pipe, r_liked), response_logprob(pipe, r_disliked)
+    pipe.feedback(liked, liked=True)
+    after_l = response_logprob(pipe, r_liked)
+    pipe.feedback(disliked, -1.0)
+    after_d = response_logprob(pipe, r_disliked)
+    assert after_l > before_l + 0.05, (before_l, after_l)
+    assert after_d < before_d - 0.05, (before_d, after_d)
+
+
+def test_bad_feedback_is_refused_and_nothing_is_stored(pipe):
+    rid = generate_one(pipe, "Say hello.", max_new_tokens=4)
+    n = pipe.store.count()
+    for bad in (float("nan"), 1.5, -2.0, "x"):
+        with pytest.raises(InvalidValue, match="reward"):
+            pipe.feedback(rid, bad)
+    with pytest.raises(UnknownTrajectory, match="unknown response_id"):
+        pipe.feedback("no-such-id", 1.0)
+    assert pipe.store.count() == n
+    pipe.feedback(rid, 0.5)
+    with pytest.raises(InvalidValue, match="already given"):  # one feedback per response
+        pipe.feedback(rid, 0.5)
+    assert pipe.store.count() == n + 1
+
+
+def test_export_reproduces_the_adapted_logits_in_peft(pipe, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sona_plugin.models import default_llm_path
+
+    assert pipe.engine.micro_lora.delta_norm() > 0  # earlier feedback moved it
+    path = pipe.export_peft(tmp_path / "export")
+    ids = torch.tensor([pipe.tokenizer("The weather today is sunny and")["input_ids"]])
+    with torch.no_grad():
+        want = pipe.model(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(default_llm_path(), dtype=torch.float32)
+        got = PeftModel.from_pretrained(base, str(path)).eval()(ids).logits
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+    assert (path / "adapter_model.safetensors").stat().st_size < 10 * 2**20
+
+
+def test_learn_publishes_a_version_peft_loads_with_the_same_logits(pipe):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sona_plugin.models import default_llm_path
+
+    for q in ("Name a number.", "What is 2 plus 2?", "Name a fruit.", "How many legs has a cat?",
+              "Name a planet.", "Count to three."):
+        rid = generate_one(pipe, q, max_new_tokens=12)
+        text = pipe.response(rid).response_text
+        pipe.feedback(rid, liked=any(c.isdigit() for c in text))
+    rep = pipe.learn(epochs=1, probe=False)
+    assert rep["published"], rep
+    v = rep["version"]
+    assert pipe.adapter_version == v and pipe.adapters()[-1]["served"]
+    ids = torch.tensor([pipe.tokenizer("Tell me about the moon.")["input_ids"]])
+    pipe.engine.set_enabled(False)  # compare the BaseLoRA alone
+    try:
+        with torch.no_grad():
+            want = pipe.model(ids).logits
+    finally:
+        pipe.engine.set_enabled(True)
+    base = AutoModelForCausalLM.from_pretrained(default_llm_path(), dtype=torch.float32)
+    with torch.no_grad():
+        got = PeftModel.from_pretrained(base, str(pipe.registry.get(v).path)).eval()(ids).logits
+    assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+    # every later response says which version answered it
+    assert pipe.response(generate_one(pipe, "Hi.", max_new_tokens=2)).adapter_version == v
+
+
+def test_hot_swap_while_another_thread_generates_loses_nothing(pipe):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    served = pipe.adapters()[-1]
+    assert served["served"], "needs a published version (previous test)"
+
+    def write_variant(path: Path) -> None:  # a second version: the served one, B scaled
+        src = Path(served["path"])
+        shutil.copy(src / "adapter_config.json", path / "adapter_config.json")
+        t = load_file(str(src / "adapter_model.safetensors"))
+        save_file({k: (v * 1.5 if "lora_B" in k else v) for k, v in t.items()},
+                  str(path / "adapter_model.safetensors"))
+
+    pipe.registry.publish(write_variant, {"variant": "B x 1.5"}, make_current=False)
+    versions = [a["version"] for a in pipe.adapters()]
+    assert len(versions) >= 2
+    results, errors = [], []
+
+    def worker():
+        try:
+            for i in range(6):
+                out = pipe(chat(f"Say the number {i}."), max_new_tokens=6, do_sample=False)
+                results.append(out[0]["response_id"])
+        except Exception as e:  # noqa: BLE001 - the test reports any failure
+            errors.append(e)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    seen = set()
+    while t.is_alive():
+        for v in versions + [versions[-1]]:
+            pipe.rollback(v)
+            seen.add(v)
+        time.sleep(0.05)
+    t.join()
+    assert not errors, errors
+    assert len(results) == 6 and all(pipe.response(r).response_ids for r in results)
+    assert {pipe.response(r).adapter_version for r in results} <= set(versions)
+    assert len(seen) >= 2
+
+
+CHILD = textwrap.dedent("""
+    import os, sys, torch
+    torch.set_num_threads(1)
+    from sona_plugin.integrations.transformers import pipeline
+    pipe = pipeline(state_dir=sys.argv[1])
+    for i in range(50):
+        out = pipe([{"role": "user", "content": f"Say {i}."}], max_new_tokens=3, do_sample=False)
+        pipe.feedback(out[0]["response_id"], 1.0 if i % 2 else -1.0)
+        print("ACK", out[0]["response_id"], flush=True)
+""")
+
+
+def test_feedback_acknowledged_before_kill_9_is_in_the_store(tmp_path):
+    from sona_plugin.store import open_store
+
+    state = tmp_path / "state"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(state)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    acked = []
+    deadline = time.time() + 240
+    while len(acked) < 3 and time.time() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("ACK "):
+            acked.append(line.split()[1])
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(acked) == 3
+    store = open_store(Path(state) / "sona.db")
+    try:
+        assert all(store.has(a) for a in acked)
+    finally:
+        store.close()
