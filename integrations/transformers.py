@@ -32,8 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file as load_torch_file
-from safetensors.torch import save_file as save_torch_file
 from transformers.pipelines.text_generation import TextGenerationPipeline
 
 from sona_plugin import kernels
@@ -354,7 +352,9 @@ class SonaPipeline:
 
         if self._learner is None:
             self._learner = Learner(self)
-        return self._learner.run(**kwargs)
+        report = self._learner.run(**kwargs)
+        self.save_state()
+        return report
 
     def adapters(self) -> list[dict]:
         """Published BaseLoRA versions, oldest first, with which one is served."""
@@ -396,38 +396,24 @@ class SonaPipeline:
         self.engine.micro_lora.shrink(0.5)
 
     def export_peft(self, path: str | Path) -> Path:
-        """A PEFT adapter directory reproducing this pipeline's adapted logits.
+        """A PEFT adapter directory reproducing this pipeline's adapted logits: the served
+        BaseLoRA plus the MicroLoRA folded into an ``lm_head`` LoRA (``write_peft_export``)."""
+        from sona_plugin.export import write_peft_export
 
-        The served BaseLoRA (if any) plus the MicroLoRA folded into an ``lm_head`` LoRA:
-        ``W (h + s B A h) = W h + (s W B)(A h)``, so ``lora_A = A``, ``lora_B = s W B`` with
-        scaling 1 (``alpha_pattern``/``rank_pattern`` for ``lm_head``). Embedding weights
-        are not written (``save_embedding_layers=False`` semantics).
-        """
-        from peft import LoraConfig
+        base = self.registry.get(self._served_version).path if self._served_version else None
+        return write_peft_export(Path(path), self.engine.micro_lora, self._lm_head.weight, base,
+                                 str(self._model_source) if self._model_source else None)
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        W = self._lm_head.weight
-        fold = self.engine.micro_lora.to_lm_head_lora(W)
-        r = int(fold["r"])
-        tensors: dict[str, torch.Tensor] = {}
-        if self._served_version is not None:
-            v = self.registry.get(self._served_version)
-            base_cfg = json.loads((Path(v.path) / "adapter_config.json").read_text())
-            tensors.update(load_torch_file(str(Path(v.path) / "adapter_model.safetensors")))
-            targets = sorted(set(base_cfg["target_modules"]) | {"lm_head"})
-            cfg = LoraConfig(r=base_cfg["r"], lora_alpha=base_cfg["lora_alpha"],
-                             target_modules=targets, bias="none", task_type="CAUSAL_LM",
-                             rank_pattern={"lm_head": r}, alpha_pattern={"lm_head": r})
-        else:
-            cfg = LoraConfig(r=r, lora_alpha=r, target_modules=["lm_head"], bias="none",
-                             task_type="CAUSAL_LM")
-        tensors["base_model.model.lm_head.lora_A.weight"] = torch.from_numpy(fold["lora_A"]).contiguous()
-        tensors["base_model.model.lm_head.lora_B.weight"] = torch.from_numpy(fold["lora_B"]).contiguous()
-        cfg.base_model_name_or_path = str(self._model_source) if self._model_source else None
-        cfg.save_pretrained(str(path))
-        save_torch_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
-        return path
+    def save_state(self) -> None:
+        """Persist the engine (MicroLoRA, patterns, counters) next to the store and adapters,
+        so ``sona export`` and a restarted pipeline find it. Runs after every ``learn()``
+        and on ``close()``; feedback itself is durable in the store as it arrives."""
+        self.engine.save(self.state_dir / "engine")
+        info = {"model_source": str(self._model_source) if self._model_source else None,
+                "adapter_version": self._served_version}
+        tmp = self.state_dir / "pipeline.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.state_dir / "pipeline.json")
 
     def stats(self) -> dict:
         s = self.engine.stats()
@@ -437,6 +423,7 @@ class SonaPipeline:
         return s
 
     def close(self) -> None:
+        self.save_state()
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -513,10 +500,17 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
                               f"{d['hidden_dim']}")
         d["hidden_dim"] = hidden
         cfg = SonaConfig.from_dict(d)
-    engine = SonaEngine(cfg)
-    engine.set_output_head(model.get_output_embeddings().weight)
     sd = Path(state_dir) if state_dir is not None else sona_home() / "state"
     sd.mkdir(parents=True, exist_ok=True)
+    engine = SonaEngine(cfg)
+    if (sd / "engine" / "state.json").exists():
+        saved = SonaEngine.load(sd / "engine")  # a restart keeps what the engine learned
+        if saved.config.hidden_dim == hidden:
+            engine = saved
+        else:
+            logger.warning("ignoring saved engine state in %s: it is %d-d, the model %d-d",
+                           sd, saved.config.hidden_dim, hidden)
+    engine.set_output_head(model.get_output_embeddings().weight)
     st = store if store is not None else open_store(cfg.database_url or sd / "sona.db")
     pipe = hf_pipeline("text-generation", model=model, tokenizer=tok,
                        pipeline_class=SonaTextGenerationPipeline, **pipeline_kwargs)

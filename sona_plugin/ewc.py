@@ -178,7 +178,8 @@ class EwcPlusPlus:
         """Fold one gradient sample into the diagonal Fisher estimate.
 
         Online (``ewc_online``, EWC++): ``F ← γF + (1−γ)g²`` with ``γ = ewc_gamma``
-        (Chaudhry et al. 2018; Schwarz et al. 2018). Otherwise the running mean of ``g²``
+        (Chaudhry et al. 2018; Schwarz et al. 2018), warm-started as the running mean
+        ``F ← F + (g² − F)/n`` while ``1/n > 1−γ``. Otherwise the running mean of ``g²``
         over the current task, ``F ← F + (g² − F)/n``. ``grads`` should be per-example or
         small-batch gradients of the log-likelihood (empirical Fisher).
 
@@ -189,11 +190,13 @@ class EwcPlusPlus:
         g = self._numpy(grads, "grads")
         self._fisher_updates += 1
         if self.config.ewc_online:
-            gamma = np.float32(self.config.ewc_gamma)
+            # warm start: a running mean of g² for the first 1/(1−γ) samples, then the EMA
+            # F ← γF + (1−γ)g² (otherwise the first samples' Fisher is scaled by 1−γ and
+            # the penalty is inert until tens of updates have accumulated)
+            w = np.float32(max(1.0 - self.config.ewc_gamma, 1.0 / self._fisher_updates))
             for n, gn in g.items():
                 f = self._fisher[n]
-                f *= gamma
-                f += (1 - gamma) * gn * gn
+                f += (gn * gn - f) * w
         else:
             inv = np.float32(1.0 / self._fisher_updates)
             for n, gn in g.items():

@@ -245,8 +245,7 @@ class InstantLoop:
         meta = {"baseline": self.baseline, "updates": self.updates, "rejected": self.rejected,
                 "skipped": self.skipped,
                 "route_ids": self.routes.ids}
-        if self.head is not None:
-            arrays["output_head"] = self.head
+        # the output head is the host model's weight, set again by the integration: not state
         return arrays, meta
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -256,4 +255,3 @@ class InstantLoop:
         self.routes.ids = [int(r) for r in meta["route_ids"]]
         self.routes.index = {r: i for i, r in enumerate(self.routes.ids)}
         self.routes.K = np.ascontiguousarray(arrays["route_keys"], np.float32)
-        self.head = arrays.get("output_head")

@@ -85,12 +85,21 @@ def test_penalty_keeps_task_a_parameters_near_their_optimum():
 @needs_torch
 def test_online_fisher_formula():
     ewc = EwcPlusPlus(cfg(ewc_gamma=0.8))
-    g1, g2 = np.array([1.0, -2.0]), np.array([3.0, 0.5])
+    g1, g2, g3, g4, g5, g6 = (np.array([1.0, -2.0]), np.array([3.0, 0.5]), np.array([0.5, 1.0]),
+                              np.array([2.0, 0.0]), np.array([1.0, 1.0]), np.array([0.0, 4.0]))
+    # warm start: the running mean while 1/n > 1 - gamma (n <= 5 here) ...
     ewc.update_fisher({"p": g1})
-    np.testing.assert_allclose(ewc.fisher["p"], 0.2 * g1**2, rtol=1e-6)
+    np.testing.assert_allclose(ewc.fisher["p"], g1**2, rtol=1e-6)
     ewc.update_fisher({"p": torch.tensor(g2)})
-    np.testing.assert_allclose(ewc.fisher["p"], 0.8 * 0.2 * g1**2 + 0.2 * g2**2, rtol=1e-6)
-    assert ewc.fisher["p"].dtype == np.float32 and ewc.fisher_updates == 2
+    np.testing.assert_allclose(ewc.fisher["p"], (g1**2 + g2**2) / 2, rtol=1e-6)
+    for g in (g3, g4, g5):
+        ewc.update_fisher({"p": g})
+    mean5 = (g1**2 + g2**2 + g3**2 + g4**2 + g5**2) / 5
+    np.testing.assert_allclose(ewc.fisher["p"], mean5, rtol=1e-6)
+    # ... then the EMA F <- gamma F + (1 - gamma) g^2
+    ewc.update_fisher({"p": g6})
+    np.testing.assert_allclose(ewc.fisher["p"], 0.8 * mean5 + 0.2 * g6**2, rtol=1e-5)
+    assert ewc.fisher["p"].dtype == np.float32 and ewc.fisher_updates == 6
 
     mean = EwcPlusPlus(cfg(ewc_online=False))
     mean.update_fisher({"p": g1})

@@ -1,0 +1,311 @@
+"""The promotion gate: a candidate adapter is published only if it does not regress.
+
+Three checks, each comparing the candidate with the model that serves now:
+
+1. **Held-out feedback**: ``mean_i r_i · (1/T_i) Σ_t log π(y_{i,t})`` over feedback the
+   trainer did not see (higher is better: liked answers more likely, disliked less).
+   The candidate passes if ``score_cand ≥ score_cur − tolerance_heldout``.
+2. **Anchor text**: mean NLL per token of fixed neutral text (:data:`ANCHOR_TEXTS`).
+   Passes if ``nll_cand ≤ nll_cur · (1 + tolerance_nll)``.
+3. **On topic** (when an embedder and probe prompts are given): each probe prompt is
+   answered greedily (≤ 32 new tokens) by both models; the score is the mean cosine of
+   prompt and answer embeddings. Passes if ``on_cand ≥ min_on_topic_ratio · on_cur``.
+   DESIGN.md found that the strong settings drift off the question while the anchor
+   NLL barely moves, so perplexity alone does not protect users.
+
+Models are passed as modules or as :class:`ModelView` — a model plus a context to enter
+while it is evaluated, so that one PeftModel can serve as both candidate and current
+(e.g. ``ModelView.base(peft_model)`` for the adapter switched off, or
+``ModelView.adapter(peft_model, "v3")`` for a named adapter).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InvalidValue
+from ..store.base import FeedbackRecord
+from .objective import mean_response_logprob, response_logprobs
+
+ANCHOR_TEXTS: list[str] = [
+    "Water boils at one hundred degrees Celsius at sea level. At higher altitudes the air "
+    "pressure is lower, so water boils at a lower temperature and food takes longer to cook.",
+    "To reset your password, open the settings page, choose Security, and click the link "
+    "labelled Forgot password. A message with a new link will arrive in your inbox within "
+    "a few minutes.",
+    "The library opens at nine in the morning and closes at six in the evening on weekdays. "
+    "On Saturdays it closes at noon, and it stays closed on Sundays and public holidays.",
+    "\"Could you pass me the salt, please?\" she asked. \"Of course,\" he replied, sliding "
+    "the small glass jar across the table. \"Dinner smells wonderful tonight.\"",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon "
+    "dioxide to make sugar. Oxygen is released into the air as a by-product.",
+    "Before you start the machine, make sure the lid is closed and the water tank is full. "
+    "Press the power button once and wait until the green light stops blinking.",
+    "The river runs through the middle of the old town. In summer, families walk along its "
+    "banks in the evening, and children feed the ducks near the stone bridge.",
+    "A triangle has three sides and three angles. The angles of any triangle always add up "
+    "to one hundred and eighty degrees, whatever the length of its sides.",
+    "Thank you for your order. Your package was shipped this morning and should arrive in "
+    "three to five working days. You can track it with the number in this email.",
+    "\"What time does the train leave?\" asked the traveller. \"At a quarter past four,\" "
+    "said the clerk, \"from platform two. You have plenty of time for a coffee.\"",
+    "The heart is a muscle that pumps blood through the body. It beats about seventy times "
+    "a minute when a person is at rest, and faster during exercise.",
+    "To make a simple salad, wash the lettuce, slice a tomato and a cucumber, and mix them "
+    "in a bowl. Add a spoon of olive oil, a little lemon juice and a pinch of salt.",
+]
+"""Short neutral English paragraphs (facts, instructions, dialogue) written for this
+project, scored for the anchor-text NLL of the promotion gate."""
+
+
+class ModelView:
+    """A model to evaluate, entered under an optional context.
+
+    Args:
+        model: the module whose forward/generate is called.
+        context: a zero-argument callable returning a context manager (for example
+            ``peft_model.disable_adapter``) that is active while the gate uses the model.
+    """
+
+    def __init__(self, model: Any, context: Callable[[], Any] | None = None):
+        self.model = model
+        self.context = context
+
+    @contextmanager
+    def use(self) -> Iterator[Any]:
+        if self.context is None:
+            yield self.model
+        else:
+            with self.context():
+                yield self.model
+
+    @classmethod
+    def base(cls, peft_model: Any) -> ModelView:
+        """The PeftModel with its adapters switched off (the base model)."""
+        return cls(peft_model, peft_model.disable_adapter)
+
+    @classmethod
+    def adapter(cls, peft_model: Any, name: str) -> ModelView:
+        """The PeftModel with adapter ``name`` active (the previous one restored after)."""
+
+        @contextmanager
+        def ctx() -> Iterator[None]:
+            prev = peft_model.active_adapter
+            peft_model.set_adapter(name)
+            try:
+                yield
+            finally:
+                peft_model.set_adapter(prev)
+
+        return cls(peft_model, ctx)
+
+
+def _view(m: Any) -> ModelView:
+    return m if isinstance(m, ModelView) else ModelView(m)
+
+
+@dataclass
+class GateResult:
+    """The gate's verdict.
+
+    Attributes:
+        passed: every check that ran passed.
+        metrics: the numbers behind the verdict (candidate and current per check).
+        reasons: one line per failed check (empty when passed).
+        samples: the probe answers, ``{"candidate": [...], "current": [...]}``.
+    """
+
+    passed: bool
+    metrics: dict[str, float]
+    reasons: list[str]
+    samples: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Seq:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    response_id: str
+
+
+def _device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+def anchor_nll(model: Any, texts: Sequence[str], tokenizer: Any, batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per token of ``texts`` (every token after the first)."""
+    seqs = []
+    for i, t in enumerate(texts):
+        ids = list(tokenizer(t)["input_ids"])
+        if len(ids) >= 2:
+            seqs.append(_Seq(ids[:1], ids[1:], f"anchor{i}"))
+    if not seqs:
+        raise InvalidValue("anchor_texts must contain at least one text of two or more tokens")
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(seqs), batch_size):
+            for lp in response_logprobs(model, seqs[s: s + batch_size], _device(model)):
+                total -= float(lp.sum())
+                n += lp.shape[0]
+    return total / n
+
+
+def heldout_score(model: Any, records: Sequence[FeedbackRecord], batch_size: int = 8) -> float:
+    """``mean_i r_i · mean_t log π(y_{i,t})`` over the records (higher is better)."""
+    lp = mean_response_logprob(model, list(records), batch_size, _device(model))
+    r = torch.tensor([float(x.reward) for x in records], dtype=lp.dtype)
+    return float((r * lp).mean())
+
+
+def _chat_prompt(tokenizer: Any, prompt: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                             add_generation_prompt=True, tokenize=False)
+    return prompt
+
+
+def greedy_answers(model: Any, prompts: Sequence[str], tokenizer: Any,
+                   max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers (chat template applied when the tokenizer has one), decoded."""
+    texts = [_chat_prompt(tokenizer, p) for p in prompts]
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: every row's answer starts at column L
+        ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, L - len(r):] = 1
+    dev = _device(model)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=int(pad))
+    return [tokenizer.decode(o[L:], skip_special_tokens=True).strip() for o in out]
+
+
+def _embed(embedder: Any, texts: list[str]) -> np.ndarray:
+    enc = getattr(embedder, "encode", None)
+    E = enc(texts) if callable(enc) else embedder(texts)
+    if hasattr(E, "detach"):
+        E = E.detach().cpu().numpy()
+    E = np.asarray(E, dtype=np.float64)
+    return E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+
+
+def on_topic_score(prompts: Sequence[str], answers: Sequence[str], embedder: Any) -> float:
+    """Mean cosine between each prompt's and its answer's embedding (empty answer: 0)."""
+    P = _embed(embedder, list(prompts))
+    keep = [i for i, a in enumerate(answers) if a.strip()]
+    cos = np.zeros(len(prompts))
+    if keep:
+        A = _embed(embedder, [answers[i] for i in keep])
+        cos[keep] = np.einsum("ij,ij->i", P[keep], A)
+    return float(cos.mean())
+
+
+class PromotionGate:
+    """Decides whether a candidate adapter may replace the one serving now.
+
+    Args:
+        tolerance_nll: relative anchor-NLL increase allowed (0.05: 5 %).
+        tolerance_heldout: absolute drop of the held-out feedback score allowed.
+        min_on_topic_ratio: candidate on-topic score must be at least this fraction of
+            the current model's.
+        max_new_tokens: length of the greedy probe answers.
+        batch_size: rows per forward pass.
+    """
+
+    def __init__(self, tolerance_nll: float = 0.05, tolerance_heldout: float = 0.0,
+                 min_on_topic_ratio: float = 0.9, max_new_tokens: int = 32,
+                 batch_size: int = 8):
+        for name, v in (("tolerance_nll", tolerance_nll), ("tolerance_heldout", tolerance_heldout),
+                        ("min_on_topic_ratio", min_on_topic_ratio)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise InvalidValue(f"{name} must be a finite number >= 0, got {v!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+                max_new_tokens < 1:
+            raise InvalidValue(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        self.tolerance_nll = float(tolerance_nll)
+        self.tolerance_heldout = float(tolerance_heldout)
+        self.min_on_topic_ratio = float(min_on_topic_ratio)
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = int(batch_size)
+
+    def evaluate(self, candidate: Any, current: Any, heldout: Sequence[FeedbackRecord],
+                 anchor_texts: Sequence[str] | None, tokenizer: Any, embedder: Any = None,
+                 probe_prompts: Sequence[str] | None = None) -> GateResult:
+        """Run the checks (see the module docstring) and return the verdict.
+
+        Args:
+            candidate, current: modules or :class:`ModelView` s.
+            heldout: feedback records not trained on; empty skips check 1 (noted in
+                ``metrics["heldout_records"] = 0``).
+            anchor_texts: texts for check 2; None uses :data:`ANCHOR_TEXTS`.
+            tokenizer: the host model's tokenizer.
+            embedder: a SentenceTransformer (``.encode``) or a callable
+                ``list[str] -> [n, d]``; with ``probe_prompts`` enables check 3.
+            probe_prompts: questions for check 3.
+        """
+        cand, cur = _view(candidate), _view(current)
+        texts = list(ANCHOR_TEXTS if anchor_texts is None else anchor_texts)
+        heldout = list(heldout)
+        metrics: dict[str, float] = {"heldout_records": float(len(heldout))}
+        reasons: list[str] = []
+        samples: dict[str, list[str]] = {}
+
+        if heldout:
+            with cand.use() as m:
+                hc = heldout_score(m, heldout, self.batch_size)
+            with cur.use() as m:
+                hu = heldout_score(m, heldout, self.batch_size)
+            metrics.update(heldout_candidate=hc, heldout_current=hu)
+            if hc < hu - self.tolerance_heldout:
+                reasons.append(f"held-out feedback score fell: {hc:.4f} < {hu:.4f} - "
+                               f"{self.tolerance_heldout}")
+
+        with cand.use() as m:
+            nc = anchor_nll(m, texts, tokenizer, self.batch_size)
+        with cur.use() as m:
+            nu = anchor_nll(m, texts, tokenizer, self.batch_size)
+        metrics.update(anchor_nll_candidate=nc, anchor_nll_current=nu)
+        if nu > 0:  # ratios only where defined, so that the metrics stay valid JSON
+            metrics["anchor_nll_ratio"] = nc / nu
+        if nc > nu * (1.0 + self.tolerance_nll):
+            reasons.append(f"anchor-text NLL rose: {nc:.4f} > {nu:.4f} x "
+                           f"(1 + {self.tolerance_nll})")
+
+        if embedder is not None and probe_prompts:
+            prompts = list(probe_prompts)
+            with cand.use() as m:
+                ac = greedy_answers(m, prompts, tokenizer, self.max_new_tokens)
+            with cur.use() as m:
+                au = greedy_answers(m, prompts, tokenizer, self.max_new_tokens)
+            oc, ou = on_topic_score(prompts, ac, embedder), on_topic_score(prompts, au, embedder)
+            metrics.update(on_topic_candidate=oc, on_topic_current=ou)
+            if ou > 0:
+                metrics["on_topic_ratio"] = oc / ou
+            samples = {"candidate": ac, "current": au}
+            if oc < self.min_on_topic_ratio * ou:
+                reasons.append(f"answers drift off the question: on-topic {oc:.4f} < "
+                               f"{self.min_on_topic_ratio} x {ou:.4f}")
+        return GateResult(passed=not reasons, metrics=metrics, reasons=reasons, samples=samples)
+
+
+__all__ = ["ANCHOR_TEXTS", "GateResult", "ModelView", "PromotionGate", "anchor_nll",
+           "greedy_answers", "heldout_score", "on_topic_score"]
