@@ -61,7 +61,15 @@ class Learner:
             trainer.load_adapter_weights(self.pipe.registry.get(v).path)
         return trainer
 
-    def run(self, epochs: int | None = None, gate: bool = True, probe: bool = True) -> dict:
+    def mark_task_boundary(self) -> None:
+        if self.trainer is None:
+            self.trainer = self._make_trainer()
+        params = {n: p.detach().cpu().numpy() for n, p in self.trainer.named_lora_params().items()}
+        if not self.ewc.start_new_task(params):
+            logger.warning("task boundary marked before any Fisher estimate: nothing to keep")
+
+    def run(self, epochs: int | None = None, gate: bool = True, probe: bool = True,
+            batch_size: int = 4) -> dict:
         from sona_plugin.training import ModelView, PromotionGate, select_training_set
 
         t0 = time.perf_counter()
@@ -92,7 +100,7 @@ class Learner:
         if self.trainer is None:
             self.trainer = self._make_trainer()
         trainer = self.trainer
-        tr = trainer.train(selected, epochs=epochs or self.epochs)
+        tr = trainer.train(selected, epochs=epochs or self.epochs, batch_size=batch_size)
         report["train"] = tr.to_dict()
         self.last_id = max(r.id for r in new)
         self.cycles += 1

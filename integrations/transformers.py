@@ -356,6 +356,16 @@ class SonaPipeline:
         self.save_state()
         return report
 
+    def mark_task_boundary(self) -> None:
+        """Tell EWC++ that the feedback's task has changed: the current BaseLoRA and its
+        Fisher are remembered, and later training is pulled back toward them (boundaries
+        are also detected from the training statistics on their own)."""
+        from ._learner import Learner
+
+        if self._learner is None:
+            self._learner = Learner(self)
+        self._learner.mark_task_boundary()
+
     def adapters(self) -> list[dict]:
         """Published BaseLoRA versions, oldest first, with which one is served."""
         cur = self._served_version

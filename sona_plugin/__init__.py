@@ -23,9 +23,22 @@ from .types import LearnedPattern, LearningSignal, PatternType, Trajectory, Traj
 
 __version__ = "0.1.0"
 
+
+def pipeline(task: str = "text-generation", model=None, tokenizer=None, sona_config=None,
+             **kwargs):
+    """A transformers text-generation pipeline that learns from feedback.
+
+    See :func:`sona_plugin.integrations.transformers.pipeline` (imported on first call, so
+    the core never imports transformers).
+    """
+    from .integrations.transformers import pipeline as _pipeline
+
+    return _pipeline(task, model, tokenizer, sona_config, **kwargs)
+
+
 __all__ = [
     "BaseLoRA", "ConfigError", "DimensionMismatch", "EwcPlusPlus", "InvalidValue",
     "LearnedPattern", "LearningSignal", "MicroLoRA", "PatternType", "ReasoningBank",
     "SonaConfig", "SonaEngine", "SonaError", "StateError", "Trajectory", "TrajectoryBuffer",
-    "TrajectoryBuilder", "TrajectoryStep", "UnknownTrajectory", "__version__",
+    "TrajectoryBuilder", "TrajectoryStep", "UnknownTrajectory", "__version__", "pipeline",
 ]

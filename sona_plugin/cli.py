@@ -79,10 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sona", description="SONA: models that learn from feedback")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="a simulated user teaches the embedded default model")
-    d.add_argument("--rule", default="digits", help="the simulated user's preference")
+    d.add_argument("--rule", default="digits", choices=["digits", "direct"],
+                   help="the simulated user's preference")
     d.add_argument("--rounds", type=int, default=4)
     d.add_argument("--per-round", type=int, default=30)
-    d.add_argument("--max-new-tokens", type=int, default=32)
+    d.add_argument("--max-new-tokens", type=int, default=40)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="sona-demo", help="output directory (plot, adapter, state)")
     d.set_defaults(fn=cmd_demo)

@@ -87,20 +87,18 @@ def _has_digit(text: str) -> bool:
     return bool(re.search(r"\d", text))
 
 
-def _exclaims(text: str) -> bool:
-    return "!" in text
-
-
-def _starts_yes(text: str) -> bool:
-    return text.strip().lower().startswith(("yes", "sure", "of course", "absolutely"))
+def _addresses_reader(text: str) -> bool:
+    return bool(re.search(r"\byou(r|rs|rself)?\b", text, re.IGNORECASE))
 
 
 RULES = {
     "digits": Rule("digits", "likes answers that contain a number written in digits", _has_digit),
-    "exclaim": Rule("exclaim", "likes enthusiastic answers (with an exclamation mark)", _exclaims),
-    "agree": Rule("agree", "likes answers that open by agreeing (Yes/Sure/Of course/"
-                           "Absolutely)", _starts_yes),
+    "direct": Rule("direct", "likes answers that speak to the reader (say 'you')",
+                   _addresses_reader),
 }
+"""Two preference tasks with different rules. Base rates on SmolLM2-135M-Instruct (32
+held-out prompts greedy / 48 stream prompts sampled, 40 new tokens): digits 22 % / 12 %,
+direct 25 % / 27 %."""
 
 
 def chat(prompt: str) -> list[dict]:
@@ -127,7 +125,7 @@ def liked_rate(pipe, rule: Rule, prompts: list[str], max_new_tokens: int) -> flo
 
 
 def run_demo(out_dir: Path, rule_name: str = "digits", rounds: int = 4, per_round: int = 30,
-             max_new_tokens: int = 32, seed: int = 0, progress: bool = True) -> dict:
+             max_new_tokens: int = 40, seed: int = 0, progress: bool = True) -> dict:
     """`sona demo`: a simulated user teaches the embedded default model its preference."""
     import matplotlib
 

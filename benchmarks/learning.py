@@ -1,0 +1,161 @@
+"""Does feedback change what SmolLM2-135M does? Liked-rates on held-out prompts.
+
+    python benchmarks/learning.py [--tasks digits direct] [--seeds 0 1 2] [--per-round 50]
+        [--rounds 4] [--experiments main instant forgetting] [--out results/learning.json]
+
+Simulated users with checkable rules (``sona_plugin.demo.RULES``: "digits" likes answers
+with a number in digits, "direct" likes answers that say "you"); a stream of prompts
+(``STREAM_PROMPTS``) answered by sampling, each answer judged and fed back; a separate
+held-out set (``HELDOUT_PROMPTS``, 32 prompts) answered greedily, only ever measured.
+
+* main: instant + background loop; a background cycle (train, gate, publish, hot-swap)
+  after every round; liked-rate after every round (100 and 200 feedbacks with the
+  defaults), mean and spread over seeds;
+* instant: the instant loop alone (no background cycle), same stream;
+* forgetting: learn task A (2 rounds), then task B (2 rounds); A's liked-rate after A and
+  after B, with EWC++ (task boundary marked at the switch) beside lambda = 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from sona_plugin.demo import HELDOUT_PROMPTS, RULES, STREAM_PROMPTS, answers, liked_rate  # noqa: E402
+
+MAX_NEW = 40
+
+
+def new_pipe(sona_config: dict | None = None):
+    from sona_plugin.integrations.transformers import pipeline
+
+    return pipeline(state_dir=Path(tempfile.mkdtemp(prefix="sona-learning-")),
+                    sona_config=sona_config)
+
+
+def feed_round(pipe, rule, prompts: list[str], seed: int) -> float:
+    outs = answers(pipe, prompts, sample=True, max_new_tokens=MAX_NEW, seed=seed)
+    liked = 0
+    for o in outs:
+        like = rule.check(o["text"])
+        liked += like
+        pipe.feedback(o["response_id"], liked=like)
+    return liked / len(outs)
+
+
+def stream(seed: int) -> list[str]:
+    s = STREAM_PROMPTS[:]
+    random.Random(seed).shuffle(s)
+    return s
+
+
+def run_main(task: str, seed: int, rounds: int, per_round: int, background: bool) -> dict:
+    rule = RULES[task]
+    pipe = new_pipe()
+    s = stream(seed)
+    t0 = time.time()
+    row = {"task": task, "seed": seed, "background": background,
+           "curve": [{"feedback": 0, "heldout": liked_rate(pipe, rule, HELDOUT_PROMPTS, MAX_NEW)}]}
+    for k in range(rounds):
+        prompts = [s[(k * per_round + i) % len(s)] for i in range(per_round)]
+        stream_liked = feed_round(pipe, rule, prompts, seed * 1000 + k)
+        rep = pipe.learn(epochs=2) if background else {}
+        row["curve"].append({"feedback": (k + 1) * per_round, "stream": stream_liked,
+                             "heldout": liked_rate(pipe, rule, HELDOUT_PROMPTS, MAX_NEW),
+                             "published": rep.get("published"),
+                             "gate": (rep.get("gate") or {}).get("metrics")})
+        print(f"  {task} seed {seed} {'B' if background else 'A'} after {(k + 1) * per_round}: "
+              f"held-out {row['curve'][-1]['heldout']:.0%} (stream {stream_liked:.0%}, "
+              f"published {rep.get('published')})", flush=True)
+    row["seconds"] = time.time() - t0
+    pipe.close()
+    shutil.rmtree(pipe.state_dir, ignore_errors=True)
+    return row
+
+
+def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, ewc: bool) -> dict:
+    cfg = None if ewc else {"ewc_lambda": 0.0, "ewc_min_lambda": 0.0}
+    pipe = new_pipe(cfg)
+    ra, rb = RULES[task_a], RULES[task_b]
+    s = stream(seed)
+    a0 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
+    for k in range(2):
+        feed_round(pipe, ra, s[k * per_round:(k + 1) * per_round], seed * 1000 + k)
+        pipe.learn(epochs=2)
+    a1 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
+    pipe.mark_task_boundary()
+    for k in range(2, 4):
+        feed_round(pipe, rb, s[k * per_round:(k + 1) * per_round], seed * 1000 + k)
+        pipe.learn(epochs=2)
+    a2 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
+    b2 = liked_rate(pipe, rb, HELDOUT_PROMPTS, MAX_NEW)
+    gain = a1 - a0
+    row = {"seed": seed, "ewc": ewc, "A_before": a0, "A_after_A": a1, "A_after_B": a2,
+           "B_after_B": b2, "A_retention": (a2 - a0) / gain if gain > 0 else None}
+    print(f"  forgetting {'EWC++' if ewc else 'lambda=0'} seed {seed}: {row}", flush=True)
+    pipe.close()
+    shutil.rmtree(pipe.state_dir, ignore_errors=True)
+    return row
+
+
+def summarize(rows: list[dict], at: int) -> str:
+    vals = [next(c["heldout"] for c in r["curve"] if c["feedback"] == at) for r in rows]
+    base = [r["curve"][0]["heldout"] for r in rows]
+    sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+    return (f"{statistics.mean(base):.0%} -> {statistics.mean(vals):.0%} ± {sd:.0%} "
+            f"(n={len(vals)})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", nargs="+", default=["digits", "direct"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--per-round", type=int, default=50)
+    ap.add_argument("--experiments", nargs="+", default=["main", "instant", "forgetting"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict = {"args": vars(args)}
+    if "main" in args.experiments:
+        results["main"] = [run_main(t, s, args.rounds, args.per_round, True)
+                           for t in args.tasks for s in args.seeds]
+    if "instant" in args.experiments:
+        results["instant"] = [run_main(t, s, args.rounds, args.per_round, False)
+                              for t in args.tasks for s in args.seeds[:1]]
+    if "forgetting" in args.experiments and len(args.tasks) >= 2:
+        results["forgetting"] = [run_forgetting(args.tasks[0], args.tasks[1], s, args.per_round, e)
+                                 for s in args.seeds[:1] for e in (True, False)]
+    print("\nliked-rate on held-out prompts (greedy), mean ± spread over seeds:")
+    for exp in ("main", "instant"):
+        for t in args.tasks:
+            rows = [r for r in results.get(exp, []) if r["task"] == t]
+            if rows:
+                marks = [k * args.per_round for k in range(1, args.rounds + 1)]
+                print(f"  {exp:<8} {t:<7} " + "; ".join(f"after {m}: {summarize(rows, m)}"
+                                                      for m in marks if m in (100, 200) or
+                                                      m == marks[-1]))
+    for r in results.get("forgetting", []):
+        ret = "n/a (no gain on A)" if r["A_retention"] is None else f"{r['A_retention']:.0%}"
+        print(f"  forgetting ({'EWC++' if r['ewc'] else 'lambda=0'}): A {r['A_before']:.0%} -> "
+              f"{r['A_after_A']:.0%} after A -> {r['A_after_B']:.0%} after B (retention {ret}); "
+              f"B {r['B_after_B']:.0%}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
