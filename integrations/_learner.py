@@ -13,14 +13,24 @@ One cycle (``SonaPipeline.learn()``):
    text NLL and on-topic answers; a candidate that passes is published atomically as a
    new immutable version and hot-swapped into the serving pipeline; one that fails is
    discarded and the trainer returns to the served weights.
+
+The deep cycle (``SonaPipeline.deep_cycle()``) consolidates the pattern bank and EWC++
+memory and dreams: prompts of liked feedback nearest each strong pattern are answered
+again by the current model; an answer is kept as replay when its dream score
+``w_n·novelty + w_c·coherence + w_u·utility`` passes ``phi_threshold`` (novelty: 1 − cosine
+to the liked answer on record; coherence: exp(mean token log-prob) under the base model;
+utility: the similarity-weighted quality of the prompt's nearest patterns). Kept dreams
+are rehearsed by the next background cycles with reward ``2·utility − 1``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
+import numpy as np
 import torch
 
 from sona_plugin.ewc import EwcPlusPlus
@@ -36,6 +46,7 @@ _PROBE_PROMPTS = [
 _HELDOUT_EVERY = 5
 _HELDOUT_MAX = 40
 _SERVED = "served"
+_MAX_DREAMS = 64
 
 
 class Learner:
@@ -88,8 +99,6 @@ class Learner:
         replay_pool = [r for r in older if r.id <= self.last_id and r.id % _HELDOUT_EVERY != 0]
         replay_pool += self.dreams
         bank = pipe.engine.reasoning_bank
-        import numpy as np
-
         bank.add_trajectories(np.stack([r.embedding for r in new]),
                               np.array([(r.reward + 1.0) / 2.0 for r in new]))
         report["patterns_extracted"] = len(bank.extract_patterns())
@@ -161,3 +170,79 @@ def _reset_lora(peft) -> None:
         if "lora_B" in name:
             with torch.no_grad():
                 p.zero_()
+
+
+def dream(learner: Learner, n: int) -> dict:
+    """Generate up to ``n`` dreams and keep the ones whose score passes ``phi_threshold``."""
+    from sona_plugin.training.objective import response_logprobs
+
+    pipe = learner.pipe
+    cfg = pipe.engine.config
+    bank = pipe.engine.reasoning_bank
+    strong = sorted(bank.strong_patterns(), key=lambda p: -p.avg_quality)
+    liked = [r for r in pipe.store.records() if r.reward > 0 and r.response_ids]
+    if not strong or not liked:
+        return {"dreams_generated": 0, "dreams_kept": 0,
+                "skipped": "no strong pattern or no liked feedback yet"}
+    E = np.stack([r.embedding for r in liked])
+    En = E / (np.linalg.norm(E, axis=1, keepdims=True) + 1e-12)
+    chosen, used = [], set()
+    for k in range(n):
+        p = strong[k % len(strong)]
+        c = p.centroid / (np.linalg.norm(p.centroid) + 1e-12)
+        for i in np.argsort(-(En @ c)):
+            if int(i) not in used:
+                used.add(int(i))
+                chosen.append(liked[int(i)])
+                break
+        if len(used) == len(liked):
+            break
+    if learner.trainer is None:
+        learner.trainer = learner._make_trainer()
+    model = pipe.model
+    dreams = []
+    with pipe._swap.read(), torch.no_grad():
+        for r in chosen:
+            ids = torch.tensor([r.prompt_ids])
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=40, do_sample=True, top_p=0.95,
+                                 pad_token_id=pipe.tokenizer.pad_token_id)
+            resp = out[0, ids.shape[1]:].tolist()
+            eos = pipe.tokenizer.eos_token_id
+            if eos in resp:
+                resp = resp[:resp.index(eos) + 1]
+            if resp:
+                dreams.append((r, resp))
+    if not dreams:
+        return {"dreams_generated": 0, "dreams_kept": 0, "skipped": "empty answers"}
+    from sona_plugin.store import FeedbackRecord
+
+    cands = [FeedbackRecord(response_id=f"dream-{uuid.uuid4().hex}", prompt=r.prompt,
+                            prompt_ids=r.prompt_ids, response_ids=resp,
+                            response_text=pipe.tokenizer.decode(resp, skip_special_tokens=True),
+                            reward=0.0, embedding=r.embedding, task="dream")
+             for r, resp in dreams]
+    peft = learner.trainer.peft_model
+    with peft.disable_adapter(), torch.no_grad():
+        lps = response_logprobs(peft, cands)
+    texts = [c.response_text for c in cands] + [r.response_text for r, _ in dreams]
+    emb = pipe.embed(texts)
+    m = len(cands)
+    novelty = 1.0 - np.sum(emb[:m] * emb[m:], axis=1)
+    kept = []
+    scores = []
+    for i, c in enumerate(cands):
+        coherence = float(torch.exp(lps[i].mean())) if lps[i].numel() else 0.0
+        near = bank.find_patterns_with_scores(c.embedding, 3)
+        w = np.array([max(s, 0.0) for _, s in near])
+        utility = float(np.dot(w, [p.avg_quality for p, _ in near]) / w.sum()) if w.sum() > 0 \
+            else 0.0
+        score = (cfg.dream_novelty_weight * float(novelty[i]) +
+                 cfg.dream_coherence_weight * coherence + cfg.dream_utility_weight * utility)
+        scores.append(score)
+        if score >= cfg.phi_threshold:
+            c.reward = float(np.clip(2.0 * utility - 1.0, -1.0, 1.0))
+            kept.append(c)
+    learner.dreams = (learner.dreams + kept)[-_MAX_DREAMS:]
+    return {"dreams_generated": m, "dreams_kept": len(kept),
+            "mean_score": float(np.mean(scores)), "replay_dreams": len(learner.dreams)}

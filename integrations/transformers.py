@@ -356,6 +356,23 @@ class SonaPipeline:
         self.save_state()
         return report
 
+    def deep_cycle(self, dreams: int | None = None) -> dict:
+        """Loop C: merge/decay/prune patterns, consolidate EWC++ tasks, and dream (see
+        ``integrations/_learner.py``); kept dreams are rehearsed by later ``learn()``s."""
+        from ._learner import Learner, dream
+
+        if self._learner is None:
+            self._learner = Learner(self)
+        deep = self.engine.run_deep_cycle().to_dict()
+        ewc = self._learner.ewc
+        if ewc.task_count > 1:
+            ewc.consolidate_all_tasks()
+            deep["lora_tasks_consolidated"] = True
+        n = self.engine.config.dreams_per_cycle if dreams is None else dreams
+        deep.update(dream(self._learner, min(n, 16)) if n > 0 else {"dreams_generated": 0})
+        self.save_state()
+        return deep
+
     def mark_task_boundary(self) -> None:
         """Tell EWC++ that the feedback's task has changed: the current BaseLoRA and its
         Fisher are remembered, and later training is pulled back toward them (boundaries

@@ -57,6 +57,10 @@ class SonaConfig:
                                      "measured that 1e-4 barely moves the model and 5e-4 works.",
                                0.0, 1.0, lo_open=True)
     # -- instant loop stabiliser (DESIGN.md: each alone fails; together stable over 200 feedbacks)
+    micro_lora_init: str = _opt("zero_a", "Which MicroLoRA factor starts at zero: 'zero_a' (A = 0, "
+                                          "B small random: an update only moves inputs similar to "
+                                          "the ones that got feedback) or 'zero_b' (PEFT's "
+                                          "convention).", choices=("zero_a", "zero_b"))
     micro_lora_norm_cap: float = _opt(0.3, "Bound on ||s*B*A||_F after every update.", 0.0, None,
                                       lo_open=True)
     micro_lora_trust_region: float = _opt(0.05, "Largest mean KL (LM head) or relative output "
@@ -275,6 +279,8 @@ def _check(f: dataclasses.Field, value: Any) -> None:
     if base == "str":
         if not isinstance(value, str):
             raise ConfigError(f"{name} must be a string, got {value!r}")
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"{name} must be one of {list(meta['choices'])}, got {value!r}")
         return
     if base == "int":
         if isinstance(value, bool) or not isinstance(value, int):

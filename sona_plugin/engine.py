@@ -59,7 +59,7 @@ class SonaEngine:
         self._micro = MicroLoRA(c.hidden_dim, c.micro_lora_rank, c.lora_alpha, lr=c.micro_lora_lr,
                                 beta2=c.micro_lora_beta2, norm_cap=c.micro_lora_norm_cap,
                                 trust_region=c.micro_lora_trust_region, decay=c.micro_lora_decay,
-                                grad_clip=c.grad_clip, seed=c.seed)
+                                grad_clip=c.grad_clip, seed=c.seed, init=c.micro_lora_init)
         self._base = BaseLoRA(c.hidden_dim, c.base_lora_rank, c.num_layers, seed=c.seed)
         self._bank = ReasoningBank(c)
         self._ewc = EwcPlusPlus(c)

@@ -59,14 +59,17 @@ class MicroLoRA:
         beta2: Adam second-moment decay.
         norm_cap: bound on ``||s B A||_F`` (so ``||y - h|| <= norm_cap * ||h||``).
         trust_region: bound on the divergence one update may cause on its own steps.
-        decay: per update, ``A <- (1 - decay) A`` and ``B <- B - decay (B - B0)``.
+        decay: per update, ``A <- A - decay (A - A0)`` and ``B <- B - decay (B - B0)``.
+        init: "zero_a" (A = 0, B small random: local updates) or "zero_b" (A small random,
+            B = 0: PEFT's convention, DESIGN.md's measured instant-loop setting).
         grad_clip: global L2 norm bound of one update's gradient.
         seed: seed of ``A``'s initialisation.
     """
 
     def __init__(self, hidden_dim: int, rank: int = 2, alpha: float = 1.0, *, lr: float = 3e-3,
                  beta2: float = 0.99, norm_cap: float = 0.3, trust_region: float = 0.05,
-                 decay: float = 0.01, grad_clip: float = 1.0, seed: int = 0):
+                 decay: float = 0.01, grad_clip: float = 1.0, seed: int = 0,
+                 init: str = "zero_a"):
         if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim <= 0:
             raise ConfigError(f"hidden_dim must be an integer > 0, got {hidden_dim!r}")
         if isinstance(rank, bool) or rank not in (1, 2):
@@ -78,8 +81,16 @@ class MicroLoRA:
         self.lr, self.beta2, self.norm_cap = lr, beta2, norm_cap
         self.trust_region, self.decay, self.grad_clip = trust_region, decay, grad_clip
         rng = np.random.default_rng(seed)
-        self.B0 = (rng.standard_normal((hidden_dim, rank)) / math.sqrt(hidden_dim)).astype(np.float32)
-        self._A = np.zeros((rank, hidden_dim), np.float32)
+        if init not in ("zero_a", "zero_b"):
+            raise ConfigError(f"micro_lora_init must be 'zero_a' or 'zero_b', got {init!r}")
+        self.init = init
+        if init == "zero_a":
+            self.B0 = (rng.standard_normal((hidden_dim, rank)) / math.sqrt(hidden_dim)).astype(np.float32)
+            self.A0 = np.zeros((rank, hidden_dim), np.float32)
+        else:
+            self.A0 = (rng.standard_normal((rank, hidden_dim)) / math.sqrt(hidden_dim)).astype(np.float32)
+            self.B0 = np.zeros((hidden_dim, rank), np.float32)
+        self._A = self.A0.copy()
         self._B = self.B0.copy()
         self._v = np.zeros(2 * rank * hidden_dim, np.float32)  # Adam second moment of [A | B]
         self.steps = 0
@@ -152,7 +163,7 @@ class MicroLoRA:
         # one flat parameter vector [A | B]: the Adam arithmetic is a handful of array ops
         theta = np.empty(2 * n_a, np.float32)
         A, B = theta[:n_a].reshape(r, d), theta[n_a:].reshape(d, r)
-        np.multiply(self._A, 1.0 - self.decay, out=A)
+        np.add(self._A * (1.0 - self.decay), self.decay * self.A0, out=A)
         np.add(self._B * (1.0 - self.decay), self.decay * self.B0, out=B)
         G = grad_fn(A, B)
         g = np.zeros_like(theta)
@@ -197,6 +208,15 @@ class MicroLoRA:
         """:meth:`update` for an upstream gradient ``G`` that does not depend on (A, B), with
         the mean relative output change ``||y_new - y_old|| / ||h||`` as the trust-region
         divergence: the same rule, fused into one native call (``kernels.micro_update``)."""
+        if self.init != "zero_a":  # the fused kernel decays A toward zero: zero-A only
+            Y_old = self.forward(H)
+            inv_n = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H, H)) + 1e-12)
+
+            def divergence(A, B):
+                d = self.forward_with(A, B, H) - Y_old
+                return float(np.sqrt(np.einsum("ij,ij->i", d, d)).dot(inv_n)) / len(H)
+
+            return self.update(H, lambda A, B: G, adv, divergence)
         A_out = np.empty_like(self._A)
         B_out = np.empty_like(self._B)
         v_out = np.empty_like(self._v)
@@ -230,15 +250,17 @@ class MicroLoRA:
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
-        arrays = {"A": self._A, "B": self._B, "B0": self.B0, "v": self._v}
-        meta = {"steps": self.steps, "rejected": self.rejected, "scale": self.scale}
+        arrays = {"A": self._A, "B": self._B, "A0": self.A0, "B0": self.B0, "v": self._v}
+        meta = {"steps": self.steps, "rejected": self.rejected, "scale": self.scale,
+                "init": self.init}
         return arrays, meta
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        for k in ("A", "B", "B0", "v"):
+        for k in ("A", "B", "A0", "B0", "v"):
             if k not in arrays:
                 raise InvalidValue(f"MicroLoRA state lacks {k!r}")
         self.set_params(arrays["A"], arrays["B"])
+        self.A0 = np.ascontiguousarray(arrays["A0"], np.float32)
         self.B0 = np.ascontiguousarray(arrays["B0"], np.float32)
         self._v = np.ascontiguousarray(arrays["v"], np.float32)
         self.steps, self.rejected = int(meta["steps"]), int(meta["rejected"])

@@ -177,6 +177,14 @@ def test_hot_swap_while_another_thread_generates_loses_nothing(pipe):
     assert len(seen) >= 2
 
 
+def test_deep_cycle_dreams_replay_from_strong_patterns(pipe):
+    rep = pipe.deep_cycle(dreams=4)
+    assert rep["dreams_generated"] >= 1, rep
+    assert 0 <= rep["dreams_kept"] <= rep["dreams_generated"]
+    for d in pipe._learner.dreams:
+        assert d.task == "dream" and d.response_ids and -1 <= d.reward <= 1
+
+
 CHILD = textwrap.dedent("""
     import os, sys, torch
     torch.set_num_threads(1)

@@ -53,10 +53,11 @@ def test_identity_before_learning():
     np.testing.assert_array_equal(eng.apply_base_lora(x), x)
 
 
-def test_one_positive_feedback_moves_the_output_and_a_negative_one_the_other_way():
+@pytest.mark.parametrize("init", ["zero_a", "zero_b"])
+def test_one_positive_feedback_moves_the_output_and_a_negative_one_the_other_way(init):
     _, sample = clusters(1)
     h = sample(0)
-    pos, neg = SonaEngine(D), SonaEngine(D)
+    pos, neg = SonaEngine(D, micro_lora_init=init), SonaEngine(D, micro_lora_init=init)
     one_step_feedback(pos, h, 1.0)
     one_step_feedback(neg, h, 0.0)
     d_pos = pos.apply_micro_lora(h) - h
@@ -111,10 +112,11 @@ def test_twenty_likes_on_one_cluster_change_it_more_than_a_far_cluster():
     assert change_far < change_near / 2
 
 
-def test_hundreds_of_feedbacks_stay_bounded():
+@pytest.mark.parametrize("init", ["zero_a", "zero_b"])
+def test_hundreds_of_feedbacks_stay_bounded(init):
     _, sample = clusters(4)
     rng = np.random.default_rng(0)
-    eng = SonaEngine(D)
+    eng = SonaEngine(D, micro_lora_init=init)
     for _ in range(400):
         one_step_feedback(eng, sample(int(rng.integers(4))), float(rng.uniform()))
     cfg = eng.config
