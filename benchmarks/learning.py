@@ -74,10 +74,13 @@ def run_main(task: str, seed: int, rounds: int, per_round: int, background: bool
         row["curve"].append({"feedback": (k + 1) * per_round, "stream": stream_liked,
                              "heldout": liked_rate(pipe, rule, HELDOUT_PROMPTS, MAX_NEW),
                              "published": rep.get("published"),
-                             "gate": (rep.get("gate") or {}).get("metrics")})
+                             "gate": (rep.get("gate") or {}).get("metrics"),
+                             "gate_reasons": (rep.get("gate") or {}).get("reasons")})
         print(f"  {task} seed {seed} {'B' if background else 'A'} after {(k + 1) * per_round}: "
               f"held-out {row['curve'][-1]['heldout']:.0%} (stream {stream_liked:.0%}, "
-              f"published {rep.get('published')})", flush=True)
+              f"published {rep.get('published')}"
+              f"{'' if rep.get('published') or not background else '; gate: ' + str((rep.get('gate') or {}).get('reasons'))})",
+              flush=True)
     row["seconds"] = time.time() - t0
     pipe.close()
     shutil.rmtree(pipe.state_dir, ignore_errors=True)

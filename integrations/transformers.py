@@ -43,6 +43,7 @@ from sona_plugin.types import Trajectory, TrajectoryStep
 logger = logging.getLogger(__name__)
 
 _TOPK = 64
+_LM_DEFAULTS = {"micro_lora_init": "zero_b", "micro_lora_norm_cap": 0.15}
 
 
 class _RWLock:
@@ -517,16 +518,20 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     hidden = int(model.get_output_embeddings().weight.shape[1])
-    if sona_config is None:
-        cfg = SonaConfig(hidden_dim=hidden, embedding_dim=384)
-    else:
-        d = sona_config.to_dict() if isinstance(sona_config, SonaConfig) else dict(sona_config)
-        d.setdefault("embedding_dim", 384)
-        if d.get("hidden_dim", hidden) != hidden:
-            raise ConfigError(f"hidden_dim must equal the model's hidden size {hidden}, got "
-                              f"{d['hidden_dim']}")
-        d["hidden_dim"] = hidden
-        cfg = SonaConfig.from_dict(d)
+    d = {} if sona_config is None else (
+        sona_config.to_dict() if isinstance(sona_config, SonaConfig) else dict(sona_config))
+    d.setdefault("embedding_dim", 384)
+    # On an LM's final hidden state (measured on SmolLM2, docs/benchmarks.md): a zero-A
+    # MicroLoRA moves every position alike and collapsed the model within 50 feedbacks at
+    # cap 0.3; zero-B (DESIGN.md's setting) stays fluent. The instant loop's job here is
+    # the same-answer effect; a smaller cap keeps it from pulling held-out answers around.
+    for k, v in _LM_DEFAULTS.items():
+        d.setdefault(k, v)
+    if d.get("hidden_dim", hidden) != hidden:
+        raise ConfigError(f"hidden_dim must equal the model's hidden size {hidden}, got "
+                          f"{d['hidden_dim']}")
+    d["hidden_dim"] = hidden
+    cfg = SonaConfig.from_dict(d)
     sd = Path(state_dir) if state_dir is not None else sona_home() / "state"
     sd.mkdir(parents=True, exist_ok=True)
     engine = SonaEngine(cfg)

@@ -137,7 +137,7 @@ class BaseLoRATrainer:
         self.model.eval()
         self.ewc = ewc
         self._reward_mean = 0.0
-        self._reward_count = 0
+        self._reward_count = 1  # one neutral prior reward
         self._calls = 0
         self._steps_total = 0
         if ewc is not None:
@@ -182,9 +182,9 @@ class BaseLoRATrainer:
               lr: float | None = None) -> TrainReport:
         """Train the LoRA on ``records`` for ``epochs`` passes; see the module docstring.
 
-        The advantages of all records use the baseline before this call (0 on the first
-        call); the call's rewards are folded into the running mean afterwards, so that
-        every epoch sees the same advantages. A fresh AdamW (``lr`` or
+        The call's rewards are first folded into the running mean (which starts from one
+        neutral prior reward of 0); every record's advantage is ``clip(r − mean, ±1)``
+        with that mean, the same in every epoch. A fresh AdamW (``lr`` or
         ``config.base_lora_lr``, default weight decay) is built per call: the trainer's
         behaviour is then fully determined by the adapter weights and :meth:`state_dict`,
         which is what survives a restart.
@@ -221,6 +221,11 @@ class BaseLoRATrainer:
         rewards = [float(r.reward) for r in usable]
         if not all(math.isfinite(x) for x in rewards):
             raise InvalidValue("a record has a non-finite reward")
+        # the baseline includes this call's rewards (and one neutral prior reward): with
+        # mostly-disliked feedback, a baseline of 0 made every dislike a full -1 and the
+        # first cycle's candidate collapsed off the question (measured on SmolLM2)
+        self._fold_rewards(rewards)
+        report.baseline = self._reward_mean
         adv = self.advantages(rewards)
 
         params = self.named_lora_params()
@@ -284,7 +289,6 @@ class BaseLoRATrainer:
             self.model.eval()
             opt.zero_grad(set_to_none=True)
         report.first_epoch_loss = float(np.mean(first_epoch))
-        self._fold_rewards(rewards)
         self._calls += 1
         self._steps_total += report.steps
         if self.ewc is not None:

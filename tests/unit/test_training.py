@@ -165,13 +165,14 @@ def test_empty_and_unscorable_records_are_reported_as_skipped():
 def test_running_reward_mean_persists_and_round_trips():
     tr = BaseLoRATrainer(tiny_llama(), config())
     recs = [rec(i, [11, 12, 13], [LIKED], 1.0) for i in range(4)]
-    assert tr.train(recs, epochs=1).baseline == 0.0
-    assert tr.reward_baseline == pytest.approx(1.0)
-    assert tr.train(recs, epochs=1).baseline == pytest.approx(1.0)
+    # the baseline folds in this call's rewards and one neutral prior reward of 0
+    assert tr.train(recs, epochs=1).baseline == pytest.approx(4 / 5)
+    assert tr.reward_baseline == pytest.approx(4 / 5)
+    assert tr.train(recs, epochs=1).baseline == pytest.approx(8 / 9)
     state = json.loads(json.dumps(tr.state_dict()))
     tr2 = BaseLoRATrainer(tiny_llama(), config())
     tr2.load_state_dict(state)
-    assert tr2.reward_baseline == pytest.approx(1.0) and tr2.state_dict() == tr.state_dict()
+    assert tr2.reward_baseline == pytest.approx(8 / 9) and tr2.state_dict() == tr.state_dict()
     with pytest.raises(StateError):
         BaseLoRATrainer(tiny_llama(), config(base_lora_rank=2)).load_state_dict(state)
 
