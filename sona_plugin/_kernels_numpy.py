@@ -152,6 +152,18 @@ def micro_lora_forward(x: Any, A: Any, B: Any, scale: float, out: Any = None) ->
     return out
 
 
+def _check_steps(Ha: np.ndarray, Ga: np.ndarray, adva: np.ndarray, T: int, d: int) -> None:
+    """Shapes of the recorded steps H [T, d], their gradients G [T, d] and advantages [T]."""
+    if Ha.shape[1] != d:
+        raise DimensionMismatch(f"H has dimension {Ha.shape[1]}, expected {d}", d, Ha.shape[1])
+    if Ga.shape[0] != T:
+        raise DimensionMismatch(f"G has {Ga.shape[0]} rows, expected {T}", T, Ga.shape[0])
+    if Ga.shape[1] != d:
+        raise DimensionMismatch(f"G has dimension {Ga.shape[1]}, expected {d}", d, Ga.shape[1])
+    if adva.shape[0] != T:
+        raise DimensionMismatch(f"adv has length {adva.shape[0]}, expected {T}", T, adva.shape[0])
+
+
 def reinforce_accumulate(
     H: Any, G: Any, adv: Any, A: Any, B: Any, scale: float, grad_A: Any, grad_B: Any
 ) -> None:
@@ -170,14 +182,7 @@ def reinforce_accumulate(
     r, d = Aa.shape
     if r == 0:
         raise InvalidValue("A has 0 rows; the rank r must be >= 1")
-    if Ha.shape[1] != d:
-        raise DimensionMismatch(f"H has dimension {Ha.shape[1]}, expected {d}", d, Ha.shape[1])
-    if Ga.shape[0] != T:
-        raise DimensionMismatch(f"G has {Ga.shape[0]} rows, expected {T}", T, Ga.shape[0])
-    if Ga.shape[1] != d:
-        raise DimensionMismatch(f"G has dimension {Ga.shape[1]}, expected {d}", d, Ga.shape[1])
-    if adva.shape[0] != T:
-        raise DimensionMismatch(f"adv has length {adva.shape[0]}, expected {T}", T, adva.shape[0])
+    _check_steps(Ha, Ga, adva, T, d)
     if Ba.shape[0] != d:
         raise DimensionMismatch(f"B has {Ba.shape[0]} rows, expected {d}", d, Ba.shape[0])
     if Ba.shape[1] != r:
@@ -355,14 +360,7 @@ def micro_update(
         raise InvalidValue(f"the rank r must be <= {_MAX_RANK}, got {r}")
     if T == 0:
         raise InvalidValue("H has no rows; T must be >= 1")
-    if Ha.shape[1] != d:
-        raise DimensionMismatch(f"H has dimension {Ha.shape[1]}, expected {d}", d, Ha.shape[1])
-    if Ga.shape[0] != T:
-        raise DimensionMismatch(f"G has {Ga.shape[0]} rows, expected {T}", T, Ga.shape[0])
-    if Ga.shape[1] != d:
-        raise DimensionMismatch(f"G has dimension {Ga.shape[1]}, expected {d}", d, Ga.shape[1])
-    if adva.shape[0] != T:
-        raise DimensionMismatch(f"adv has length {adva.shape[0]}, expected {T}", T, adva.shape[0])
+    _check_steps(Ha, Ga, adva, T, d)
     for name, M in (("B", Ba), ("B0", B0a)):
         if M.shape[0] != d:
             raise DimensionMismatch(f"{name} has {M.shape[0]} rows, expected {d}", d, M.shape[0])
