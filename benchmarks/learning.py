@@ -37,11 +37,14 @@ from sona_plugin.demo import HELDOUT_PROMPTS, RULES, STREAM_PROMPTS, answers, li
 MAX_NEW = 40
 
 
+EXTRA_CONFIG: dict = {}
+
+
 def new_pipe(sona_config: dict | None = None):
     from sona_plugin.integrations.transformers import pipeline
 
     return pipeline(state_dir=Path(tempfile.mkdtemp(prefix="sona-learning-")),
-                    sona_config=sona_config)
+                    sona_config={**EXTRA_CONFIG, **(sona_config or {})})
 
 
 def feed_round(pipe, rule, prompts: list[str], seed: int) -> float:
@@ -128,8 +131,10 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=50)
     ap.add_argument("--experiments", nargs="+", default=["main", "instant", "forgetting"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--config", default="{}", help="SonaConfig overrides as JSON")
     ap.add_argument("--out")
     args = ap.parse_args()
+    EXTRA_CONFIG.update(json.loads(args.config))
     torch.set_num_threads(args.threads)
     results: dict = {"args": vars(args)}
     if "main" in args.experiments:

@@ -66,7 +66,9 @@ class Learner:
         from sona_plugin.training import BaseLoRATrainer
 
         base = _fresh_base(self.pipe)
-        trainer = BaseLoRATrainer(base, self.pipe.engine.config, ewc=self.ewc, seed=self.seed)
+        cfg = self.pipe.engine.config
+        trainer = BaseLoRATrainer(base, cfg, ewc=self.ewc, seed=self.seed,
+                                  beta=cfg.base_lora_kl_beta)
         v = self.pipe.adapter_version
         if v is not None:
             trainer.load_adapter_weights(self.pipe.registry.get(v).path)

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sona", description="SONA: models that learn from feedback")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="a simulated user teaches the embedded default model")
-    d.add_argument("--rule", default="digits", choices=["digits", "direct"],
+    d.add_argument("--rule", default="direct", choices=["digits", "direct"],
                    help="the simulated user's preference")
     d.add_argument("--rounds", type=int, default=4)
     d.add_argument("--per-round", type=int, default=30)

@@ -56,6 +56,12 @@ class SonaConfig:
     base_lora_lr: float = _opt(5e-4, "BaseLoRA learning rate (AdamW). Seeds say 1e-4; DESIGN.md "
                                      "measured that 1e-4 barely moves the model and 5e-4 works.",
                                0.0, 1.0, lo_open=True)
+    base_lora_kl_beta: float = _opt(0.2, "Weight of the KL(pi || pi_base) term of the BaseLoRA "
+                                         "objective. Measured on SmolLM2 (docs/benchmarks.md): "
+                                         "at 0.05 and 0.1 every candidate drifted off the "
+                                         "question and the gate refused it; 0.2 passed and "
+                                         "learned (digits 22 % -> 53 % after 200 feedbacks).",
+                                    0.0, None)
     # -- instant loop stabiliser (DESIGN.md: each alone fails; together stable over 200 feedbacks)
     micro_lora_init: str = _opt("zero_a", "Which MicroLoRA factor starts at zero: 'zero_a' (A = 0, "
                                           "B small random: an update only moves inputs similar to "
