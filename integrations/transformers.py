@@ -162,6 +162,8 @@ class SonaPipeline:
         self._served_name: str | None = None
         self._embedder = None
         self._learner = None              # built on first learn()
+        self._coordinator = None          # start_background()
+        self._learned_count = 0
         self.responses_evicted = 0
         model = hf_pipeline.model
         self._lm_head = model.get_output_embeddings()
@@ -353,7 +355,9 @@ class SonaPipeline:
 
         if self._learner is None:
             self._learner = Learner(self)
+        n = self.store.count()
         report = self._learner.run(**kwargs)
+        self._learned_count = n
         self.save_state()
         return report
 
@@ -373,6 +377,33 @@ class SonaPipeline:
         deep.update(dream(self._learner, min(n, 16)) if n > 0 else {"dreams_generated": 0})
         self.save_state()
         return deep
+
+    def start_background(self, poll_s: float = 1.0) -> None:
+        """Run loop B (and C) in a background thread on the config's schedule: a cycle when
+        ``background_trigger_count`` new feedback records are stored, or when
+        ``background_interval_ms`` has passed with any new feedback; a deep cycle every
+        ``consolidation_interval`` records. Generation is never blocked by training (it
+        waits only for the adapter swap itself)."""
+        from sona_plugin.loops.coordinator import LoopCoordinator
+
+        if self._coordinator is None:
+            c = self.engine.config
+            self._coordinator = LoopCoordinator(
+                pending=lambda: self.store.count() - self._learned_count,
+                run_background=self.learn, run_deep=self.deep_cycle,
+                trigger_count=c.background_trigger_count,
+                interval_s=c.background_interval_ms / 1000.0,
+                deep_every=c.consolidation_interval, poll_s=poll_s)
+        self._coordinator.poll_s = poll_s
+        self._coordinator.start()
+
+    def stop_background(self) -> None:
+        if self._coordinator is not None:
+            self._coordinator.stop()
+
+    @property
+    def coordinator(self):
+        return self._coordinator
 
     def mark_task_boundary(self) -> None:
         """Tell EWC++ that the feedback's task has changed: the current BaseLoRA and its
@@ -451,6 +482,7 @@ class SonaPipeline:
         return s
 
     def close(self) -> None:
+        self.stop_background()
         self.save_state()
         for h in self._hooks:
             h.remove()

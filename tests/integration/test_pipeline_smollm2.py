@@ -185,6 +185,26 @@ def test_deep_cycle_dreams_replay_from_strong_patterns(pipe):
         assert d.task == "dream" and d.response_ids and -1 <= d.reward <= 1
 
 
+def test_background_thread_publishes_on_its_schedule(pipe):
+    before = len(pipe.adapters())
+    cfg = pipe.engine.config
+    cfg.background_trigger_count = 2  # the coordinator reads it when built
+    pipe.start_background(poll_s=0.2)
+    try:
+        for q in ("Name a number.", "Count to two."):
+            rid = generate_one(pipe, q, max_new_tokens=8)
+            pipe.feedback(rid, liked=any(c.isdigit() for c in pipe.response(rid).response_text))
+        deadline = time.time() + 300
+        while time.time() < deadline and pipe.coordinator.last_result is None:
+            time.sleep(0.5)
+        assert pipe.coordinator.last_error is None, pipe.coordinator.last_error
+        res = pipe.coordinator.last_result
+        assert res is not None and res["new_records"] >= 2
+        assert len(pipe.adapters()) == before + int(bool(res["published"]))
+    finally:
+        pipe.stop_background()
+
+
 CHILD = textwrap.dedent("""
     import os, sys, torch
     torch.set_num_threads(1)
