@@ -96,13 +96,16 @@ def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, ewc: boo
     ra, rb = RULES[task_a], RULES[task_b]
     s = stream(seed)
     a0 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
+    def prompts(k: int) -> list[str]:
+        return [s[(k * per_round + i) % len(s)] for i in range(per_round)]
+
     for k in range(2):
-        feed_round(pipe, ra, s[k * per_round:(k + 1) * per_round], seed * 1000 + k)
+        feed_round(pipe, ra, prompts(k), seed * 1000 + k)
         pipe.learn(epochs=2)
     a1 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
     pipe.mark_task_boundary()
     for k in range(2, 4):
-        feed_round(pipe, rb, s[k * per_round:(k + 1) * per_round], seed * 1000 + k)
+        feed_round(pipe, rb, prompts(k), seed * 1000 + k)
         pipe.learn(epochs=2)
     a2 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
     b2 = liked_rate(pipe, rb, HELDOUT_PROMPTS, MAX_NEW)
