@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from .errors import StateError
 from .micro_lora import MicroLoRA
 
@@ -107,5 +105,4 @@ def export_preferences(state_dir: Path, out: Path) -> int:
     return n
 
 
-__all__ = ["export_patterns", "export_peft_from_state", "export_preferences", "write_peft_export",
-           "np"]
+__all__ = ["export_patterns", "export_peft_from_state", "export_preferences", "write_peft_export"]
