@@ -43,7 +43,7 @@ from sona_plugin.types import Trajectory, TrajectoryStep
 logger = logging.getLogger(__name__)
 
 _TOPK = 64
-_LM_DEFAULTS = {"micro_lora_init": "zero_b", "micro_lora_norm_cap": 0.15}
+_LM_DEFAULTS = {"micro_lora_init": "zero_b", "micro_lora_norm_cap": 0.05}
 
 
 class _RWLock:
@@ -555,8 +555,9 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
     d.setdefault("embedding_dim", 384)
     # On an LM's final hidden state (measured on SmolLM2, docs/benchmarks.md): a zero-A
     # MicroLoRA moves every position alike and collapsed the model within 50 feedbacks at
-    # cap 0.3; zero-B (DESIGN.md's setting) stays fluent. The instant loop's job here is
-    # the same-answer effect; a smaller cap keeps it from pulling held-out answers around.
+    # cap 0.3; zero-B (DESIGN.md's setting) stays fluent, but at cap 0.15 200 instant-only
+    # feedbacks still drove the held-out liked-rate to 0 %. The instant loop's job here is
+    # the same-answer effect; cap 0.05 keeps it from pulling held-out answers around.
     for k, v in _LM_DEFAULTS.items():
         d.setdefault(k, v)
     if d.get("hidden_dim", hidden) != hidden:
