@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="a simulated user teaches the embedded default model")
     d.add_argument("--rule", default="direct", choices=["digits", "direct"],
                    help="the simulated user's preference")
-    d.add_argument("--rounds", type=int, default=4)
-    d.add_argument("--per-round", type=int, default=30)
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--per-round", type=int, default=40)
     d.add_argument("--max-new-tokens", type=int, default=40)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="sona-demo", help="output directory (plot, adapter, state)")

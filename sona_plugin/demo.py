@@ -124,7 +124,7 @@ def liked_rate(pipe, rule: Rule, prompts: list[str], max_new_tokens: int) -> flo
     return sum(rule.check(o["text"]) for o in outs) / len(outs)
 
 
-def run_demo(out_dir: Path, rule_name: str = "direct", rounds: int = 4, per_round: int = 30,
+def run_demo(out_dir: Path, rule_name: str = "direct", rounds: int = 3, per_round: int = 40,
              max_new_tokens: int = 40, seed: int = 0, progress: bool = True) -> dict:
     """`sona demo`: a simulated user teaches the embedded default model its preference."""
     import matplotlib
@@ -147,7 +147,7 @@ def run_demo(out_dir: Path, rule_name: str = "direct", rounds: int = 4, per_roun
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     pipe = pipeline(state_dir=state)
-    held = HELDOUT_PROMPTS[:16]
+    held = HELDOUT_PROMPTS
     before = liked_rate(pipe, rule, held, max_new_tokens)
     rng = random.Random(seed)
     stream = STREAM_PROMPTS[:]
