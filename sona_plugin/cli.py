@@ -31,6 +31,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  after {c['feedback']:>4} feedback: held-out {c['heldout_liked']:.0%}, "
               f"stream {c['stream_liked']:.0%}, serving version {c['version']} "
               f"(gate {'passed' if c['gate'] else 'held back the candidate' if c['gate'] is False else 'n/a'})")
+        for reason in c.get("gate_reasons") or []:
+            print(f"      gate: {reason}")
     print(f"learning curve: {s['plot']}\nPEFT adapter:   {s['adapter']}")
     return 0
 
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--rule", default="direct", choices=["digits", "direct"],
                    help="the simulated user's preference")
     d.add_argument("--rounds", type=int, default=3)
-    d.add_argument("--per-round", type=int, default=40)
+    d.add_argument("--per-round", type=int, default=50)
     d.add_argument("--max-new-tokens", type=int, default=40)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="sona-demo", help="output directory (plot, adapter, state)")

@@ -124,7 +124,7 @@ def liked_rate(pipe, rule: Rule, prompts: list[str], max_new_tokens: int) -> flo
     return sum(rule.check(o["text"]) for o in outs) / len(outs)
 
 
-def run_demo(out_dir: Path, rule_name: str = "direct", rounds: int = 3, per_round: int = 40,
+def run_demo(out_dir: Path, rule_name: str = "direct", rounds: int = 3, per_round: int = 50,
              max_new_tokens: int = 40, seed: int = 0, progress: bool = True) -> dict:
     """`sona demo`: a simulated user teaches the embedded default model its preference."""
     import matplotlib
@@ -170,7 +170,8 @@ def run_demo(out_dir: Path, rule_name: str = "direct", rounds: int = 3, per_roun
         held_now = liked_rate(pipe, rule, held, max_new_tokens)
         curve.append({"feedback": n, "heldout_liked": held_now, "stream_liked": liked / len(outs),
                       "version": pipe.adapter_version, "published": rep.get("published"),
-                      "gate": rep.get("gate", {}).get("passed")})
+                      "gate": rep.get("gate", {}).get("passed"),
+                      "gate_reasons": rep.get("gate", {}).get("reasons", [])})
         bar.set_postfix(heldout=f"{held_now:.0%}", version=pipe.adapter_version)
     bar.close()
     after = curve[-1]["heldout_liked"]
