@@ -6,10 +6,7 @@ import json
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
+import torch
 
 from sona_plugin.config import SonaConfig  # noqa: E402
 from sona_plugin.errors import DimensionMismatch, InvalidValue, StateError  # noqa: E402
