@@ -13,14 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import peft  # noqa: E402
 import pytest
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from sona_plugin.adapters import CURRENT_FILE, VERSION_FILE, AdapterRegistry, AdapterVersion
 from sona_plugin.errors import InvalidValue
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[2]
 
