@@ -152,6 +152,21 @@ def micro_lora_forward(x: Any, A: Any, B: Any, scale: float, out: Any = None) ->
     return out
 
 
+def _step_arrays(H: Any, G: Any, adv: Any, A: Any, B: Any) -> tuple[np.ndarray, ...]:
+    """H [T, d], G [T, d], adv [T], A [r, d], B [d, r] as checked arrays, in the native order."""
+    Ha = _arr(H, "H")
+    _ndim(Ha, "H", 2, "[T, d]")
+    Ga = _arr(G, "G")
+    _ndim(Ga, "G", 2, "[T, d]")
+    adva = _arr(adv, "adv")
+    _ndim(adva, "adv", 1, "[T]")
+    Aa = _arr(A, "A")
+    _ndim(Aa, "A", 2, "[r, d]")
+    Ba = _arr(B, "B")
+    _ndim(Ba, "B", 2, "[d, r]")
+    return Ha, Ga, adva, Aa, Ba
+
+
 def _check_steps(Ha: np.ndarray, Ga: np.ndarray, adva: np.ndarray, T: int, d: int) -> None:
     """Shapes of the recorded steps H [T, d], their gradients G [T, d] and advantages [T]."""
     if Ha.shape[1] != d:
@@ -168,16 +183,7 @@ def reinforce_accumulate(
     H: Any, G: Any, adv: Any, A: Any, B: Any, scale: float, grad_A: Any, grad_B: Any
 ) -> None:
     """grad_B += s sum_t adv_t g_t (A h_t)^T ; grad_A += s sum_t adv_t (B^T g_t) h_t^T, in place."""
-    Ha = _arr(H, "H")
-    _ndim(Ha, "H", 2, "[T, d]")
-    Ga = _arr(G, "G")
-    _ndim(Ga, "G", 2, "[T, d]")
-    adva = _arr(adv, "adv")
-    _ndim(adva, "adv", 1, "[T]")
-    Aa = _arr(A, "A")
-    _ndim(Aa, "A", 2, "[r, d]")
-    Ba = _arr(B, "B")
-    _ndim(Ba, "B", 2, "[d, r]")
+    Ha, Ga, adva, Aa, Ba = _step_arrays(H, G, adv, A, B)
     T = Ha.shape[0]
     r, d = Aa.shape
     if r == 0:
@@ -337,16 +343,7 @@ def micro_update(
     candidates and v_out are rounded to float32 where they are stored; the
     gradient, the Adam step and every reduction are float64.
     """
-    Ha = _arr(H, "H")
-    _ndim(Ha, "H", 2, "[T, d]")
-    Ga = _arr(G, "G")
-    _ndim(Ga, "G", 2, "[T, d]")
-    adva = _arr(adv, "adv")
-    _ndim(adva, "adv", 1, "[T]")
-    Aa = _arr(A, "A")
-    _ndim(Aa, "A", 2, "[r, d]")
-    Ba = _arr(B, "B")
-    _ndim(Ba, "B", 2, "[d, r]")
+    Ha, Ga, adva, Aa, Ba = _step_arrays(H, G, adv, A, B)
     B0a = _arr(B0, "B0")
     _ndim(B0a, "B0", 2, "[d, r]")
     va = _arr(v, "v")
