@@ -12,8 +12,9 @@ held-out set (``HELDOUT_PROMPTS``, 32 prompts) answered greedily, only ever meas
   after every round; liked-rate after every round (100 and 200 feedbacks with the
   defaults), mean and spread over seeds;
 * instant: the instant loop alone (no background cycle), same stream;
-* forgetting: learn task A (2 rounds), then task B (2 rounds); A's liked-rate after A and
-  after B, with EWC++ (task boundary marked at the switch) beside lambda = 0.
+* forgetting: learn task A (``--forget-rounds`` rounds), then task B (as many); A's
+  liked-rate after A and after B, with EWC++ (task boundary marked at the switch) beside
+  lambda = 0, and with dream replay (a deep cycle at the switch) beside without.
 """
 
 from __future__ import annotations
@@ -90,32 +91,45 @@ def run_main(task: str, seed: int, rounds: int, per_round: int, background: bool
     return row
 
 
-def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, ewc: bool) -> dict:
+def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, rounds: int,
+                   ewc: bool, dreams: bool) -> dict:
+    """Learn A for ``rounds`` rounds, mark the task boundary, learn B; A's held-out
+    liked-rate before, after A and after B. ``dreams``: a deep cycle at the boundary, so
+    dreams of A's liked prompts are rehearsed while B is learned."""
     cfg = None if ewc else {"ewc_lambda": 0.0, "ewc_min_lambda": 0.0}
     pipe = new_pipe(cfg)
     ra, rb = RULES[task_a], RULES[task_b]
     s = stream(seed)
+    t0 = time.time()
     a0 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
+
     def prompts(k: int) -> list[str]:
         return [s[(k * per_round + i) % len(s)] for i in range(per_round)]
 
-    for k in range(2):
+    for k in range(rounds):
         feed_round(pipe, ra, prompts(k), seed * 1000 + k)
         pipe.learn(epochs=2)
     a1 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
     pipe.mark_task_boundary()
-    for k in range(2, 4):
+    deep = pipe.deep_cycle() if dreams else None
+    for k in range(rounds, 2 * rounds):
         feed_round(pipe, rb, prompts(k), seed * 1000 + k)
         pipe.learn(epochs=2)
     a2 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
     b2 = liked_rate(pipe, rb, HELDOUT_PROMPTS, MAX_NEW)
     gain = a1 - a0
-    row = {"seed": seed, "ewc": ewc, "A_before": a0, "A_after_A": a1, "A_after_B": a2,
-           "B_after_B": b2, "A_retention": (a2 - a0) / gain if gain > 0 else None}
-    print(f"  forgetting {'EWC++' if ewc else 'lambda=0'} seed {seed}: {row}", flush=True)
+    row = {"seed": seed, "ewc": ewc, "dreams": dreams, "rounds_per_task": rounds,
+           "A": task_a, "B": task_b, "A_before": a0, "A_after_A": a1, "A_after_B": a2,
+           "B_after_B": b2, "A_retention": (a2 - a0) / gain if gain > 0 else None,
+           "deep_cycle": deep, "seconds": time.time() - t0}
+    print(f"  forgetting {variant_name(row)} seed {seed}: {row}", flush=True)
     pipe.close()
     shutil.rmtree(pipe.state_dir, ignore_errors=True)
     return row
+
+
+def variant_name(row: dict) -> str:
+    return ("EWC++" if row["ewc"] else "lambda=0") + (" + dreams" if row["dreams"] else "")
 
 
 def summarize(rows: list[dict], at: int) -> str:
@@ -133,6 +147,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--per-round", type=int, default=50)
     ap.add_argument("--experiments", nargs="+", default=["main", "instant", "forgetting"])
+    ap.add_argument("--forget-rounds", type=int, default=2, help="rounds per task (forgetting)")
+    ap.add_argument("--variants", nargs="+", default=["ewc", "lambda0", "ewc+dreams"],
+                    help="forgetting variants: ewc, lambda0, ewc+dreams, lambda0+dreams")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--config", default="{}", help="SonaConfig overrides as JSON")
     ap.add_argument("--out")
@@ -147,8 +164,10 @@ def main() -> None:
         results["instant"] = [run_main(t, s, args.rounds, args.per_round, False)
                               for t in args.tasks for s in args.seeds[:1]]
     if "forgetting" in args.experiments and len(args.tasks) >= 2:
-        results["forgetting"] = [run_forgetting(args.tasks[0], args.tasks[1], s, args.per_round, e)
-                                 for s in args.seeds[:1] for e in (True, False)]
+        results["forgetting"] = [
+            run_forgetting(args.tasks[0], args.tasks[1], s, args.per_round, args.forget_rounds,
+                           v.startswith("ewc"), v.endswith("+dreams"))
+            for s in args.seeds[:1] for v in args.variants]
     print("\nliked-rate on held-out prompts (greedy), mean ± spread over seeds:")
     for exp in ("main", "instant"):
         for t in args.tasks:
@@ -160,7 +179,7 @@ def main() -> None:
                                                       m == marks[-1]))
     for r in results.get("forgetting", []):
         ret = "n/a (no gain on A)" if r["A_retention"] is None else f"{r['A_retention']:.0%}"
-        print(f"  forgetting ({'EWC++' if r['ewc'] else 'lambda=0'}): A {r['A_before']:.0%} -> "
+        print(f"  forgetting ({variant_name(r)}): A {r['A_before']:.0%} -> "
               f"{r['A_after_A']:.0%} after A -> {r['A_after_B']:.0%} after B (retention {ret}); "
               f"B {r['B_after_B']:.0%}")
     if args.out:
