@@ -67,7 +67,9 @@ class Learner:
 
         base = _fresh_base(self.pipe)
         cfg = self.pipe.engine.config
-        trainer = BaseLoRATrainer(base, cfg, ewc=self.ewc, seed=self.seed,
+        targets = getattr(self.pipe, "lora_targets", None)
+        extra = {"target_modules": targets} if targets else {}
+        trainer = BaseLoRATrainer(base, cfg, ewc=self.ewc, seed=self.seed, **extra,
                                   beta=cfg.base_lora_kl_beta)
         v = self.pipe.adapter_version
         if v is not None:
@@ -201,20 +203,11 @@ def dream(learner: Learner, n: int) -> dict:
             break
     if learner.trainer is None:
         learner.trainer = learner._make_trainer()
-    model = pipe.model
-    dreams = []
-    with pipe._swap.read(), torch.no_grad():
-        for r in chosen:
-            ids = torch.tensor([r.prompt_ids])
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=40, do_sample=True, top_p=0.95,
-                                 pad_token_id=pipe.tokenizer.pad_token_id)
-            resp = out[0, ids.shape[1]:].tolist()
-            eos = pipe.tokenizer.eos_token_id
-            if eos in resp:
-                resp = resp[:resp.index(eos) + 1]
-            if resp:
-                dreams.append((r, resp))
+    try:
+        answers = pipe._dream_answers([r.prompt_ids for r in chosen], 40)
+    except NotImplementedError as e:
+        return {"dreams_generated": 0, "dreams_kept": 0, "skipped": str(e)}
+    dreams = [(r, resp) for r, resp in zip(chosen, answers) if resp]
     if not dreams:
         return {"dreams_generated": 0, "dreams_kept": 0, "skipped": "empty answers"}
     from sona_plugin.store import FeedbackRecord

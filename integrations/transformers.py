@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -40,10 +39,11 @@ from sona_plugin.engine import SonaEngine
 from sona_plugin.errors import ConfigError, InvalidValue, UnknownTrajectory
 from sona_plugin.types import Trajectory, TrajectoryStep
 
+from ._host import LM_DEFAULTS, LearningHost, parse_reward
+
 logger = logging.getLogger(__name__)
 
 _TOPK = 64
-_LM_DEFAULTS = {"micro_lora_init": "zero_b", "micro_lora_norm_cap": 0.05}
 
 
 class _RWLock:
@@ -135,7 +135,7 @@ class SonaTextGenerationPipeline(TextGenerationPipeline):
         return records
 
 
-class SonaPipeline:
+class SonaPipeline(LearningHost):
     """A text-generation pipeline that learns from feedback (see the module docstring).
 
     Use :func:`sona_plugin.pipeline` to build one. Attributes: ``engine`` (the
@@ -305,18 +305,7 @@ class SonaPipeline:
         its instant update. Policy: one feedback per response; a second raises
         InvalidValue and changes nothing (the first judgement stands).
         """
-        if (reward is None) == (liked is None):
-            raise InvalidValue("give exactly one of reward (in [-1, 1]) or liked (True/False)")
-        if liked is not None:
-            if not isinstance(liked, bool):
-                raise InvalidValue(f"liked must be True or False, got {liked!r}")
-            reward = 1.0 if liked else -1.0
-        try:
-            reward = float(reward)
-        except (TypeError, ValueError):
-            raise InvalidValue(f"reward must be a number in [-1, 1], got {reward!r}") from None
-        if not (math.isfinite(reward) and -1.0 <= reward <= 1.0):
-            raise InvalidValue(f"reward must be a finite number in [-1, 1], got {reward!r}")
+        reward = parse_reward(reward, liked)
         if self.store.has(response_id):
             raise InvalidValue(f"feedback for response {response_id} was already given; "
                                f"one feedback per response")
@@ -339,93 +328,6 @@ class SonaPipeline:
             self._responses.pop(response_id, None)
         return {"response_id": response_id, "stored_id": row, "reward": reward,
                 "instant": report.to_dict() if report is not None else None}
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        if self._embedder is None:
-            from sona_plugin.models import default_embedder
-
-            self._embedder = default_embedder()
-        return np.asarray(self._embedder.encode(list(texts), normalize_embeddings=True,
-                                                show_progress_bar=False), np.float32)
-
-    # -- background learning and adapters -------------------------------------------------
-    def learn(self, **kwargs) -> dict:
-        """Run loop B now: train, gate, publish, hot-swap. Returns the report."""
-        from ._learner import Learner
-
-        if self._learner is None:
-            self._learner = Learner(self)
-        n = self.store.count()
-        report = self._learner.run(**kwargs)
-        self._learned_count = n
-        self.save_state()
-        return report
-
-    def deep_cycle(self, dreams: int | None = None) -> dict:
-        """Loop C: merge/decay/prune patterns, consolidate EWC++ tasks, and dream (see
-        ``integrations/_learner.py``); kept dreams are rehearsed by later ``learn()``s."""
-        from ._learner import Learner, dream
-
-        if self._learner is None:
-            self._learner = Learner(self)
-        deep = self.engine.run_deep_cycle().to_dict()
-        ewc = self._learner.ewc
-        if ewc.task_count > 1:
-            ewc.consolidate_all_tasks()
-            deep["lora_tasks_consolidated"] = True
-        n = self.engine.config.dreams_per_cycle if dreams is None else dreams
-        deep.update(dream(self._learner, min(n, 16)) if n > 0 else {"dreams_generated": 0})
-        self.save_state()
-        return deep
-
-    def start_background(self, poll_s: float = 1.0) -> None:
-        """Run loop B (and C) in a background thread on the config's schedule: a cycle when
-        ``background_trigger_count`` new feedback records are stored, or when
-        ``background_interval_ms`` has passed with any new feedback; a deep cycle every
-        ``consolidation_interval`` records. Generation is never blocked by training (it
-        waits only for the adapter swap itself)."""
-        from sona_plugin.loops.coordinator import LoopCoordinator
-
-        if self._coordinator is None:
-            c = self.engine.config
-            self._coordinator = LoopCoordinator(
-                pending=lambda: self.store.count() - self._learned_count,
-                run_background=self.learn, run_deep=self.deep_cycle,
-                trigger_count=c.background_trigger_count,
-                interval_s=c.background_interval_ms / 1000.0,
-                deep_every=c.consolidation_interval, poll_s=poll_s)
-        self._coordinator.poll_s = poll_s
-        self._coordinator.start()
-
-    def stop_background(self) -> None:
-        if self._coordinator is not None:
-            self._coordinator.stop()
-
-    @property
-    def coordinator(self):
-        return self._coordinator
-
-    def mark_task_boundary(self) -> None:
-        """Tell EWC++ that the feedback's task has changed: the current BaseLoRA and its
-        Fisher are remembered, and later training is pulled back toward them (boundaries
-        are also detected from the training statistics on their own)."""
-        from ._learner import Learner
-
-        if self._learner is None:
-            self._learner = Learner(self)
-        self._learner.mark_task_boundary()
-
-    def adapters(self) -> list[dict]:
-        """Published BaseLoRA versions, oldest first, with which one is served."""
-        cur = self._served_version
-        return [{"version": v.version, "path": str(v.path), "metadata": v.metadata,
-                 "created_at": v.created_at, "served": v.version == cur}
-                for v in self.registry.versions()]
-
-    def rollback(self, version: int) -> None:
-        """Serve an earlier (or later) published version; the registry's CURRENT follows."""
-        self.registry.set_current(version)
-        self._hot_swap(version)
 
     def _hot_swap(self, version: int) -> None:
         """Load ``version`` under a fresh adapter name and make it active.
@@ -453,6 +355,21 @@ class SonaPipeline:
             self._served_version, self._served_name = version, name
         # the BaseLoRA now carries what the instant loop had learned: let it fade
         self.engine.micro_lora.shrink(0.5)
+
+    def _dream_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        tok = self._pipe.tokenizer
+        out_all = []
+        with self._swap.read(), torch.no_grad():
+            for p in prompt_ids:
+                ids = torch.tensor([p])
+                out = self._pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                max_new_tokens=max_new_tokens, do_sample=True,
+                                                top_p=0.95, pad_token_id=tok.pad_token_id)
+                resp = out[0, ids.shape[1]:].tolist()
+                if tok.eos_token_id in resp:
+                    resp = resp[:resp.index(tok.eos_token_id) + 1]
+                out_all.append(resp)
+        return out_all
 
     def export_peft(self, path: str | Path) -> Path:
         """A PEFT adapter directory reproducing this pipeline's adapted logits: the served
@@ -553,12 +470,7 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
     d = {} if sona_config is None else (
         sona_config.to_dict() if isinstance(sona_config, SonaConfig) else dict(sona_config))
     d.setdefault("embedding_dim", 384)
-    # On an LM's final hidden state (measured on SmolLM2, docs/benchmarks.md): a zero-A
-    # MicroLoRA moves every position alike and collapsed the model within 50 feedbacks at
-    # cap 0.3; zero-B (DESIGN.md's setting) stays fluent, but at cap 0.15 200 instant-only
-    # feedbacks still drove the held-out liked-rate to 0 %. The instant loop's job here is
-    # the same-answer effect; cap 0.05 keeps it from pulling held-out answers around.
-    for k, v in _LM_DEFAULTS.items():
+    for k, v in LM_DEFAULTS.items():
         d.setdefault(k, v)
     if d.get("hidden_dim", hidden) != hidden:
         raise ConfigError(f"hidden_dim must equal the model's hidden size {hidden}, got "

@@ -1,0 +1,136 @@
+"""SONA for vLLM: learn from feedback on a running vLLM engine.
+
+Server (one launch switch; ``sona serve`` adds it for you):
+
+    python -m vllm.entrypoints.openai.api_server --model MODEL --enable-lora \\
+        --max-lora-rank 8 --additional-config '{"sona": {}}'
+
+then ``POST /v1/feedback {"id": <completion id>, "reward": 1}`` (``server.py``).
+
+Offline, :class:`SonaLLM` wraps ``vllm.LLM``::
+
+    llm = SonaLLM(gpu_memory_utilization=0.5)            # embedded default model
+    outs = llm.generate(["Name a colour."], SamplingParams(max_tokens=32))
+    llm.feedback(outs[0].response_id, reward=1.0)        # instant update, durable record
+    llm.learn()                                          # loop B now: train, gate, swap
+
+Pieces: ``plugin.py`` (the switch), ``worker.py`` (recording + MicroLoRA in each worker),
+``host.py`` (feedback, store, trainer, registry in the front end), ``server.py`` (routes).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from .host import VllmHost
+from .worker import adapter_name
+
+
+class SonaLLM:
+    """``vllm.LLM`` with SONA on. Each generated output gets a ``response_id``.
+
+    Args:
+        model: model path; None means the embedded default (SmolLM2-135M-Instruct).
+        sona_config: SonaConfig fields and host options (``host.HOST_OPTIONS``; the
+            schedule defaults to 'manual' here: call ``learn()``).
+        state_dir: shorthand for ``sona_config["state_dir"]``.
+        **llm_kwargs: passed to ``vllm.LLM``; defaults ``enable_lora=True``,
+            ``max_lora_rank`` = the BaseLoRA rank (at least 8), ``dtype="float32"`` on CPU
+            (bfloat16 ruins a 135M model).
+    """
+
+    def __init__(self, model: str | Path | None = None, *, sona_config: dict | None = None,
+                 state_dir: str | Path | None = None, **llm_kwargs: Any):
+        import torch
+        from vllm import LLM
+
+        from sona_plugin.models import default_llm_path
+
+        source = Path(model) if model is not None else default_llm_path()
+        settings = dict(sona_config or {})
+        if state_dir is not None:
+            settings["state_dir"] = str(state_dir)
+        settings.setdefault("schedule", "manual")
+        llm_kwargs.setdefault("enable_lora", True)
+        llm_kwargs.setdefault("max_lora_rank", max(8, int(settings.get("base_lora_rank", 8))))
+        if not torch.cuda.is_available():
+            llm_kwargs.setdefault("dtype", "float32")
+        extra = dict(llm_kwargs.pop("additional_config", None) or {})
+        extra["sona"] = settings
+        self.llm = LLM(model=str(source), additional_config=extra, **llm_kwargs)
+        self._session = uuid.uuid4().hex[:12]
+        self._lora = None
+        self.host = VllmHost(model_source=source, settings=settings, rpc=self._rpc,
+                             serve=self._serve, generate_ids=self._generate_ids)
+        if self.host.options.get("schedule") == "background":
+            self.host.start_background()
+
+    # -- plumbing -------------------------------------------------------------------------
+    def _rpc(self, method: str, *args):
+        return self.llm.collective_rpc(method, args=args)[0]
+
+    def _serve(self, version: int, path: Path) -> None:
+        from vllm.lora.request import LoRARequest
+
+        new = LoRARequest(adapter_name(version), version, str(path))
+        self.llm.llm_engine.add_lora(new)       # load now, not on the next request
+        old, self._lora = self._lora, new
+        if old is not None and old.lora_int_id != version:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+
+    def _generate_ids(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=max_new_tokens, temperature=1.0, top_p=0.95)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], sp,
+                                 lora_request=self._lora, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    def _tag(self, outs):
+        for o in outs:
+            o.response_id = f"{self._session}-{o.request_id}"
+        return outs
+
+    # -- the API --------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params=None, **kwargs):
+        """``vllm.LLM.generate`` on the served adapter; every output gets ``response_id``."""
+        kwargs.setdefault("use_tqdm", False)
+        return self._tag(self.llm.generate(prompts, sampling_params, lora_request=self._lora,
+                                           **kwargs))
+
+    def chat(self, messages, sampling_params=None, **kwargs):
+        """``vllm.LLM.chat`` on the served adapter; every output gets ``response_id``."""
+        kwargs.setdefault("use_tqdm", False)
+        return self._tag(self.llm.chat(messages, sampling_params, lora_request=self._lora,
+                                       **kwargs))
+
+    def feedback(self, response_id: str, reward: float | None = None, *,
+                 liked: bool | None = None, index: int = 0) -> dict:
+        """Judge an output (choice ``index`` when ``n > 1``): reward in [-1, 1] or liked."""
+        prefix = f"{self._session}-"
+        if not isinstance(response_id, str) or not response_id.startswith(prefix):
+            from sona_plugin.errors import UnknownTrajectory
+
+            raise UnknownTrajectory(f"unknown response_id {response_id!r}: not generated by "
+                                    f"this SonaLLM")
+        return self.host.feedback(response_id[len(prefix):], reward, liked=liked, index=index,
+                                  store_id=response_id if index == 0 else
+                                  f"{response_id}:{index}")
+
+    @property
+    def adapter_version(self) -> int | None:
+        return self.host.adapter_version
+
+    def __getattr__(self, name: str):
+        # learn, deep_cycle, adapters, rollback, stats, export_peft, mark_task_boundary, ...
+        if name in ("host", "llm"):
+            raise AttributeError(name)
+        return getattr(self.host, name)
+
+    def close(self) -> None:
+        self.host.close()
+
+
+__all__ = ["SonaLLM", "VllmHost"]

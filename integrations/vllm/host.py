@@ -1,0 +1,221 @@
+"""The front-end side of SONA on vLLM: feedback, store, loop B/C, adapters.
+
+vLLM runs the model in worker processes; SONA's per-request recordings and MicroLoRA
+live there (``worker.py``). :class:`VllmHost` lives in the process that talks to the
+engine (the OpenAI server's front end, or the process holding ``vllm.LLM``) and reaches
+the workers through ``rpc(method, *args)`` (vLLM's ``collective_rpc``; the result of
+rank 0 is used, every rank applies the same update). It owns the durable feedback store,
+the pattern bank, the background trainer (``_learner.py``, on a private Hugging Face copy
+of the model) and the adapter registry; ``serve(version, path)`` makes a published
+version what requests for the served model get (``server.py``, ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sona_plugin.config import SonaConfig
+from sona_plugin.engine import SonaEngine
+from sona_plugin.errors import ConfigError, InvalidValue, UnknownTrajectory
+
+from .._host import LM_DEFAULTS, LearningHost, parse_reward
+
+logger = logging.getLogger(__name__)
+
+# keys of the launch config that are not SonaConfig fields
+HOST_OPTIONS = {
+    "state_dir": "where the feedback store, adapter versions and engine state live "
+                 "(default $SONA_HOME/state)",
+    "store_url": "feedback store: a SQLite path or sqlite:/// URL (default state_dir/sona.db)",
+    "schedule": "'background' (loop B/C in a thread on the config's schedule, default) or "
+                "'manual' (only POST /sona/learn or learn())",
+    "admin_token": "bearer token the /sona/adapters* and /sona/learn routes require "
+                   "(default: $SONA_ADMIN_TOKEN; none = open)",
+    "lora_targets": "modules the BaseLoRA trains (default q_proj, k_proj, v_proj, o_proj; "
+                    "never lm_head: vLLM 0.32 leaks an lm_head LoRA into other requests)",
+}
+SCHEDULES = ("background", "manual")
+
+
+def split_settings(settings: dict | None) -> tuple[dict, dict]:
+    """(SonaConfig fields, host options) from the ``sona`` launch config; names the bad key."""
+    if settings is None:
+        settings = {}
+    if not isinstance(settings, dict):
+        raise ConfigError(f"the sona config must be a JSON object, got {settings!r}")
+    engine = {k: v for k, v in settings.items() if k not in HOST_OPTIONS}
+    opts = {k: v for k, v in settings.items() if k in HOST_OPTIONS}
+    if opts.get("schedule", "background") not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {opts['schedule']!r}")
+    targets = opts.get("lora_targets")
+    if targets is not None and (not isinstance(targets, list) or not targets or
+                                "lm_head" in targets or "embed_tokens" in targets):
+        raise ConfigError("lora_targets must be a non-empty list of attention/MLP module names "
+                          f"(not lm_head or embed_tokens), got {targets!r}")
+    try:
+        SonaConfig.from_dict({**LM_DEFAULTS, **engine})  # raise now, naming the bad field
+    except ConfigError as e:
+        raise ConfigError(f"{e} (sona options are SonaConfig fields or one of "
+                          f"{sorted(HOST_OPTIONS)})") from None
+    return engine, opts
+
+
+def _user_text(prompt: str) -> str:
+    """The last user turn of a chat-templated prompt (what the embedder should see)."""
+    marker = "<|im_start|>user"
+    if marker in prompt:
+        tail = prompt.rsplit(marker, 1)[1]
+        return tail.split("<|im_end|>", 1)[0].strip()
+    return prompt
+
+
+class VllmHost(LearningHost):
+    """Feedback, store and loop B/C for one vLLM engine (see the module docstring)."""
+
+    def __init__(self, *, model_source: str | Path, settings: dict | None,
+                 rpc: Callable[..., Any], serve: Callable[[int, Path], None],
+                 generate_ids: Callable[[list[list[int]], int], list[list[int]]] | None = None):
+        from transformers import AutoTokenizer
+
+        from sona_plugin.adapters import AdapterRegistry
+        from sona_plugin.models import sona_home
+        from sona_plugin.store import open_store
+
+        engine_cfg, opts = split_settings(settings)
+        self.options = opts
+        self._rpc = rpc
+        self._serve = serve
+        self._generate_ids = generate_ids
+        self._model_source = Path(model_source)
+        self.lora_targets = opts.get("lora_targets")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_source))
+        worker_cfg = {**LM_DEFAULTS, **engine_cfg}
+        info = rpc("sona_install", worker_cfg)
+        cfg = {"embedding_dim": 384, **worker_cfg, "hidden_dim": int(info["hidden_dim"])}
+        self.engine = SonaEngine(SonaConfig.from_dict(cfg))
+        self.state_dir = Path(opts.get("state_dir") or sona_home() / "state")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = open_store(opts.get("store_url") or engine_cfg.get("database_url")
+                                or self.state_dir / "sona.db")
+        self.registry = AdapterRegistry(self.state_dir / "adapters")
+        self._version: int | None = None
+        self._feedback_lock = threading.Lock()
+        cur = self.registry.current()
+        if cur is not None:
+            self._hot_swap(cur.version)
+
+    # -- LearningHost ---------------------------------------------------------------------
+    @property
+    def adapter_version(self) -> int | None:
+        """The BaseLoRA version requests for the served model now get (None: none)."""
+        return self._version
+
+    def _hot_swap(self, version: int) -> None:
+        v = self.registry.get(version)
+        self._serve(version, v.path)
+        self._version = version
+        # the BaseLoRA now carries what the instant loop had learned: let it fade
+        self._rpc("sona_decay", 0.5)
+
+    def _dream_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        if self._generate_ids is None:
+            raise NotImplementedError("dreams need an offline engine (SonaLLM)")
+        return self._generate_ids(prompt_ids, max_new_tokens)
+
+    def save_state(self) -> None:
+        self.engine.save(self.state_dir / "engine")
+        info = {"model_source": str(self._model_source), "adapter_version": self._version}
+        tmp = self.state_dir / "pipeline.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.state_dir / "pipeline.json")
+
+    # -- feedback -------------------------------------------------------------------------
+    def feedback(self, response_id: str, reward: float | None = None, *,
+                 liked: bool | None = None, index: int = 0, store_id: str | None = None) -> dict:
+        """Judge choice ``index`` of the response vLLM returned as ``response_id``.
+
+        The record is durable in the store when this returns, and every worker's
+        MicroLoRA has taken the instant update. Policy: one feedback per response (and
+        choice); a second raises InvalidValue and changes nothing. ``store_id`` is the
+        key kept in the store (default: the id, with ``:index`` for index > 0).
+        """
+        r = parse_reward(reward, liked)
+        if not isinstance(response_id, str) or not response_id:
+            raise InvalidValue(f"id must be a non-empty string, got {response_id!r}")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise InvalidValue(f"index must be an integer >= 0, got {index!r}")
+        key = store_id or (response_id if index == 0 else f"{response_id}:{index}")
+        from sona_plugin.store import FeedbackRecord
+
+        with self._feedback_lock:
+            if self.store.has(key):
+                raise InvalidValue(f"feedback for response {key} was already given; "
+                                   f"one feedback per response")
+            info = self._rpc("sona_lookup", response_id, index)
+            if info is None:
+                raise UnknownTrajectory(
+                    f"unknown response id {response_id!r} (index {index}): never generated by "
+                    f"this server, or evicted after {self.engine.config.trajectory_capacity} "
+                    f"newer requests")
+            prompt = self.tokenizer.decode(info["prompt_ids"])
+            emb = self.embed([_user_text(prompt)])[0]
+            rec = FeedbackRecord(
+                response_id=key, prompt=prompt, prompt_ids=list(info["prompt_ids"]),
+                response_ids=list(info["response_ids"]),
+                response_text=self.tokenizer.decode(info["response_ids"], skip_special_tokens=True),
+                reward=r, embedding=emb, adapter_version=info["adapter_version"])
+            row = self.store.add(rec)  # durable from here on
+            learned = self._rpc("sona_learn", response_id, index, r)
+        return {"id": response_id, "index": index, "stored_id": row, "reward": r,
+                "adapter_version": info["adapter_version"],
+                "instant": (learned or {}).get("instant")}
+
+    # -- the rest -------------------------------------------------------------------------
+    def micro_lora(self):
+        """The workers' MicroLoRA (a copy, in the front-end engine's MicroLoRA)."""
+        import numpy as np
+
+        st = self._rpc("sona_micro_state")
+        m = self.engine.micro_lora
+        m.A[...] = np.asarray(st["A"], np.float32)
+        m.B[...] = np.asarray(st["B"], np.float32)
+        return m
+
+    def export_peft(self, path: str | Path) -> Path:
+        """A PEFT adapter directory reproducing the served model's logits: the served
+        BaseLoRA plus the workers' MicroLoRA folded into an ``lm_head`` LoRA."""
+        from safetensors import safe_open
+
+        from sona_plugin.export import write_peft_export
+
+        W = None
+        for f in sorted(self._model_source.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as sf:
+                for name in ("lm_head.weight", "model.embed_tokens.weight"):
+                    if name in sf.keys():  # noqa: SIM118 - safe_open has no __contains__
+                        W = sf.get_tensor(name)
+                        break
+            if W is not None:
+                break
+        if W is None:
+            raise ConfigError(f"no lm_head / embed_tokens weight in {self._model_source}")
+        base = self.registry.get(self._version).path if self._version else None
+        return write_peft_export(Path(path), self.micro_lora(), W.float(), base,
+                                 str(self._model_source))
+
+    def stats(self) -> dict:
+        s = self._rpc("sona_stats")
+        s.update({"feedback_stored": self.store.count(), "adapter_version": self._version,
+                  "adapter_versions": len(self.registry.versions()),
+                  "background": self._coordinator is not None and self._coordinator.running})
+        return s
+
+    def close(self) -> None:
+        self.stop_background()
+        self.save_state()
+        self.store.close()

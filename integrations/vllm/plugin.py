@@ -1,0 +1,88 @@
+"""vLLM's ``vllm.general_plugins`` entry point: the one launch switch for SONA.
+
+SONA is on when the engine config carries a ``sona`` entry:
+
+    vllm serve MODEL --enable-lora --max-lora-rank 8 --additional-config '{"sona": {}}'
+
+(``{"sona": {...}}`` may hold SonaConfig fields and the host options of ``host.py``).
+``register()`` runs in every vLLM process and changes nothing by itself: it wraps
+``EngineArgs.create_engine_config`` so that, only when that config has ``sona``, the
+worker gets SONA's extension class (``worker_extension_cls``) and the OpenAI server adds
+SONA's routes (``server.py``) without anyone setting ``VLLM_PLUGINS``. Without ``sona``
+in the config, vLLM runs exactly as it would without this package.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+EXTENSION = "sona_plugin.integrations.vllm.worker.SonaWorkerExtension"
+_enabled: dict[str, Any] = {}   # the front end's sona settings once a config enabled it
+
+
+def sona_settings(additional_config: Any) -> dict | None:
+    """The ``sona`` entry of vLLM's ``additional_config`` (dict or JSON text), or None."""
+    if not additional_config:
+        return None
+    if isinstance(additional_config, str):
+        additional_config = json.loads(additional_config)
+    s = additional_config.get("sona") if isinstance(additional_config, dict) else None
+    if s is None or s is False:
+        return None
+    return {} if s is True else s
+
+
+def register() -> None:
+    """Re-entrant: every vLLM process calls it, maybe more than once."""
+    args_mod = sys.modules.get("vllm.engine.arg_utils")
+    if args_mod is not None:
+        cls = args_mod.EngineArgs
+        if not getattr(cls.create_engine_config, "_sona", False):
+            orig = cls.create_engine_config
+
+            def create_engine_config(self, *a, **k):
+                cfg = orig(self, *a, **k)
+                _enable(cfg)
+                return cfg
+
+            create_engine_config._sona = True
+            cls.create_engine_config = create_engine_config
+    plugins_mod = sys.modules.get("vllm.plugins")
+    if plugins_mod is not None and not getattr(plugins_mod.load_endpoint_plugins, "_sona", False):
+        orig_load = plugins_mod.load_endpoint_plugins
+
+        def load_endpoint_plugins(supported_tasks):
+            plugins = orig_load(supported_tasks)
+            if _enabled and not any(getattr(p, "name", "") == "sona_feedback" for p in plugins):
+                from .server import SonaEndpointPlugin
+
+                plugins.append(SonaEndpointPlugin())
+            return plugins
+
+        load_endpoint_plugins._sona = True
+        plugins_mod.load_endpoint_plugins = load_endpoint_plugins
+
+
+def _enable(cfg) -> None:
+    settings = sona_settings(getattr(cfg, "additional_config", None))
+    if settings is None:
+        return
+    from .host import split_settings
+
+    split_settings(settings)  # a bad option fails the launch, naming it
+    pc = cfg.parallel_config
+    if pc.worker_extension_cls and pc.worker_extension_cls != EXTENSION:
+        raise ValueError(f"SONA needs worker_extension_cls={EXTENSION}, but "
+                         f"{pc.worker_extension_cls} is set")
+    pc.worker_extension_cls = EXTENSION
+    if getattr(cfg, "lora_config", None) is None:
+        logger.warning("SONA: --enable-lora is off, so BaseLoRA versions cannot be served; "
+                       "only the MicroLoRA learns")
+    _enabled.clear()
+    _enabled.update(settings)
+    logger.info("SONA enabled: worker extension %s", EXTENSION)

@@ -1,0 +1,314 @@
+"""SONA inside a vLLM worker: trajectory recording and the MicroLoRA, keyed by request id.
+
+vLLM mixes :class:`SonaWorkerExtension` into its worker class (``worker_extension_cls``,
+set for you by the ``sona`` launch config, see ``plugin.py``); the front end reaches its
+``sona_*`` methods with ``collective_rpc``. ``sona_install`` wraps three methods of the
+worker's model runner, all of which run *outside* vLLM's compiled / graph-captured region,
+so they work in every compilation mode (a forward hook on the final norm does not fire
+under the default CPU compile; ``shared/notes/vllm-integration.md`` §3):
+
+* ``model.compute_logits(h)`` gets the final hidden states at the logits rows (row i is
+  request ``input_batch.req_ids[i]``): it records each row's ``h`` (before the MicroLoRA),
+  applies the MicroLoRA ``h + s·B(Ah)`` (C++ kernel on CPU float32, torch otherwise),
+  and records the top-k log-probs of the adapted logits;
+* ``sample_tokens`` pairs each recorded row with the token sampled for it (rows of a
+  partial prefill sample nothing and are dropped);
+* ``execute_model`` notes finished requests (``scheduler_output.finished_req_ids``) and
+  marks the logits computed inside it as the sampled rows (prompt log-probs, computed
+  later in ``sample_tokens``, get the MicroLoRA but are not recorded).
+
+A request's recording survives batch-slot reuse and preemption (it is keyed by request
+id, and a preempted request's recomputation only adds the rows it samples after it
+resumes). Memory is bounded: at most ``trajectory_capacity`` requests are held; the
+oldest (finished first) are evicted and counted. ``n > 1`` child requests are recorded
+separately (vLLM names them ``{index}_{id}``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_TOPK = 64
+ADAPTER_PREFIX = "sona-v"
+
+
+def adapter_name(version: int) -> str:
+    return f"{ADAPTER_PREFIX}{version:06d}"
+
+
+def adapter_version(lora_request) -> int | None:
+    """The SONA BaseLoRA version a request was served with (None: no SONA adapter)."""
+    name = getattr(lora_request, "lora_name", None) if lora_request is not None else None
+    if name and name.startswith(ADAPTER_PREFIX):
+        try:
+            return int(name[len(ADAPTER_PREFIX):])
+        except ValueError:
+            return None
+    return None
+
+
+def external_id(internal_id: str) -> str:
+    """vLLM's internal request id is ``{external}-{8 random chars}``."""
+    head, sep, tail = internal_id.rpartition("-")
+    return head if sep and len(tail) == 8 else internal_id
+
+
+@dataclass
+class Recording:
+    """What one request generated: per sampled token its hidden state and top-k."""
+
+    internal_id: str
+    prompt_ids: list[int]
+    version: int | None
+    hidden: list[np.ndarray] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    topk_ids: list[np.ndarray] = field(default_factory=list)
+    topk_lp: list[np.ndarray] = field(default_factory=list)
+    finished: bool = False
+
+
+class WorkerSona:
+    """The SONA state of one worker: a SonaEngine (MicroLoRA + instant loop) and the
+    recordings of recent requests."""
+
+    def __init__(self, runner, settings: dict):
+        from sona_plugin.config import SonaConfig
+        from sona_plugin.engine import SonaEngine
+
+        self.runner = runner
+        model = runner.get_model()
+        head = _full_head_weight(model)
+        cfg = SonaConfig.from_dict({**settings, "hidden_dim": int(head.shape[1])})
+        self.engine = SonaEngine(cfg)
+        self.engine.set_output_head(head)
+        self.capacity = cfg.trajectory_capacity
+        self.recordings: OrderedDict[str, Recording] = OrderedDict()
+        self.pending: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.dropped = 0
+        self.recorded_tokens = 0
+        self.lock = threading.Lock()
+        self._in_step = False
+        self._install(model)
+
+    # -- the wrapped runner methods ------------------------------------------------------
+    def _install(self, model) -> None:
+        runner = self.runner
+        orig_logits = model.compute_logits
+        orig_sample = runner.sample_tokens
+        orig_execute = runner.execute_model
+
+        def compute_logits(hidden_states, *args, **kwargs):
+            return self._compute_logits(orig_logits, hidden_states, *args, **kwargs)
+
+        def sample_tokens(*args, **kwargs):
+            out = orig_sample(*args, **kwargs)
+            self._after_sample(out)
+            return out
+
+        def execute_model(scheduler_output, *args, **kwargs):
+            self._finished(getattr(scheduler_output, "finished_req_ids", ()) or ())
+            self._in_step = True   # the logits rows computed now are the sampled ones
+            try:
+                return orig_execute(scheduler_output, *args, **kwargs)
+            finally:
+                self._in_step = False
+
+        model.compute_logits = compute_logits
+        runner.sample_tokens = sample_tokens
+        runner.execute_model = execute_model
+
+    def _compute_logits(self, orig, h: torch.Tensor, *args, **kwargs):
+        runner = self.runner
+        n = h.shape[0]
+        ids = list(runner.input_batch.req_ids[:n])
+        # prompt log-probs and warm-up runs also call compute_logits: record only the rows
+        # of a model step (one per request), which is what sample_tokens samples from
+        record = self._in_step and len(ids) == n
+        h_rec = h.detach().to(torch.float32).cpu().numpy().copy() if record else None
+        micro = self.engine.micro_lora
+        if self.engine.is_enabled() and micro.B.any():
+            h = _apply_micro(h, micro.A, micro.B, micro.scale)
+        logits = orig(h, *args, **kwargs)
+        if h_rec is not None and logits is not None:
+            lp = torch.log_softmax(logits.detach().float(), dim=-1)
+            top = torch.topk(lp, min(_TOPK, lp.shape[-1]), dim=-1)
+            ti, tl = top.indices.cpu().numpy(), top.values.cpu().numpy()
+            with self.lock:
+                for i, rid in enumerate(ids):
+                    self.pending[rid] = (h_rec[i], ti[i], tl[i])
+        return logits
+
+    def _after_sample(self, out) -> None:
+        req_ids = getattr(out, "req_ids", None)
+        sampled = getattr(out, "sampled_token_ids", None)
+        if not req_ids or sampled is None:
+            return
+        requests = self.runner.requests
+        with self.lock:
+            for i, rid in enumerate(req_ids):
+                row = self.pending.pop(rid, None)
+                toks = sampled[i] if i < len(sampled) else None
+                if row is None or not toks:
+                    continue  # a partial prefill samples nothing
+                rec = self.recordings.get(rid)
+                if rec is None:
+                    state = requests.get(rid)
+                    rec = Recording(rid, list(getattr(state, "prompt_token_ids", None) or []),
+                                    adapter_version(getattr(state, "lora_request", None)))
+                    self.recordings[rid] = rec
+                    self._evict()
+                rec.hidden.append(row[0])
+                rec.tokens.append(int(toks[0]))
+                rec.topk_ids.append(row[1])
+                rec.topk_lp.append(row[2])
+                self.recorded_tokens += 1
+            self.pending.clear()
+
+    def _finished(self, ids) -> None:
+        if not ids:
+            return
+        with self.lock:
+            for rid in ids:
+                rec = self.recordings.get(rid)
+                if rec is not None:
+                    rec.finished = True
+
+    def _evict(self) -> None:
+        while len(self.recordings) > self.capacity:
+            victim = next((k for k, r in self.recordings.items() if r.finished), None)
+            if victim is None:
+                victim = next(iter(self.recordings))
+            del self.recordings[victim]
+            self.dropped += 1
+
+    # -- feedback ------------------------------------------------------------------------
+    def find(self, response_id: str, index: int) -> Recording | None:
+        """The recording of choice ``index`` of the response the client knows as
+        ``response_id`` (the ``id`` of a completion / chat completion, or an offline
+        request id)."""
+        wanted = {f"{index}_{response_id}"} | ({response_id} if index == 0 else set())
+        with self.lock:
+            for rid in reversed(self.recordings):
+                if rid in wanted or external_id(rid) in wanted:
+                    return self.recordings[rid]
+        return None
+
+    def learn(self, rec: Recording, reward: float) -> dict | None:
+        from sona_plugin.types import Trajectory, TrajectoryStep
+
+        with self.lock:
+            self.recordings.pop(rec.internal_id, None)
+        if not rec.tokens:
+            return None
+        steps = [TrajectoryStep(rec.hidden[i], np.zeros(0, np.float32), reward, rec.tokens[i], 0,
+                                rec.topk_ids[i], rec.topk_lp[i]) for i in range(len(rec.tokens))]
+        t = Trajectory(id=0, query_embedding=np.zeros(0, np.float32), steps=steps,
+                       final_quality=(reward + 1.0) / 2.0)
+        report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
+        return report.to_dict() if report is not None else None
+
+    def stats(self) -> dict:
+        with self.lock:
+            held = len(self.recordings)
+        s = self.engine.stats()
+        s.update({"recordings_held": held, "recordings_dropped": self.dropped,
+                  "tokens_recorded": self.recorded_tokens})
+        return s
+
+
+def _apply_micro(h: torch.Tensor, A: np.ndarray, B: np.ndarray, scale: float) -> torch.Tensor:
+    if h.device.type == "cpu" and h.dtype == torch.float32:
+        from sona_plugin import kernels
+
+        x = h.contiguous()
+        out = torch.empty_like(x)
+        kernels.micro_lora_forward(x, A, B, scale, out)
+        return out
+    At = torch.from_numpy(A).to(h.device, h.dtype)
+    Bt = torch.from_numpy(B).to(h.device, h.dtype)
+    return h + scale * (h @ At.T) @ Bt.T
+
+
+def _full_head_weight(model) -> np.ndarray:
+    """The LM head [vocab, hidden] as float32 NumPy; with tensor parallelism each rank
+    holds a vocab shard, gathered here so every rank takes the same instant update."""
+    head = getattr(model, "lm_head", None)
+    w = getattr(head, "weight", None)
+    if w is None:
+        w = model.get_input_embeddings().weight
+    w = w.detach()
+    try:
+        from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
+
+        if get_tensor_model_parallel_world_size() > 1:
+            w = get_tp_group().all_gather(w, dim=0)
+    except Exception:  # noqa: BLE001 - no distributed state (single process)
+        pass
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or w.shape[0]
+    return w[:vocab].to(torch.float32).cpu().numpy()
+
+
+class SonaWorkerExtension:
+    """Mixed into vLLM's worker class; every method here is a ``collective_rpc`` target.
+
+    Names start with ``sona_`` so they cannot clash with the worker's own attributes.
+    """
+
+    def sona_install(self, settings: dict) -> dict:
+        runner = self.model_runner
+        st = getattr(runner, "_sona", None)
+        if st is None:
+            st = WorkerSona(runner, settings)
+            runner._sona = st
+            logger.info("SONA installed in the worker (hidden %d, MicroLoRA rank %d)",
+                        st.engine.config.hidden_dim, st.engine.config.micro_lora_rank)
+        return {"hidden_dim": st.engine.config.hidden_dim}
+
+    def _sona(self) -> WorkerSona:
+        st = getattr(self.model_runner, "_sona", None)
+        if st is None:
+            raise RuntimeError("SONA is not installed in this worker (call sona_install first)")
+        return st
+
+    def sona_lookup(self, response_id: str, index: int = 0) -> dict | None:
+        """Prompt/response tokens and adapter version of a recorded response, or None."""
+        rec = self._sona().find(response_id, index)
+        if rec is None:
+            return None
+        return {"internal_id": rec.internal_id, "prompt_ids": rec.prompt_ids,
+                "response_ids": list(rec.tokens), "adapter_version": rec.version,
+                "finished": rec.finished}
+
+    def sona_learn(self, response_id: str, index: int, reward: float) -> dict | None:
+        """The instant update from one judged response (then its recording is dropped)."""
+        st = self._sona()
+        rec = st.find(response_id, index)
+        if rec is None:
+            return None
+        return {"instant": st.learn(rec, float(reward))}
+
+    def sona_decay(self, factor: float) -> None:
+        """Shrink the MicroLoRA (after a BaseLoRA swap has taken over its lesson)."""
+        self._sona().engine.micro_lora.shrink(float(factor))
+
+    def sona_micro_state(self) -> dict:
+        m = self._sona().engine.micro_lora
+        return {"A": m.A.tolist(), "B": m.B.tolist(), "scale": float(m.scale)}
+
+    def sona_set_enabled(self, enabled: bool) -> None:
+        self._sona().engine.set_enabled(bool(enabled))
+
+    def sona_stats(self) -> dict:
+        return self._sona().stats()
+
+
+__all__ = ["SonaWorkerExtension", "WorkerSona", "adapter_name", "adapter_version",
+           "external_id"]
