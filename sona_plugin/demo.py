@@ -107,7 +107,15 @@ def chat(prompt: str) -> list[dict]:
 
 def answers(pipe, prompts: list[str], *, sample: bool, max_new_tokens: int, seed: int = 0,
             batch_size: int = 8) -> list[dict]:
-    """Generate one answer per prompt: (response_id, text)."""
+    """Generate one answer per prompt: (response_id, text). ``pipe`` is a SonaPipeline
+    or a vLLM ``SonaLLM``."""
+    if hasattr(pipe, "llm"):
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=max_new_tokens, temperature=1.0 if sample else 0.0,
+                            top_p=0.95 if sample else 1.0, seed=seed)
+        outs = pipe.chat([chat(p) for p in prompts], sp)
+        return [{"response_id": o.response_id, "text": o.outputs[0].text} for o in outs]
     import torch
 
     torch.manual_seed(seed)
