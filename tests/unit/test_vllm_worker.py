@@ -1,0 +1,177 @@
+"""The vLLM worker side without an engine: a scripted model runner drives the wrapped
+methods through slot reuse, preemption, partial prefills, n > 1 children and eviction; the
+launch-config checks name the bad option. (The real-engine tests are in
+tests/integration/test_vllm_*.py.)"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from sona_plugin.errors import ConfigError
+
+H, V = 8, 32
+
+
+class FakeRunner:
+    """Just enough of vLLM's GPUModelRunner: execute_model computes logits for the rows of
+    ``input_batch.req_ids`` through ``model.compute_logits``; sample_tokens returns argmax."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        W = torch.randn(V, H, generator=g)
+        self.model = SimpleNamespace(lm_head=SimpleNamespace(weight=W),
+                                     config=SimpleNamespace(vocab_size=V))
+        self.model.compute_logits = lambda h: h @ W.T
+        self.input_batch = SimpleNamespace(req_ids=[])
+        self.requests: dict = {}
+        self.hidden: dict[str, torch.Tensor] = {}
+        self._logits = None
+        self.sample_rows: list[bool] = []
+
+    def get_model(self):
+        return self.model
+
+    def add(self, rid: str, prompt: list[int], lora_name: str | None = None):
+        lr = SimpleNamespace(lora_name=lora_name) if lora_name else None
+        self.requests[rid] = SimpleNamespace(prompt_token_ids=prompt, lora_request=lr)
+
+    def execute_model(self, scheduler_output):
+        ids = self.input_batch.req_ids
+        h = torch.stack([torch.randn(H) for _ in ids])
+        for rid, row in zip(ids, h):
+            self.hidden[rid] = row
+        self._logits = self.model.compute_logits(h)
+        return None
+
+    def sample_tokens(self, grammar_output):
+        ids = list(self.input_batch.req_ids)
+        toks = self._logits.argmax(-1).tolist()
+        sampled = [[t] if s else [] for t, s in zip(toks, self.sample_rows or [True] * len(ids))]
+        return SimpleNamespace(req_ids=ids, sampled_token_ids=sampled)
+
+
+def step(runner, ids, finished=(), sample=None):
+    runner.input_batch.req_ids = list(ids)
+    runner.sample_rows = sample or [True] * len(ids)
+    runner.execute_model(SimpleNamespace(finished_req_ids=set(finished)))
+    return runner.sample_tokens(None)
+
+
+@pytest.fixture()
+def sona():
+    from sona_plugin.integrations.vllm.worker import WorkerSona
+
+    runner = FakeRunner()
+    st = WorkerSona(runner, {"micro_lora_init": "zero_b", "micro_lora_norm_cap": 0.05,
+                             "trajectory_capacity": 3})
+    runner._sona = st
+    return runner, st
+
+
+def test_recordings_follow_request_ids_through_slot_reuse_and_preemption(sona):
+    runner, st = sona
+    for rid, p in (("a-11111111", [1, 2]), ("b-22222222", [3]), ("c-33333333", [4, 5, 6]),
+                   ("d-44444444", [7])):
+        runner.add(rid, p, "sona-v000004" if rid.startswith("b") else None)
+    expected: dict[str, list[int]] = {}
+
+    def run(ids, **kw):
+        out = step(runner, ids, **kw)
+        for rid, toks in zip(out.req_ids, out.sampled_token_ids):
+            if toks:
+                expected.setdefault(rid, []).append(toks[0])
+
+    run(["a-11111111", "b-22222222"])
+    run(["a-11111111", "b-22222222"])
+    # a finished: b moves into slot 0 and c reuses slot 1
+    run(["b-22222222", "c-33333333"], finished={"a-11111111"})
+    # b preempted (gone from the batch), d in a partial prefill that samples nothing
+    run(["c-33333333", "d-44444444"], sample=[True, False])
+    # b resumes in another slot, d samples now
+    run(["d-44444444", "c-33333333", "b-22222222"])
+    assert len(st.recordings) == 3 and st.dropped == 1  # capacity 3: finished a evicted
+    for rid in ("b-22222222", "c-33333333", "d-44444444"):
+        rec = st.recordings[rid]
+        assert rec.tokens == expected[rid], rid
+        assert len(rec.hidden) == len(rec.tokens) == len(rec.topk_ids)
+    assert st.recordings["b-22222222"].version == 4
+    assert st.recordings["c-33333333"].version is None
+    assert st.recordings["d-44444444"].tokens == expected["d-44444444"]  # 1 token, not 2
+    # the recorded hidden state of the last step is the runner's row for that request
+    np.testing.assert_allclose(st.recordings["b-22222222"].hidden[-1],
+                               runner.hidden["b-22222222"].numpy())
+
+
+def test_find_by_client_id_and_choice_index(sona):
+    runner, st = sona
+    runner.add("cmpl-x-abcdefgh", [1])
+    runner.add("0_chatcmpl-y-aaaaaaaa", [2])
+    runner.add("1_chatcmpl-y-bbbbbbbb", [2])
+    step(runner, ["cmpl-x-abcdefgh", "0_chatcmpl-y-aaaaaaaa", "1_chatcmpl-y-bbbbbbbb"])
+    assert st.find("cmpl-x", 0).internal_id == "cmpl-x-abcdefgh"
+    assert st.find("chatcmpl-y", 1).internal_id == "1_chatcmpl-y-bbbbbbbb"
+    assert st.find("chatcmpl-y", 0).internal_id == "0_chatcmpl-y-aaaaaaaa"
+    assert st.find("chatcmpl-y", 2) is None
+    assert st.find("cmpl-x", 1) is None
+    assert st.find("cmpl", 0) is None
+
+
+def test_a_like_changes_the_logits_of_later_steps(sona):
+    runner, st = sona
+    runner.add("a-11111111", [1])
+    for _ in range(4):
+        step(runner, ["a-11111111"])
+    rec = st.find("a", 0)
+    h = torch.stack([torch.from_numpy(x) for x in rec.hidden])
+    before = runner.model.compute_logits(h).clone()
+    tok = torch.tensor(rec.tokens)
+    lp0 = torch.log_softmax(before, -1)[torch.arange(len(tok)), tok].sum()
+    rep = st.learn(rec, 1.0)
+    assert rep["accepted"] and rep["delta_norm"] > 0
+    after = runner.model.compute_logits(h)
+    lp1 = torch.log_softmax(after, -1)[torch.arange(len(tok)), tok].sum()
+    assert float(lp1 - lp0) > 1e-3
+    assert st.find("a", 0) is None  # learned once, then dropped
+
+
+def test_launch_config_errors_name_the_option():
+    from sona_plugin.integrations.vllm.host import split_settings
+    from sona_plugin.integrations.vllm.plugin import sona_settings
+
+    assert sona_settings(None) is None and sona_settings({"x": 1}) is None
+    assert sona_settings('{"sona": true}') == {}
+    eng, opts = split_settings({"micro_lora_rank": 1, "state_dir": "/tmp/s", "schedule": "manual"})
+    assert eng == {"micro_lora_rank": 1} and opts["schedule"] == "manual"
+    with pytest.raises(ConfigError, match="bogus"):
+        split_settings({"bogus": 1})
+    with pytest.raises(ConfigError, match="micro_lora_rank"):
+        split_settings({"micro_lora_rank": 7})
+    with pytest.raises(ConfigError, match="schedule"):
+        split_settings({"schedule": "hourly"})
+    with pytest.raises(ConfigError, match="lm_head"):
+        split_settings({"lora_targets": ["q_proj", "lm_head"]})
+
+
+def test_sona_serve_builds_the_vllm_command():
+    import argparse
+
+    from sona_plugin.cli import serve_command
+
+    args = argparse.Namespace(model="/m", host="127.0.0.1", port=9000, state_dir="/s",
+                              schedule="manual", admin_token=None, max_lora_rank=None,
+                              sona_config='{"base_lora_rank": 16}')
+    cmd = serve_command(args, ["--max-model-len", "512", "--dtype", "bfloat16"])
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--max-lora-rank") + 1] == "16"
+    import json
+
+    cfg = json.loads(cmd[cmd.index("--additional-config") + 1])
+    assert cfg == {"sona": {"base_lora_rank": 16, "state_dir": "/s", "schedule": "manual"}}
+    assert cmd.count("--dtype") == 1 and cmd[-2:] == ["--dtype", "bfloat16"]
+    args.sona_config = '{"nope": 1}'
+    with pytest.raises(ConfigError, match="nope"):
+        serve_command(args, [])
