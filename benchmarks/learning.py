@@ -53,7 +53,7 @@ def new_pipe(sona_config: dict | None = None):
 
         return SonaLLM(state_dir=Path(tempfile.mkdtemp(prefix="sona-learning-")),
                        sona_config={**EXTRA_CONFIG, **(sona_config or {})},
-                       gpu_memory_utilization=0.5, max_model_len=1024)
+                       max_model_len=1024)
     from sona_plugin.integrations.transformers import pipeline
 
     return pipeline(state_dir=Path(tempfile.mkdtemp(prefix="sona-learning-")),

@@ -123,11 +123,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="sona-vllm-bench-"))
     common = ["--max-model-len", "1024", "--max-loras", "2"]
     plain_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                 "--dtype", "float32", "--gpu-memory-utilization", "0.3", "--enable-lora",
+                 "--dtype", "float32", "--kv-cache-memory-bytes", str(2 << 30), "--enable-lora",
                  "--max-lora-rank", "8", *common]
     sona_cmd = [sys.executable, "-m", "sona_plugin.cli", "serve", model, "--state-dir",
                 str(tmp / "state"), "--schedule", "manual", "--admin-token", TOKEN,
-                "--gpu-memory-utilization", "0.3", *common]
+                "--kv-cache-memory-bytes", str(2 << 30), *common]
     servers = {"plain vLLM + LoRA": start(plain_cmd, tmp / "plain.log"),
                "SONA": start(sona_cmd, tmp / "sona.log")}
     results: dict = {"args": vars(args), "load": {}}

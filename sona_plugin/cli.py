@@ -102,10 +102,12 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     import torch
 
     if not torch.cuda.is_available():
-        # the CPU backend's bfloat16 ruins small models; its default memory share does not fit
-        for flag, value in (("--dtype", "float32"), ("--gpu-memory-utilization", "0.5")):
-            if flag not in given:
-                cmd += [flag, value]
+        # the CPU backend's bfloat16 ruins small models
+        if "--dtype" not in given:
+            cmd += ["--dtype", "float32"]
+        if not given & {"--gpu-memory-utilization", "--kv-cache-memory-bytes"}:
+            # a fixed 2 GiB KV cache: the default reserves 92 % of the machine's memory
+            cmd += ["--kv-cache-memory-bytes", str(2 << 30)]
     return cmd + extra
 
 

@@ -9,7 +9,7 @@ then ``POST /v1/feedback {"id": <completion id>, "reward": 1}`` (``server.py``).
 
 Offline, :class:`SonaLLM` wraps ``vllm.LLM``::
 
-    llm = SonaLLM(gpu_memory_utilization=0.5)            # embedded default model
+    llm = SonaLLM()                                      # embedded default model
     outs = llm.generate(["Name a colour."], SamplingParams(max_tokens=32))
     llm.feedback(outs[0].response_id, reward=1.0)        # instant update, durable record
     llm.learn()                                          # loop B now: train, gate, swap
@@ -27,6 +27,8 @@ from typing import Any
 from .host import VllmHost
 from .worker import adapter_name
 
+CPU_KV_CACHE_BYTES = 2 << 30
+
 
 class SonaLLM:
     """``vllm.LLM`` with SONA on. Each generated output gets a ``response_id``.
@@ -37,8 +39,9 @@ class SonaLLM:
             schedule defaults to 'manual' here: call ``learn()``).
         state_dir: shorthand for ``sona_config["state_dir"]``.
         **llm_kwargs: passed to ``vllm.LLM``; defaults ``enable_lora=True``,
-            ``max_lora_rank`` = the BaseLoRA rank (at least 8), ``dtype="float32"`` on CPU
-            (bfloat16 ruins a 135M model).
+            ``max_lora_rank`` = the BaseLoRA rank (at least 8); on CPU ``dtype="float32"``
+            (bfloat16 ruins a 135M model) and a 2 GiB KV cache unless
+            ``gpu_memory_utilization`` or ``kv_cache_memory_bytes`` is given.
     """
 
     def __init__(self, model: str | Path | None = None, *, sona_config: dict | None = None,
@@ -57,6 +60,10 @@ class SonaLLM:
         llm_kwargs.setdefault("max_lora_rank", max(8, int(settings.get("base_lora_rank", 8))))
         if not torch.cuda.is_available():
             llm_kwargs.setdefault("dtype", "float32")
+            if "gpu_memory_utilization" not in llm_kwargs:
+                # a fixed KV cache: the CPU backend otherwise reserves a share of the
+                # machine's memory (and refuses to start when others hold it)
+                llm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
         extra = dict(llm_kwargs.pop("additional_config", None) or {})
         extra["sona"] = settings
         self.llm = LLM(model=str(source), additional_config=extra, **llm_kwargs)
@@ -130,7 +137,9 @@ class SonaLLM:
         return getattr(self.host, name)
 
     def close(self) -> None:
+        """Save SONA's state and shut the vLLM engine down (its processes and memory)."""
         self.host.close()
+        self.llm.llm_engine.engine_core.shutdown()
 
 
 __all__ = ["SonaLLM", "VllmHost"]

@@ -100,6 +100,16 @@ class VllmHost(LearningHost):
         self.engine = SonaEngine(SonaConfig.from_dict(cfg))
         self.state_dir = Path(opts.get("state_dir") or sona_home() / "state")
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        if (self.state_dir / "engine" / "state.json").exists():
+            # a restart keeps what was learned: patterns here, the MicroLoRA in the workers
+            saved = SonaEngine.load(self.state_dir / "engine")
+            if saved.micro_lora.A.shape == self.engine.micro_lora.A.shape:
+                self.engine = saved
+                rpc("sona_set_micro", saved.micro_lora.A.tolist(), saved.micro_lora.B.tolist())
+            else:
+                logger.warning("ignoring saved engine state in %s: its MicroLoRA is %s, the "
+                               "config's %s", self.state_dir, saved.micro_lora.A.shape,
+                               self.engine.micro_lora.A.shape)
         self.store = open_store(opts.get("store_url") or engine_cfg.get("database_url")
                                 or self.state_dir / "sona.db")
         self.registry = AdapterRegistry(self.state_dir / "adapters")
@@ -128,6 +138,7 @@ class VllmHost(LearningHost):
         return self._generate_ids(prompt_ids, max_new_tokens)
 
     def save_state(self) -> None:
+        self.micro_lora()  # the workers' weights into the engine that is saved
         self.engine.save(self.state_dir / "engine")
         info = {"model_source": str(self._model_source), "adapter_version": self._version}
         tmp = self.state_dir / "pipeline.json.tmp"

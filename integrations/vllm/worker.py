@@ -299,6 +299,12 @@ class SonaWorkerExtension:
         """Shrink the MicroLoRA (after a BaseLoRA swap has taken over its lesson)."""
         self._sona().engine.micro_lora.shrink(float(factor))
 
+    def sona_set_micro(self, A: list, B: list) -> None:
+        """Restore saved MicroLoRA weights (a restarted server keeps what it learned)."""
+        m = self._sona().engine.micro_lora
+        m.A[...] = np.asarray(A, np.float32)
+        m.B[...] = np.asarray(B, np.float32)
+
     def sona_micro_state(self) -> dict:
         m = self._sona().engine.micro_lora
         return {"A": m.A.tolist(), "B": m.B.tolist(), "scale": float(m.scale)}

@@ -18,13 +18,13 @@ from sona_plugin import InvalidValue, UnknownTrajectory
 QUESTIONS = ["Name a colour.", "What is 2+2?", "Give me a tip for sleeping well.",
              "What is the capital of Spain?", "Name an animal that lives in the sea.",
              "How do I make tea?"]
-ENGINE_KW = {"gpu_memory_utilization": 0.5, "max_model_len": 1024}
+ENGINE_KW = {"kv_cache_memory_bytes": 1 << 30, "max_model_len": 1024}
 
 _PLAIN = textwrap.dedent("""
     import json, sys
     from vllm import LLM, SamplingParams
     if __name__ == "__main__":
-        llm = LLM(model=sys.argv[1], dtype="float32", gpu_memory_utilization=0.5,
+        llm = LLM(model=sys.argv[1], dtype="float32", kv_cache_memory_bytes=1 << 30,
                   max_model_len=1024)
         qs = json.loads(sys.argv[2])
         outs = llm.chat([[{"role": "user", "content": q}] for q in qs],

@@ -56,7 +56,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "sona_plugin.cli", "serve", "--port", str(port),
          "--state-dir", str(state), "--schedule", "manual", "--admin-token", TOKEN,
-         "--max-model-len", "1024", "--max-loras", "2"],
+         "--max-model-len", "1024", "--max-loras", "2", "--kv-cache-memory-bytes", str(1 << 30)],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(port, proc, log)
     deadline = time.time() + 420
