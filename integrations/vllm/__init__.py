@@ -57,7 +57,8 @@ class SonaLLM:
             settings["state_dir"] = str(state_dir)
         settings.setdefault("schedule", "manual")
         llm_kwargs.setdefault("enable_lora", True)
-        llm_kwargs.setdefault("max_lora_rank", max(8, int(settings.get("base_lora_rank", 8))))
+        if llm_kwargs["enable_lora"]:
+            llm_kwargs.setdefault("max_lora_rank", max(8, int(settings.get("base_lora_rank", 8))))
         if not torch.cuda.is_available():
             llm_kwargs.setdefault("dtype", "float32")
             if "gpu_memory_utilization" not in llm_kwargs:
