@@ -104,10 +104,12 @@ def run_main(task: str, seed: int, rounds: int, per_round: int, background: bool
 
 
 def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, rounds: int,
-                   ewc: bool, dreams: bool) -> dict:
+                   ewc: bool, dreams: bool, gate: bool = True) -> dict:
     """Learn A for ``rounds`` rounds, mark the task boundary, learn B; A's held-out
     liked-rate before, after A and after B. ``dreams``: a deep cycle at the boundary, so
-    dreams of A's liked prompts are rehearsed while B is learned."""
+    dreams of A's liked prompts are rehearsed while B is learned. ``gate=False`` publishes
+    every candidate, so B's training reaches the served model even when the promotion gate
+    would refuse it (isolates what EWC++ does from what the gate does)."""
     cfg = None if ewc else {"ewc_lambda": 0.0, "ewc_min_lambda": 0.0}
     pipe = new_pipe(cfg)
     ra, rb = RULES[task_a], RULES[task_b]
@@ -120,17 +122,17 @@ def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, rounds: 
 
     for k in range(rounds):
         feed_round(pipe, ra, prompts(k), seed * 1000 + k)
-        pipe.learn(epochs=2)
+        pipe.learn(epochs=2, gate=gate)
     a1 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
     pipe.mark_task_boundary()
     deep = pipe.deep_cycle() if dreams else None
     for k in range(rounds, 2 * rounds):
         feed_round(pipe, rb, prompts(k), seed * 1000 + k)
-        pipe.learn(epochs=2)
+        pipe.learn(epochs=2, gate=gate)
     a2 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
     b2 = liked_rate(pipe, rb, HELDOUT_PROMPTS, MAX_NEW)
     gain = a1 - a0
-    row = {"seed": seed, "ewc": ewc, "dreams": dreams, "rounds_per_task": rounds,
+    row = {"seed": seed, "ewc": ewc, "dreams": dreams, "gate": gate, "rounds_per_task": rounds,
            "A": task_a, "B": task_b, "A_before": a0, "A_after_A": a1, "A_after_B": a2,
            "B_after_B": b2, "A_retention": (a2 - a0) / gain if gain > 0 else None,
            "deep_cycle": deep, "seconds": time.time() - t0}
@@ -160,6 +162,8 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=50)
     ap.add_argument("--experiments", nargs="+", default=["main", "instant", "forgetting"])
     ap.add_argument("--forget-rounds", type=int, default=2, help="rounds per task (forgetting)")
+    ap.add_argument("--no-gate", action="store_true",
+                    help="forgetting: publish every candidate (the gate off)")
     ap.add_argument("--variants", nargs="+", default=["ewc", "lambda0", "ewc+dreams"],
                     help="forgetting variants: ewc, lambda0, ewc+dreams, lambda0+dreams")
     ap.add_argument("--threads", type=int, default=2)
@@ -181,7 +185,7 @@ def main() -> None:
     if "forgetting" in args.experiments and len(args.tasks) >= 2:
         results["forgetting"] = [
             run_forgetting(args.tasks[0], args.tasks[1], s, args.per_round, args.forget_rounds,
-                           v.startswith("ewc"), v.endswith("+dreams"))
+                           v.startswith("ewc"), v.endswith("+dreams"), not args.no_gate)
             for s in args.seeds[:1] for v in args.variants]
     print("\nliked-rate on held-out prompts (greedy), mean ± spread over seeds:")
     for exp in ("main", "instant"):
