@@ -55,7 +55,8 @@ def _patch_serving() -> None:
     def _maybe_get_adapters(self, request, *a, **k):
         lora = orig(self, request, *a, **k)
         cur = _current["lora"]
-        if lora is None and cur is not None and self.models.is_base_model(request.model):
+        model = getattr(request, "model", None)
+        if lora is None and cur is not None and (model is None or self.models.is_base_model(model)):
             return cur
         return lora
 
