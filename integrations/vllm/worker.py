@@ -19,8 +19,10 @@ under the default CPU compile; ``shared/notes/vllm-integration.md`` §3):
 
 A request's recording survives batch-slot reuse and preemption (it is keyed by request
 id, and a preempted request's recomputation only adds the rows it samples after it
-resumes). Memory is bounded: at most ``trajectory_capacity`` requests are held; the
-oldest (finished first) are evicted and counted. ``n > 1`` child requests are recorded
+resumes). Memory is bounded: at most ``max_recordings`` requests are held (the oldest,
+finished first, are evicted and counted), each with the hidden state and top-k of its
+first ``max_trajectory_steps`` tokens (about 3 kB per step at 576-d; later tokens are
+kept as ids only, for the feedback record). ``n > 1`` child requests are recorded
 separately (vLLM names them ``{index}_{id}``).
 """
 
@@ -79,7 +81,7 @@ class WorkerSona:
     """The SONA state of one worker: a SonaEngine (MicroLoRA + instant loop) and the
     recordings of recent requests."""
 
-    def __init__(self, runner, settings: dict):
+    def __init__(self, runner, settings: dict, capacity: int = 1000):
         from sona_plugin.config import SonaConfig
         from sona_plugin.engine import SonaEngine
 
@@ -89,10 +91,12 @@ class WorkerSona:
         cfg = SonaConfig.from_dict({**settings, "hidden_dim": int(head.shape[1])})
         self.engine = SonaEngine(cfg)
         self.engine.set_output_head(head)
-        self.capacity = cfg.trajectory_capacity
+        self.capacity = int(capacity)
+        self.max_steps = cfg.max_trajectory_steps
         self.recordings: OrderedDict[str, Recording] = OrderedDict()
         self.pending: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.dropped = 0
+        self.steps_dropped = 0
         self.recorded_tokens = 0
         self.lock = threading.Lock()
         self._in_step = False
@@ -165,11 +169,14 @@ class WorkerSona:
                                     adapter_version(getattr(state, "lora_request", None)))
                     self.recordings[rid] = rec
                     self._evict()
-                rec.hidden.append(row[0])
                 rec.tokens.append(int(toks[0]))
-                rec.topk_ids.append(row[1])
-                rec.topk_lp.append(row[2])
                 self.recorded_tokens += 1
+                if len(rec.hidden) < self.max_steps:
+                    rec.hidden.append(row[0])
+                    rec.topk_ids.append(row[1])
+                    rec.topk_lp.append(row[2])
+                else:
+                    self.steps_dropped += 1
             self.pending.clear()
 
     def _finished(self, ids) -> None:
@@ -206,10 +213,10 @@ class WorkerSona:
 
         with self.lock:
             self.recordings.pop(rec.internal_id, None)
-        if not rec.tokens:
+        if not rec.hidden:
             return None
         steps = [TrajectoryStep(rec.hidden[i], np.zeros(0, np.float32), reward, rec.tokens[i], 0,
-                                rec.topk_ids[i], rec.topk_lp[i]) for i in range(len(rec.tokens))]
+                                rec.topk_ids[i], rec.topk_lp[i]) for i in range(len(rec.hidden))]
         t = Trajectory(id=0, query_embedding=np.zeros(0, np.float32), steps=steps,
                        final_quality=(reward + 1.0) / 2.0)
         report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
@@ -220,7 +227,7 @@ class WorkerSona:
             held = len(self.recordings)
         s = self.engine.stats()
         s.update({"recordings_held": held, "recordings_dropped": self.dropped,
-                  "tokens_recorded": self.recorded_tokens})
+                  "tokens_recorded": self.recorded_tokens, "steps_dropped": self.steps_dropped})
         return s
 
 
@@ -262,11 +269,11 @@ class SonaWorkerExtension:
     Names start with ``sona_`` so they cannot clash with the worker's own attributes.
     """
 
-    def sona_install(self, settings: dict) -> dict:
+    def sona_install(self, settings: dict, max_recordings: int = 1000) -> dict:
         runner = self.model_runner
         st = getattr(runner, "_sona", None)
         if st is None:
-            st = WorkerSona(runner, settings)
+            st = WorkerSona(runner, settings, max_recordings)
             runner._sona = st
             logger.info("SONA installed in the worker (hidden %d, MicroLoRA rank %d)",
                         st.engine.config.hidden_dim, st.engine.config.micro_lora_rank)

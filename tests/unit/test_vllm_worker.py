@@ -67,7 +67,7 @@ def sona():
 
     runner = FakeRunner()
     st = WorkerSona(runner, {"micro_lora_init": "zero_b", "micro_lora_norm_cap": 0.05,
-                             "trajectory_capacity": 3})
+                             "max_trajectory_steps": 4}, capacity=3)
     runner._sona = st
     return runner, st
 
@@ -104,6 +104,17 @@ def test_recordings_follow_request_ids_through_slot_reuse_and_preemption(sona):
     # the recorded hidden state of the last step is the runner's row for that request
     np.testing.assert_allclose(st.recordings["b-22222222"].hidden[-1],
                                runner.hidden["b-22222222"].numpy())
+
+
+def test_long_answers_keep_all_token_ids_but_bounded_steps(sona):
+    runner, st = sona
+    runner.add("a-11111111", [1])
+    for _ in range(7):
+        step(runner, ["a-11111111"])
+    rec = st.find("a", 0)
+    assert len(rec.tokens) == 7 and len(rec.hidden) == len(rec.topk_lp) == 4
+    assert st.stats()["steps_dropped"] == 3
+    assert st.learn(rec, 1.0)["accepted"]
 
 
 def test_find_by_client_id_and_choice_index(sona):
@@ -152,6 +163,8 @@ def test_launch_config_errors_name_the_option():
         split_settings({"micro_lora_rank": 7})
     with pytest.raises(ConfigError, match="schedule"):
         split_settings({"schedule": "hourly"})
+    with pytest.raises(ConfigError, match="max_recordings"):
+        split_settings({"max_recordings": 0})
     with pytest.raises(ConfigError, match="lm_head"):
         split_settings({"lora_targets": ["q_proj", "lm_head"]})
 
