@@ -134,6 +134,63 @@ def test_learn_publishes_a_version_peft_loads_with_the_same_logits(pipe):
     assert pipe.response(generate_one(pipe, "Hi.", max_new_tokens=2)).adapter_version == v
 
 
+_PUBLISH_AND_HANG = """
+import shutil, sys, time
+from pathlib import Path
+from sona_plugin.adapters import AdapterRegistry
+
+def write(d):
+    src = Path(sys.argv[2])
+    shutil.copy(src / "adapter_config.json", d)
+    with open(d / "adapter_model.safetensors", "wb") as f:   # half a SmolLM2 adapter
+        data = (src / "adapter_model.safetensors").read_bytes()
+        f.write(data[: len(data) // 2])
+        f.flush()
+    print("PAUSED", flush=True)
+    time.sleep(120)
+
+AdapterRegistry(sys.argv[1]).publish(write, {"from": "killed process"})
+"""
+
+
+def test_kill_9_mid_publish_leaves_the_served_smollm2_version_loadable(pipe):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sona_plugin.adapters import AdapterRegistry
+    from sona_plugin.models import default_llm_path
+
+    if pipe.registry.current() is None:  # when this test runs on its own
+        for q in ("Name a number.", "Name a fruit.", "Name a planet.", "Count to three."):
+            pipe.feedback(generate_one(pipe, q, max_new_tokens=8), liked="1" in q or "N" in q)
+        assert pipe.learn(epochs=1, gate=False)["published"]
+    served = pipe.registry.current()
+    ids = torch.tensor([pipe.tokenizer("Tell me about the moon.")["input_ids"]])
+
+    def peft_logits(path):
+        base = AutoModelForCausalLM.from_pretrained(default_llm_path(), dtype=torch.float32)
+        with torch.no_grad():
+            return PeftModel.from_pretrained(base, str(path)).eval()(ids).logits
+
+    want = peft_logits(served.path)
+    root = pipe.registry.root
+    proc = subprocess.Popen([sys.executable, "-c", _PUBLISH_AND_HANG, str(root), str(served.path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "PAUSED"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert len(list(root.glob(".tmp-*"))) == 1       # the half-written publish is there
+    reopened = AdapterRegistry(root)                   # and a reopen clears it away
+    assert list(root.glob(".tmp-*")) == []
+    assert reopened.current() == served
+    assert [v.version for v in reopened.versions()] == [v.version for v in pipe.registry.versions()]
+    torch.testing.assert_close(peft_logits(reopened.current().path), want, rtol=0, atol=0)
+
+
 def test_hot_swap_while_another_thread_generates_loses_nothing(pipe):
     import shutil
 
