@@ -6,17 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file, save_file
 
 from sona_plugin.config import SonaConfig
 from sona_plugin.errors import DimensionMismatch, InvalidValue, SonaError, StateError
 from sona_plugin.ewc import EwcPlusPlus
-
-try:
-    import torch
-except ImportError:  # the core runs without torch; only the torch paths are skipped
-    torch = None
-needs_torch = pytest.mark.skipif(torch is None, reason="torch is not installed")
 
 D = 12
 
@@ -82,7 +77,6 @@ def test_penalty_keeps_task_a_parameters_near_their_optimum():
     assert loss_b_plain < 0.15 < loss_b_ewc < 0.5 * loss(w, XB, yB)
 
 
-@needs_torch
 def test_online_fisher_formula():
     ewc = EwcPlusPlus(cfg(ewc_gamma=0.8))
     g1, g2, g3, g4, g5, g6 = (np.array([1.0, -2.0]), np.array([3.0, 0.5]), np.array([0.5, 1.0]),
@@ -114,7 +108,6 @@ def _remember(ewc, rng, shapes, tasks=1):
         ewc.start_new_task({n: rng.standard_normal(s) for n, s in shapes.items()})
 
 
-@needs_torch
 def test_torch_penalty_is_differentiable_and_matches_penalty_grad():
     rng = np.random.default_rng(1)
     shapes = {"lora_A": (2, 6), "lora_B": (6, 2)}
@@ -152,7 +145,6 @@ def test_no_task_means_no_penalty():
     np.testing.assert_array_equal(ewc.apply_constraints(g, p)["w"], g["w"])
 
 
-@needs_torch
 def test_apply_constraints_adds_the_penalty_gradient():
     rng = np.random.default_rng(2)
     ewc = EwcPlusPlus(cfg(ewc_lambda=2.0))
@@ -173,7 +165,6 @@ def test_apply_constraints_adds_the_penalty_gradient():
 
 
 # ------------------------------------------------------------------------- checking
-@needs_torch
 def test_names_and_shapes_are_checked():
     ewc = EwcPlusPlus(cfg())
     ewc.register({"a": np.zeros((2, 3)), "b": np.zeros(4)})
@@ -199,7 +190,6 @@ def test_names_and_shapes_are_checked():
         np.testing.assert_array_equal(before[0][k], after[0][k])
 
 
-@needs_torch
 def test_non_finite_gradients_are_refused_without_change():
     ewc = EwcPlusPlus(cfg())
     ewc.update_fisher({"a": np.ones(3), "b": np.ones(2)})

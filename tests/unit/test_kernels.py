@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,10 +24,8 @@ from sona_plugin import _kernels_numpy as ref
 from sona_plugin import kernels as K
 from sona_plugin.errors import DimensionMismatch, InvalidValue
 
-NATIVE = K.BACKEND.name == "native"
-needs_native = pytest.mark.skipif(not NATIVE, reason="native extension not loaded")
 IMPLS = [
-    pytest.param(K, id="native", marks=needs_native),
+    pytest.param(K, id="native"),
     pytest.param(ref, id="numpy"),
 ]
 LEVELS = K.simd_levels()
@@ -72,7 +71,6 @@ def test_backend_is_native_unless_numpy_requested():
         assert K.BACKEND.simd in LEVELS and "native" in K.BACKEND.describe()
 
 
-@needs_native
 def test_simd_level_choice_matches_cpu():
     from sona_plugin import _native
 
@@ -91,7 +89,6 @@ def test_simd_level_choice_matches_cpu():
     assert LEVELS[-1] == "scalar"
 
 
-@needs_native
 def test_set_simd_level_validates():
     with pytest.raises(InvalidValue, match="unknown SIMD level 'sse9'"):
         K.set_simd_level("sse9")
@@ -150,7 +147,6 @@ def test_numpy_fallback_selectable_by_env():
     assert out["lab"] == K.kmeans_assign(x, x[::-1].copy())[0].tolist() == [2, 1, 0]
 
 
-@needs_native
 def test_simd_env_caps_level():
     out = _run_python(_SUBPROCESS_CODE, SONA_SIMD="scalar", SONA_KERNELS="")
     assert out["name"] == "native" and out["simd"] == "scalar"
@@ -166,7 +162,6 @@ def _lora_magnitude(x, A, B, s):
     return x64 + abs(s) * (x64 @ A64.T) @ B64.T
 
 
-@needs_native
 @HYP
 @given(
     n=st.integers(0, 40),  # 0: a single 1-D vector
@@ -276,7 +271,6 @@ def test_micro_lora_forward_errors(impl):
     assert impl.micro_lora_forward(x, A, B, 1.0).shape == (256,)
 
 
-@needs_native
 def test_error_messages_identical_between_backends():
     rng = np.random.default_rng(0)
     x, A, B = randn(rng, 3, 16), randn(rng, 2, 16), randn(rng, 16, 2)
@@ -300,7 +294,6 @@ def test_error_messages_identical_between_backends():
         assert msgs[0] == msgs[1]
 
 
-@needs_native
 def test_numpy_fast_path_and_generic_path_agree():
     from sona_plugin import _native
 
@@ -325,7 +318,6 @@ def test_numpy_fast_path_and_generic_path_agree():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_torch_tensors_in_place_without_copies(impl):
-    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(3)
     x, A, B = randn(rng, 5, 256), randn(rng, 2, 256), randn(rng, 256, 2)
     xt, At, Bt = (torch.from_numpy(a.copy()) for a in (x, A, B))
@@ -367,7 +359,6 @@ def _grads_float64(H, G, adv, A, B, s):
     return gA, gB, mA, mB
 
 
-@needs_native
 @HYP
 @given(
     T=st.integers(0, 40),
@@ -393,7 +384,6 @@ def test_reinforce_accumulate_matches_reference(T, d, r, scale, seed):
 
 
 def test_reinforce_gradients_are_exact_autograd_gradients():
-    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(5)
     T, d, r, s = 6, 40, 2, 0.3
     H, G, adv, A, B = (
@@ -489,7 +479,6 @@ def _check_topk(P, q, k, idx, sims, tol=1e-5):
         assert exact[rest].max() <= sims.min() + tol
 
 
-@needs_native
 @HYP
 @given(
     m=st.integers(0, 300),
@@ -530,7 +519,6 @@ def test_cosine_topk_ties_and_zeros(impl):
     assert idx.shape == sims.shape == (0,) and idx.dtype == np.int64
 
 
-@needs_native
 def test_cosine_topk_large_m_partial_selection():
     rng = np.random.default_rng(11)
     P, q = randn(rng, 20000, 64), randn(rng, 64)
@@ -560,7 +548,6 @@ def test_cosine_topk_errors(impl, k):
 # ---------------------------------------------------------- kmeans_assign --
 
 
-@needs_native
 @HYP
 @given(
     n=st.integers(0, 40),
@@ -644,7 +631,6 @@ def test_kmeans_assign_errors(impl):
 # ------------------------------------------- large inputs (GIL released) --
 
 
-@needs_native
 def test_large_inputs_match_reference_at_every_level():
     from sona_plugin import _native
 
@@ -678,7 +664,6 @@ def test_large_inputs_match_reference_at_every_level():
                 K.micro_lora_forward(bad, A, B, 0.5)
 
 
-@needs_native
 def test_concurrent_calls_from_threads():
     from concurrent.futures import ThreadPoolExecutor
 

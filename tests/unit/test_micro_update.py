@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -24,10 +25,8 @@ from sona_plugin import _kernels_numpy as ref
 from sona_plugin import kernels as K
 from sona_plugin.errors import DimensionMismatch, InvalidValue
 
-NATIVE = K.BACKEND.name == "native"
-needs_native = pytest.mark.skipif(not NATIVE, reason="native extension not loaded")
 IMPLS = [
-    pytest.param(K, id="native", marks=needs_native),
+    pytest.param(K, id="native"),
     pytest.param(ref, id="numpy"),
 ]
 LEVELS = K.simd_levels()
@@ -189,7 +188,6 @@ def test_reference_gradient_is_reinforce_accumulate():
 # ---------------------------------------------------- native == reference --
 
 
-@needs_native
 @pytest.mark.parametrize("regime", list(REGIMES))
 def test_regimes_match_reference_at_every_level(regime):
     hyper, _ = REGIMES[regime]
@@ -201,7 +199,6 @@ def test_regimes_match_reference_at_every_level(regime):
                 assert_same(call(K, arrays, hp), want)
 
 
-@needs_native
 @HYP
 @given(
     T=st.integers(1, 8),
@@ -229,7 +226,6 @@ def test_matches_reference(T, d, r, seed, a_scale, v_scale, **hyper):
             assert_same(call(K, arrays, hp), want)
 
 
-@needs_native
 def test_large_input_releases_gil_and_matches():
     from sona_plugin import _native
 
@@ -355,7 +351,6 @@ def test_invalid_arguments_raise_invalid_value(impl):
             call(impl, args[:7], {**hp, **hrepl}, args[7:])
 
 
-@needs_native
 def test_error_messages_identical_between_backends():
     _, _, shape_cases = _shape_cases()
     arrays, hp, out, invalid_cases = _invalid_cases()  # (the cases refer to these arrays)
@@ -381,7 +376,6 @@ def test_error_messages_identical_between_backends():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_torch_tensors_written_in_place(impl):
-    torch = pytest.importorskip("torch")
     arrays, hp = make_case(9, 3, 64, 2, lr=0.02, t=1, trust_region=0.01)
     want = call(ref, arrays, hp)
     outs = [torch.from_numpy(o) for o in outputs(2, 64)]
