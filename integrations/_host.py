@@ -9,6 +9,7 @@ adapter listing and rollback, the embedder, and the feedback rules.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -48,6 +49,7 @@ class LearningHost:
 
     engine: Any
     store: Any
+    state_dir: Any
     registry: Any
     tokenizer: Any
     _model_source: Any
@@ -69,7 +71,15 @@ class LearningHost:
         raise NotImplementedError
 
     def save_state(self) -> None:
-        pass
+        """Persist the engine (MicroLoRA, patterns, counters) next to the store and adapters,
+        so ``sona export`` and a restarted host find it. Runs after every ``learn()`` and on
+        ``close()``; feedback itself is durable in the store as it arrives."""
+        self.engine.save(self.state_dir / "engine")
+        info = {"model_source": str(self._model_source) if self._model_source else None,
+                "adapter_version": self.adapter_version}
+        tmp = self.state_dir / "pipeline.json.tmp"
+        tmp.write_text(json.dumps(info))
+        tmp.replace(self.state_dir / "pipeline.json")
 
     # -- shared ---------------------------------------------------------------------------
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -17,7 +17,6 @@ version and hot-swaps it in; each response says which adapter version answered i
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -382,17 +381,6 @@ class SonaPipeline(LearningHost):
         base = self.registry.get(self._served_version).path if self._served_version else None
         return write_peft_export(Path(path), self.engine.micro_lora, self._lm_head.weight, base,
                                  str(self._model_source) if self._model_source else None)
-
-    def save_state(self) -> None:
-        """Persist the engine (MicroLoRA, patterns, counters) next to the store and adapters,
-        so ``sona export`` and a restarted pipeline find it. Runs after every ``learn()``
-        and on ``close()``; feedback itself is durable in the store as it arrives."""
-        self.engine.save(self.state_dir / "engine")
-        info = {"model_source": str(self._model_source) if self._model_source else None,
-                "adapter_version": self._served_version}
-        tmp = self.state_dir / "pipeline.json.tmp"
-        tmp.write_text(json.dumps(info))
-        tmp.replace(self.state_dir / "pipeline.json")
 
     def stats(self) -> dict:
         s = self.engine.stats()

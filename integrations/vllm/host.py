@@ -12,7 +12,6 @@ version what requests for the served model get (``server.py``, ``__init__.py``).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -144,11 +143,7 @@ class VllmHost(LearningHost):
 
     def save_state(self) -> None:
         self.micro_lora()  # the workers' weights into the engine that is saved
-        self.engine.save(self.state_dir / "engine")
-        info = {"model_source": str(self._model_source), "adapter_version": self._version}
-        tmp = self.state_dir / "pipeline.json.tmp"
-        tmp.write_text(json.dumps(info))
-        tmp.replace(self.state_dir / "pipeline.json")
+        super().save_state()
 
     # -- feedback -------------------------------------------------------------------------
     def feedback(self, response_id: str, reward: float | None = None, *,

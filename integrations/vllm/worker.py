@@ -130,12 +130,11 @@ class WorkerSona:
         runner.execute_model = execute_model
 
     def _compute_logits(self, orig, h: torch.Tensor, *args, **kwargs):
-        runner = self.runner
         n = h.shape[0]
-        ids = list(runner.input_batch.req_ids[:n])
         # prompt log-probs and warm-up runs also call compute_logits: record only the rows
         # of a model step (one per request), which is what sample_tokens samples from
-        record = self._in_step and len(ids) == n
+        ids = list(self.runner.input_batch.req_ids[:n]) if self._in_step else []
+        record = len(ids) == n
         h_rec = h.detach().to(torch.float32).cpu().numpy().copy() if record else None
         micro = self.engine.micro_lora
         if self.engine.is_enabled() and micro.B.any():
