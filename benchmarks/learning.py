@@ -36,7 +36,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from sona_plugin.demo import HELDOUT_PROMPTS, RULES, STREAM_PROMPTS, answers, liked_rate  # noqa: E402
+from sona_plugin.demo import HELDOUT_PROMPTS, RULES, STREAM_PROMPTS, answers  # noqa: E402
+from sona_plugin.training.gate import on_topic_score  # noqa: E402
 
 MAX_NEW = 40
 
@@ -70,6 +71,20 @@ def feed_round(pipe, rule, prompts: list[str], seed: int) -> float:
     return liked / len(outs)
 
 
+def heldout_answers(pipe) -> list[str]:
+    return [o["text"] for o in answers(pipe, HELDOUT_PROMPTS, sample=False,
+                                       max_new_tokens=MAX_NEW)]
+
+
+def heldout(pipe, rule) -> tuple[float, float]:
+    """Greedy answers to the held-out prompts: (share ``rule`` likes, on-topic score = mean
+    prompt-answer cosine of all-MiniLM-L6-v2 embeddings). A gain that comes from drifting
+    off the question shows as a falling on-topic score."""
+    texts = heldout_answers(pipe)
+    return (sum(rule.check(t) for t in texts) / len(texts),
+            on_topic_score(HELDOUT_PROMPTS, texts, pipe.embed))
+
+
 def stream(seed: int) -> list[str]:
     s = STREAM_PROMPTS[:]
     random.Random(seed).shuffle(s)
@@ -81,20 +96,33 @@ def run_main(task: str, seed: int, rounds: int, per_round: int, background: bool
     pipe = new_pipe()
     s = stream(seed)
     t0 = time.time()
+    liked0, on0 = heldout(pipe, rule)
     row = {"task": task, "seed": seed, "background": background,
-           "curve": [{"feedback": 0, "heldout": liked_rate(pipe, rule, HELDOUT_PROMPTS, MAX_NEW)}]}
+           "curve": [{"feedback": 0, "heldout": liked0, "on_topic": on0}]}
     for k in range(rounds):
         prompts = [s[(k * per_round + i) % len(s)] for i in range(per_round)]
         stream_liked = feed_round(pipe, rule, prompts, seed * 1000 + k)
         rep = pipe.learn(epochs=2) if background else {}
+        liked, on = heldout(pipe, rule)
+        split = {}
+        if ENGINE["name"] == "transformers":  # the served BaseLoRA alone, MicroLoRA off
+            pipe.engine.set_enabled(False)
+            try:
+                split = dict(zip(("heldout_baselora", "on_topic_baselora"), heldout(pipe, rule)))
+            finally:
+                pipe.engine.set_enabled(True)
         row["curve"].append({"feedback": (k + 1) * per_round, "stream": stream_liked,
-                             "heldout": liked_rate(pipe, rule, HELDOUT_PROMPTS, MAX_NEW),
+                             "heldout": liked, "on_topic": on, **split,
                              "published": rep.get("published"),
+                             "step_scale": rep.get("step_scale"),
                              "gate": (rep.get("gate") or {}).get("metrics"),
-                             "gate_reasons": (rep.get("gate") or {}).get("reasons")})
+                             "gate_reasons": (rep.get("gate") or {}).get("reasons"),
+                             "gate_tried": [{k2: t[k2] for k2 in ("scale", "passed", "reasons")}
+                                            for t in (rep.get("gate") or {}).get("tried", [])]})
         print(f"  {task} seed {seed} {'B' if background else 'A'} after {(k + 1) * per_round}: "
-              f"held-out {row['curve'][-1]['heldout']:.0%} (stream {stream_liked:.0%}, "
-              f"published {rep.get('published')}"
+              f"held-out {liked:.0%}, on-topic {on:.3f} (base {on0:.3f}) (stream "
+              f"{stream_liked:.0%}, published {rep.get('published')} at step "
+              f"{rep.get('step_scale')}"
               f"{'' if rep.get('published') or not background else '; gate: ' + str((rep.get('gate') or {}).get('reasons'))})",
               flush=True)
     row["seconds"] = time.time() - t0
@@ -115,27 +143,45 @@ def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, rounds: 
     ra, rb = RULES[task_a], RULES[task_b]
     s = stream(seed)
     t0 = time.time()
-    a0 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
+    a0, on0 = heldout(pipe, ra)
 
     def prompts(k: int) -> list[str]:
         return [s[(k * per_round + i) % len(s)] for i in range(per_round)]
 
+    cycles = []
+
+    def learn(task: str) -> None:
+        rep = pipe.learn(epochs=2, gate=gate)
+        tr = rep.get("train") or {}
+        cycles.append({"task": task, "published": rep.get("published"),
+                       "step_scale": rep.get("step_scale"),
+                       "gate_reasons": (rep.get("gate") or {}).get("reasons"),
+                       "penalty": tr.get("penalty"), "kl": tr.get("kl"),
+                       "objective": (tr["losses"][-1] - tr["penalty"]) if tr.get("losses")
+                       else None, "fisher_mean": tr.get("fisher_mean")})
+        print(f"    cycle {cycles[-1]}", flush=True)
+
     for k in range(rounds):
         feed_round(pipe, ra, prompts(k), seed * 1000 + k)
-        pipe.learn(epochs=2, gate=gate)
-    a1 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
+        learn(task_a)
+    texts = heldout_answers(pipe)
+    a1 = sum(ra.check(t) for t in texts) / len(texts)
+    b1 = sum(rb.check(t) for t in texts) / len(texts)
+    on1 = on_topic_score(HELDOUT_PROMPTS, texts, pipe.embed)
     pipe.mark_task_boundary()
     deep = pipe.deep_cycle() if dreams else None
     for k in range(rounds, 2 * rounds):
         feed_round(pipe, rb, prompts(k), seed * 1000 + k)
-        pipe.learn(epochs=2, gate=gate)
-    a2 = liked_rate(pipe, ra, HELDOUT_PROMPTS, MAX_NEW)
-    b2 = liked_rate(pipe, rb, HELDOUT_PROMPTS, MAX_NEW)
+        learn(task_b)
+    texts = heldout_answers(pipe)
+    a2 = sum(ra.check(t) for t in texts) / len(texts)
+    b2 = sum(rb.check(t) for t in texts) / len(texts)
+    on2 = on_topic_score(HELDOUT_PROMPTS, texts, pipe.embed)
     gain = a1 - a0
     row = {"seed": seed, "ewc": ewc, "dreams": dreams, "gate": gate, "rounds_per_task": rounds,
            "A": task_a, "B": task_b, "A_before": a0, "A_after_A": a1, "A_after_B": a2,
-           "B_after_B": b2, "A_retention": (a2 - a0) / gain if gain > 0 else None,
-           "deep_cycle": deep, "seconds": time.time() - t0}
+           "B_after_A": b1, "B_after_B": b2, "on_topic": [on0, on1, on2], "A_retention": (a2 - a0) / gain if gain > 0 else None,
+           "deep_cycle": deep, "cycles": cycles, "seconds": time.time() - t0}
     print(f"  forgetting {variant_name(row)} seed {seed}: {row}", flush=True)
     pipe.close()
     shutil.rmtree(pipe.state_dir, ignore_errors=True)
@@ -150,8 +196,10 @@ def summarize(rows: list[dict], at: int) -> str:
     vals = [next(c["heldout"] for c in r["curve"] if c["feedback"] == at) for r in rows]
     base = [r["curve"][0]["heldout"] for r in rows]
     sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+    on = [next(c["on_topic"] for c in r["curve"] if c["feedback"] == at) /
+          r["curve"][0]["on_topic"] for r in rows]
     return (f"{statistics.mean(base):.0%} -> {statistics.mean(vals):.0%} ± {sd:.0%} "
-            f"(n={len(vals)})")
+            f"(n={len(vals)}, on-topic x{statistics.mean(on):.2f} of base)")
 
 
 def main() -> None:
@@ -200,7 +248,7 @@ def main() -> None:
         ret = "n/a (no gain on A)" if r["A_retention"] is None else f"{r['A_retention']:.0%}"
         print(f"  forgetting ({variant_name(r)}): A {r['A_before']:.0%} -> "
               f"{r['A_after_A']:.0%} after A -> {r['A_after_B']:.0%} after B (retention {ret}); "
-              f"B {r['B_after_B']:.0%}")
+              f"B {r.get('B_after_A', float('nan')):.0%} after A -> {r['B_after_B']:.0%} after B")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))

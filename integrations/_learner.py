@@ -9,10 +9,13 @@ One cycle (``SonaPipeline.learn()``):
    drawn balanced across patterns (``select_training_set``);
 4. the trainer (a private copy of the base model with a PEFT LoRA, continuing from the
    served version) takes REINFORCE + KL-to-base + EWC++ steps (``BaseLoRATrainer``);
-5. the gate compares the candidate with the served adapter on held-out feedback, anchor
-   text NLL and on-topic answers; a candidate that passes is published atomically as a
-   new immutable version and hot-swapped into the serving pipeline; one that fails is
-   discarded and the trainer returns to the served weights.
+5. the gate compares the candidate with the served adapter on held-out feedback, and with
+   the base model on anchor-text NLL and on-topic answers (to fixed probe questions and
+   to the held-out feedback's prompts; a fixed drift budget); a
+   refused candidate is retried at half and a quarter of its step from the served
+   weights. One that passes is published atomically as a new immutable version and
+   hot-swapped into the serving pipeline; when none passes the trainer returns to the
+   served weights.
 
 The deep cycle (``SonaPipeline.deep_cycle()``) consolidates the pattern bank and EWC++
 memory and dreams: prompts of liked feedback nearest each strong pattern are answered
@@ -41,12 +44,17 @@ logger = logging.getLogger(__name__)
 _PROBE_PROMPTS = [
     "What is the capital of Italy?", "How do I boil an egg?", "Why is the sky blue?",
     "Give me a tip for learning a new language.", "What does a CPU do?",
-    "How many legs does a spider have?",
+    "How many legs does a spider have?", "What causes rain?",
+    "How should I store fresh bread?", "What is a prime number?",
+    "What is the job of a referee?", "How do I write a good email subject line?",
+    "What does a thermometer measure?",
 ]
 _HELDOUT_EVERY = 5
 _HELDOUT_MAX = 40
 _SERVED = "served"
 _MAX_DREAMS = 64
+# fractions of a refused candidate's step from the served weights that the gate also tries
+_STEP_SCALES = (1.0, 0.5, 0.25)
 
 
 class Learner:
@@ -61,6 +69,7 @@ class Learner:
         self.trainer = None
         self.ewc = EwcPlusPlus(pipe.engine.config)
         self.dreams: list[FeedbackRecord] = []
+        self._base_answers: dict = {}  # the gate's cache of the base model's NLL/answers
 
     def _make_trainer(self):
         from sona_plugin.training import BaseLoRATrainer
@@ -76,6 +85,51 @@ class Learner:
             trainer.load_adapter_weights(self.pipe.registry.get(v).path)
         return trainer
 
+    def _gate(self, trainer, start: dict, heldout: list, probe: bool
+              ) -> tuple[bool, dict, float | None]:
+        """Gate the trained candidate; when it fails, try it at half and a quarter of its
+        step from the served weights (θ_served + s·(θ_cand − θ_served), largest s that
+        passes). A refused cycle would otherwise throw its whole update away, and the next
+        one overshoots again from the same place. Drift is measured against the base model
+        (a fixed budget, not one per version). Returns (passed, gate report, step scale);
+        on success the trainer holds the weights that passed."""
+        from sona_plugin.training import ModelView, PromotionGate
+
+        pipe = self.pipe
+        peft = trainer.peft_model
+        gate = PromotionGate()
+        probes = _PROBE_PROMPTS if probe else None
+        embedder = pipe.embed if probe else None
+        served = pipe.adapter_version
+        if served is not None:
+            if _SERVED in peft.peft_config:
+                peft.delete_adapter(_SERVED)
+            peft.load_adapter(str(pipe.registry.get(served).path), adapter_name=_SERVED)
+            peft.set_adapter("default")
+            current = ModelView.adapter(peft, _SERVED)
+        else:
+            current = ModelView.base(peft)
+        cand = {n: p.detach().clone() for n, p in trainer.named_lora_params().items()}
+        tried = []
+        try:
+            for scale in _STEP_SCALES:
+                _set_lora(trainer, start, cand, scale)
+                g = gate.evaluate(ModelView.adapter(peft, "default"), current, heldout, None,
+                                  pipe.tokenizer, embedder=embedder, probe_prompts=probes,
+                                  reference=ModelView.base(peft),
+                                  reference_cache=self._base_answers)
+                tried.append({"scale": scale, "passed": g.passed, "reasons": g.reasons,
+                              "metrics": g.metrics})
+                if g.passed:
+                    break
+        finally:
+            if served is not None:
+                peft.delete_adapter(_SERVED)
+                peft.set_adapter("default")
+        out = g.to_dict()
+        out["tried"] = tried
+        return g.passed, out, (scale if g.passed else None)
+
     def mark_task_boundary(self) -> None:
         if self.trainer is None:
             self.trainer = self._make_trainer()
@@ -85,7 +139,7 @@ class Learner:
 
     def run(self, epochs: int | None = None, gate: bool = True, probe: bool = True,
             batch_size: int = 4) -> dict:
-        from sona_plugin.training import ModelView, PromotionGate, select_training_set
+        from sona_plugin.training import select_training_set
 
         t0 = time.perf_counter()
         pipe = self.pipe
@@ -113,6 +167,7 @@ class Learner:
         if self.trainer is None:
             self.trainer = self._make_trainer()
         trainer = self.trainer
+        start = {n: p.detach().clone() for n, p in trainer.named_lora_params().items()}
         tr = trainer.train(selected, epochs=epochs or self.epochs, batch_size=batch_size)
         report["train"] = tr.to_dict()
         self.last_id = max(r.id for r in new)
@@ -121,33 +176,13 @@ class Learner:
             report.update(skipped=f"training skipped: {tr.skipped}",
                           seconds=time.perf_counter() - t0)
             return report
-        peft = trainer.peft_model
-        served = pipe.adapter_version
-        if served is not None:
-            if _SERVED in peft.peft_config:
-                peft.delete_adapter(_SERVED)
-            peft.load_adapter(str(pipe.registry.get(served).path), adapter_name=_SERVED)
-            peft.set_adapter("default")
-            current = ModelView.adapter(peft, _SERVED)
-        else:
-            current = ModelView.base(peft)
+        passed = True
         if gate:
-            g = PromotionGate().evaluate(
-                ModelView.adapter(peft, "default"), current, heldout, None, pipe.tokenizer,
-                embedder=pipe.embed if probe else None, probe_prompts=_PROBE_PROMPTS if probe else None)
-            report["gate"] = g.to_dict()
-            passed = g.passed
-        else:
-            passed = True
-        if served is not None:
-            peft.delete_adapter(_SERVED)
-            peft.set_adapter("default")
+            passed, report["gate"], report["step_scale"] = self._gate(trainer, start, heldout,
+                                                                      probe)
         if not passed:
             # back to what is served, so the next cycle starts from it
-            if served is not None:
-                trainer.load_adapter_weights(pipe.registry.get(served).path)
-            else:
-                _reset_lora(peft)
+            _set_lora(trainer, start, start, 0.0)
             report["seconds"] = time.perf_counter() - t0
             return report
         meta = {"trained_on": len(selected), "new_records": len(new), "cycle": self.cycles,
@@ -171,11 +206,11 @@ def _fresh_base(pipe: Any):
                        "build the pipeline from a path (or the default model)")
 
 
-def _reset_lora(peft) -> None:
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            with torch.no_grad():
-                p.zero_()
+def _set_lora(trainer, start: dict, end: dict, scale: float) -> None:
+    """LoRA tensors ← start + scale·(end − start)."""
+    with torch.no_grad():
+        for n, p in trainer.named_lora_params().items():
+            p.copy_(start[n] + scale * (end[n] - start[n]))
 
 
 def dream(learner: Learner, n: int) -> dict:

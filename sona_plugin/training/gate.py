@@ -6,12 +6,20 @@ Three checks, each comparing the candidate with the model that serves now:
    trainer did not see (higher is better: liked answers more likely, disliked less).
    The candidate passes if ``score_cand ≥ score_cur − tolerance_heldout``.
 2. **Anchor text**: mean NLL per token of fixed neutral text (:data:`ANCHOR_TEXTS`).
-   Passes if ``nll_cand ≤ nll_cur · (1 + tolerance_nll)``.
-3. **On topic** (when an embedder and probe prompts are given): each probe prompt is
-   answered greedily (≤ 32 new tokens) by both models; the score is the mean cosine of
-   prompt and answer embeddings. Passes if ``on_cand ≥ min_on_topic_ratio · on_cur``.
-   DESIGN.md found that the strong settings drift off the question while the anchor
-   NLL barely moves, so perplexity alone does not protect users.
+   Passes if ``nll_cand ≤ nll_ref · (1 + tolerance_nll)``.
+3. **On topic** (when an embedder is given): the probe prompts and the prompts of the
+   held-out feedback (the last ``on_topic_records``; real traffic, never trained on) are
+   answered greedily (≤ 32 new tokens); the score is the mean cosine of prompt and
+   answer embeddings (a record's prompt embedding is the one stored with it). Passes if
+   ``on_cand ≥ min_on_topic_ratio · on_ref``. DESIGN.md found that the strong settings
+   drift off the question while the anchor NLL barely moves, so perplexity alone does
+   not protect users.
+
+The drift checks (2, 3) compare with a *reference*: the current model by default, or a
+fixed ``reference`` model (normally the base model, with a ``reference_cache`` so that its
+anchor NLL and answers are computed once). Against the current model each published
+version may drift a further 5 % / 10 % and the drifts compound over versions; against the
+base model the budget is fixed.
 
 Models are passed as modules or as :class:`ModelView` — a model plus a context to enter
 while it is evaluated, so that one PeftModel can serve as both candidate and current
@@ -117,9 +125,10 @@ class GateResult:
 
     Attributes:
         passed: every check that ran passed.
-        metrics: the numbers behind the verdict (candidate and current per check).
+        metrics: the numbers behind the verdict (candidate and current, or reference, per
+            check).
         reasons: one line per failed check (empty when passed).
-        samples: the probe answers, ``{"candidate": [...], "current": [...]}``.
+        samples: the probe answers, ``{"candidate": [...], "current" or "reference": [...]}``.
     """
 
     passed: bool
@@ -177,14 +186,31 @@ def _chat_prompt(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
+def _prompt_rows(prompts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    return [list(tokenizer(_chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
+            for p in prompts]
+
+
 def greedy_answers(model: Any, prompts: Sequence[str], tokenizer: Any,
                    max_new_tokens: int = 32) -> list[str]:
     """Greedy answers (chat template applied when the tokenizer has one), decoded."""
-    texts = [_chat_prompt(tokenizer, p) for p in prompts]
+    return greedy_answers_ids(model, _prompt_rows(prompts, tokenizer), tokenizer, max_new_tokens)
+
+
+def greedy_answers_ids(model: Any, rows: Sequence[Sequence[int]], tokenizer: Any,
+                       max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy answers to prompts given as token ids (already templated), decoded."""
+    out: list[str] = []
+    for s in range(0, len(rows), batch_size):
+        out += _greedy_batch(model, rows[s: s + batch_size], tokenizer, max_new_tokens)
+    return out
+
+
+def _greedy_batch(model: Any, rows: Sequence[Sequence[int]], tokenizer: Any,
+                  max_new_tokens: int) -> list[str]:
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    rows = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     L = max(len(r) for r in rows)
     ids = torch.full((len(rows), L), int(pad), dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)
@@ -210,13 +236,35 @@ def _embed(embedder: Any, texts: list[str]) -> np.ndarray:
 
 def on_topic_score(prompts: Sequence[str], answers: Sequence[str], embedder: Any) -> float:
     """Mean cosine between each prompt's and its answer's embedding (empty answer: 0)."""
-    P = _embed(embedder, list(prompts))
+    return _cosine_to(_embed(embedder, list(prompts)), answers, embedder)
+
+
+def _cosine_to(P: np.ndarray, answers: Sequence[str], embedder: Any) -> float:
+    """Mean cosine of unit prompt embeddings ``P`` and the answers' (empty answer: 0)."""
     keep = [i for i, a in enumerate(answers) if a.strip()]
-    cos = np.zeros(len(prompts))
+    cos = np.zeros(len(answers))
     if keep:
         A = _embed(embedder, [answers[i] for i in keep])
         cos[keep] = np.einsum("ij,ij->i", P[keep], A)
     return float(cos.mean())
+
+
+def _on_topic_items(probes: list[str], records: Sequence[FeedbackRecord], tokenizer: Any,
+                    embedder: Any) -> tuple[list[str], list[list[int]], np.ndarray]:
+    """Keys, prompt token rows and unit prompt embeddings of the on-topic check's prompts:
+    the probe questions, then the records with a prompt and a stored embedding."""
+    keys = [f"probe:{p}" for p in probes]
+    rows = _prompt_rows(probes, tokenizer)
+    parts = [_embed(embedder, probes)] if probes else []
+    recs = [r for r in records if len(r.prompt_ids) > 0 and r.embedding is not None and
+            np.asarray(r.embedding).size > 0]
+    if recs:
+        keys += [f"record:{r.response_id}" for r in recs]
+        rows += [list(r.prompt_ids) for r in recs]
+        E = np.stack([np.asarray(r.embedding, np.float64) for r in recs])
+        parts.append(E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12))
+    P = np.concatenate(parts) if parts else np.zeros((0, 0))
+    return keys, rows, P
 
 
 class PromotionGate:
@@ -226,14 +274,16 @@ class PromotionGate:
         tolerance_nll: relative anchor-NLL increase allowed (0.05: 5 %).
         tolerance_heldout: absolute drop of the held-out feedback score allowed.
         min_on_topic_ratio: candidate on-topic score must be at least this fraction of
-            the current model's.
+            the current (or reference) model's.
+        on_topic_records: how many of the latest held-out records the on-topic check
+            also answers (0: the probe prompts only).
         max_new_tokens: length of the greedy probe answers.
         batch_size: rows per forward pass.
     """
 
     def __init__(self, tolerance_nll: float = 0.05, tolerance_heldout: float = 0.0,
                  min_on_topic_ratio: float = 0.9, max_new_tokens: int = 32,
-                 batch_size: int = 8):
+                 batch_size: int = 8, on_topic_records: int = 24):
         for name, v in (("tolerance_nll", tolerance_nll), ("tolerance_heldout", tolerance_heldout),
                         ("min_on_topic_ratio", min_on_topic_ratio)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -244,12 +294,18 @@ class PromotionGate:
         self.tolerance_nll = float(tolerance_nll)
         self.tolerance_heldout = float(tolerance_heldout)
         self.min_on_topic_ratio = float(min_on_topic_ratio)
+        if isinstance(on_topic_records, bool) or not isinstance(on_topic_records, int) or \
+                on_topic_records < 0:
+            raise InvalidValue(f"on_topic_records must be an integer >= 0, got "
+                               f"{on_topic_records!r}")
         self.max_new_tokens = max_new_tokens
         self.batch_size = int(batch_size)
+        self.on_topic_records = on_topic_records
 
     def evaluate(self, candidate: Any, current: Any, heldout: Sequence[FeedbackRecord],
                  anchor_texts: Sequence[str] | None, tokenizer: Any, embedder: Any = None,
-                 probe_prompts: Sequence[str] | None = None) -> GateResult:
+                 probe_prompts: Sequence[str] | None = None, reference: Any = None,
+                 reference_cache: dict | None = None) -> GateResult:
         """Run the checks (see the module docstring) and return the verdict.
 
         Args:
@@ -259,8 +315,13 @@ class PromotionGate:
             anchor_texts: texts for check 2; None uses :data:`ANCHOR_TEXTS`.
             tokenizer: the host model's tokenizer.
             embedder: a SentenceTransformer (``.encode``) or a callable
-                ``list[str] -> [n, d]``; with ``probe_prompts`` enables check 3.
-            probe_prompts: questions for check 3.
+                ``list[str] -> [n, d]``; enables check 3.
+            probe_prompts: fixed questions for check 3 (besides the held-out prompts).
+            reference: a module or :class:`ModelView` that checks 2 and 3 compare with
+                instead of ``current`` (``metrics`` names it ``reference``).
+            reference_cache: a dict kept by the caller across calls with the same
+                ``reference``: its anchor NLL and answers are computed once. Only for a
+                reference whose weights do not change.
         """
         cand, cur = _view(candidate), _view(current)
         texts = list(ANCHOR_TEXTS if anchor_texts is None else anchor_texts)
@@ -279,33 +340,50 @@ class PromotionGate:
                 reasons.append(f"held-out feedback score fell: {hc:.4f} < {hu:.4f} - "
                                f"{self.tolerance_heldout}")
 
+        ref = cur if reference is None else _view(reference)
+        ref_name = "current" if reference is None else "reference"
+        cache = reference_cache if reference is not None and reference_cache is not None else {}
         with cand.use() as m:
             nc = anchor_nll(m, texts, tokenizer, self.batch_size)
-        with cur.use() as m:
-            nu = anchor_nll(m, texts, tokenizer, self.batch_size)
-        metrics.update(anchor_nll_candidate=nc, anchor_nll_current=nu)
+        key = ("anchor_nll", tuple(texts))
+        if key not in cache:
+            with ref.use() as m:
+                cache[key] = anchor_nll(m, texts, tokenizer, self.batch_size)
+        nu = cache[key]
+        metrics.update({"anchor_nll_candidate": nc, f"anchor_nll_{ref_name}": nu})
         if nu > 0:  # ratios only where defined, so that the metrics stay valid JSON
             metrics["anchor_nll_ratio"] = nc / nu
         if nc > nu * (1.0 + self.tolerance_nll):
-            reasons.append(f"anchor-text NLL rose: {nc:.4f} > {nu:.4f} x "
+            reasons.append(f"anchor-text NLL rose: {nc:.4f} > {ref_name} {nu:.4f} x "
                            f"(1 + {self.tolerance_nll})")
 
-        if embedder is not None and probe_prompts:
-            prompts = list(probe_prompts)
-            with cand.use() as m:
-                ac = greedy_answers(m, prompts, tokenizer, self.max_new_tokens)
-            with cur.use() as m:
-                au = greedy_answers(m, prompts, tokenizer, self.max_new_tokens)
-            oc, ou = on_topic_score(prompts, ac, embedder), on_topic_score(prompts, au, embedder)
-            metrics.update(on_topic_candidate=oc, on_topic_current=ou)
-            if ou > 0:
-                metrics["on_topic_ratio"] = oc / ou
-            samples = {"candidate": ac, "current": au}
-            if oc < self.min_on_topic_ratio * ou:
-                reasons.append(f"answers drift off the question: on-topic {oc:.4f} < "
-                               f"{self.min_on_topic_ratio} x {ou:.4f}")
+        if embedder is not None:
+            keys, rows, P = _on_topic_items(list(probe_prompts or []),
+                                            heldout[-self.on_topic_records:]
+                                            if self.on_topic_records else [],
+                                            tokenizer, embedder)
+            if keys:
+                with cand.use() as m:
+                    ac = greedy_answers_ids(m, rows, tokenizer, self.max_new_tokens)
+                todo = [i for i, k in enumerate(keys) if ("answer", k) not in cache]
+                if todo:
+                    with ref.use() as m:
+                        got = greedy_answers_ids(m, [rows[i] for i in todo], tokenizer,
+                                                 self.max_new_tokens)
+                    for i, a in zip(todo, got):
+                        cache[("answer", keys[i])] = a
+                au = [cache[("answer", k)] for k in keys]
+                oc, ou = _cosine_to(P, ac, embedder), _cosine_to(P, au, embedder)
+                metrics.update({"on_topic_candidate": oc, f"on_topic_{ref_name}": ou,
+                                "on_topic_prompts": float(len(keys))})
+                if ou > 0:
+                    metrics["on_topic_ratio"] = oc / ou
+                samples = {"candidate": ac, ref_name: au}
+                if oc < self.min_on_topic_ratio * ou:
+                    reasons.append(f"answers drift off the question: on-topic {oc:.4f} < "
+                                   f"{self.min_on_topic_ratio} x {ref_name} {ou:.4f}")
         return GateResult(passed=not reasons, metrics=metrics, reasons=reasons, samples=samples)
 
 
 __all__ = ["ANCHOR_TEXTS", "GateResult", "ModelView", "PromotionGate", "anchor_nll",
-           "greedy_answers", "heldout_score", "on_topic_score"]
+           "greedy_answers", "greedy_answers_ids", "heldout_score", "on_topic_score"]

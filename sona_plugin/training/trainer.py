@@ -28,7 +28,7 @@ import torch
 from ..config import SonaConfig
 from ..errors import InvalidValue, StateError
 from ..store.base import FeedbackRecord
-from .objective import reference_logprobs, reinforce_kl_loss
+from .objective import reference_logprobs, reinforce_kl_loss, response_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class TrainReport:
         baseline: the reward baseline b used for this call's advantages.
         first_epoch_loss: mean objective loss (without penalty) over the first epoch, the
             statistic given to the EWC++ boundary detector.
+        fisher_mean: mean of this call's per-token Fisher estimate over all LoRA
+            parameters (:meth:`BaseLoRATrainer.fisher_diagonal`); None without EWC++.
     """
 
     steps: int = 0
@@ -69,6 +71,7 @@ class TrainReport:
     epochs: int = 0
     baseline: float = 0.0
     first_epoch_loss: float | None = None
+    fisher_mean: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +102,8 @@ class BaseLoRATrainer:
         max_grad_norm: global L2 clip of each step's gradient.
         ref_cache_mb: memory (MiB) for caching π_ref's log-softmax across epochs, so that
             later epochs skip the reference forward pass; 0 disables the cache.
+        fisher_samples: records per :meth:`train` call whose per-record gradients
+            estimate the Fisher for EWC++ (one backward pass each).
 
     Raises:
         InvalidValue: ``base_model`` already has PEFT adapters, or bad arguments.
@@ -108,7 +113,7 @@ class BaseLoRATrainer:
                  target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
                  ewc: Any = None, beta: float = 0.05, seed: int = 0,
                  max_length: int | None = None, max_grad_norm: float = 1.0,
-                 ref_cache_mb: float = 256.0):
+                 ref_cache_mb: float = 256.0, fisher_samples: int = 24):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if isinstance(base_model, PeftModel) or hasattr(base_model, "peft_config"):
@@ -126,6 +131,7 @@ class BaseLoRATrainer:
         self.max_length = max_length
         self.max_grad_norm = float(max_grad_norm)
         self.ref_cache_bytes = int(max(ref_cache_mb, 0) * 2**20)
+        self.fisher_samples = _positive_int("fisher_samples", fisher_samples)
         self.target_modules = tuple(target_modules)
         r = int(config.base_lora_rank)
         self.lora_config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=config.lora_dropout,
@@ -189,10 +195,9 @@ class BaseLoRATrainer:
         behaviour is then fully determined by the adapter weights and :meth:`state_dict`,
         which is what survives a restart.
 
-        After the last step, with an EWC++ instance: ``update_fisher`` receives
-        ``sqrt(mean over steps of g²)`` per LoRA tensor, ``g`` the gradient of the
-        objective without the penalty (so that ``F ← γF + (1−γ)·mean g²``), then
-        ``detect_task_boundary(loss=first_epoch_loss)``; on a boundary the current LoRA
+        After the last step, with an EWC++ instance: ``update_fisher`` receives the square
+        root of :meth:`fisher_diagonal` on ``fisher_samples`` of the records (so that
+        ``F ← γF + (1−γ)·F_call``), then ``detect_task_boundary(loss=first_epoch_loss)``; on a boundary the current LoRA
         values are remembered with :meth:`EwcPlusPlus.start_new_task`.
 
         Returns:
@@ -231,7 +236,6 @@ class BaseLoRATrainer:
         params = self.named_lora_params()
         plist = list(params.values())
         opt = torch.optim.AdamW(plist, lr=lr)
-        sq = {n: torch.zeros_like(p) for n, p in params.items()}
         ref_cache: dict[int, torch.Tensor] = {}
         cache_bytes = 0
         first_epoch: list[float] = []
@@ -269,9 +273,6 @@ class BaseLoRATrainer:
                                                         device=dev, max_length=self.max_length,
                                                         ref_logprobs=ref)
                         loss.backward()
-                        for n, p in params.items():
-                            if p.grad is not None:
-                                sq[n] += p.grad.detach() ** 2
                         pen_value = 0.0
                         if self.ewc is not None and self.ewc.task_count > 0:
                             pen = self.ewc.penalty(params)
@@ -292,8 +293,10 @@ class BaseLoRATrainer:
         self._calls += 1
         self._steps_total += report.steps
         if self.ewc is not None:
-            self.ewc.update_fisher({n: (v / report.steps).sqrt().cpu().numpy()
-                                    for n, v in sq.items()})
+            fisher = self.fisher_diagonal(usable, self.fisher_samples)
+            report.fisher_mean = float(sum(f.sum() for f in fisher.values()) /
+                                       sum(f.numel() for f in fisher.values()))
+            self.ewc.update_fisher({n: f.sqrt().cpu().numpy() for n, f in fisher.items()})
             if self.ewc.detect_task_boundary(loss=report.first_epoch_loss):
                 report.task_boundary = bool(self.ewc.start_new_task(
                     {n: p.detach().cpu().numpy() for n, p in params.items()}))
@@ -302,6 +305,46 @@ class BaseLoRATrainer:
                     "KL %.4f, %.1f s%s", len(usable), epochs, report.steps, report.losses[-1],
                     report.kl, report.seconds, " (task boundary)" if report.task_boundary else "")
         return report
+
+    def fisher_diagonal(self, records: Sequence[FeedbackRecord], samples: int
+                        ) -> dict[str, torch.Tensor]:
+        """The diagonal Fisher of the LoRA's answer distribution, per answer token.
+
+        ``F_i = mean_r (∂ Σ_t log π(y_{r,t}) / ∂θ_i)² / T_r`` over up to ``samples``
+        records ``r`` (chosen at random, one backward pass each, dropout off). The answers
+        were sampled from the served model, so this estimates the model's own Fisher; the
+        score's cross-token terms vanish in expectation, which makes ``F/T`` the Fisher of
+        one answer token and ``½ Σ_i F_i Δθ_i² ≈ KL`` per answer token. The EWC++
+        penalty ``λ Σ F Δθ²`` is then about ``2λ ×`` the per-token KL that a change
+        ``Δθ`` causes on earlier tasks' answers, a scale that does not depend on the batch
+        size or on the rewards (the squared gradients of the advantage-weighted batch loss,
+        used before, were near zero on balanced feedback: an inert penalty).
+        """
+        usable = [r for r in records if len(r.response_ids) > 0 and len(r.prompt_ids) > 0]
+        params = self.named_lora_params()
+        out = {n: torch.zeros_like(p) for n, p in params.items()}
+        if not usable or samples < 1:
+            return out
+        rng = np.random.default_rng([self.seed, self._calls, 7])
+        pick = rng.choice(len(usable), size=min(samples, len(usable)), replace=False)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in pick:
+                rec = usable[int(i)]
+                self.model.zero_grad(set_to_none=True)
+                (lp,) = response_logprobs(self.model, [rec], self.device,
+                                          max_length=self.max_length)
+                lp.sum().backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        out[n] += p.grad.detach() ** 2 / lp.numel()
+        finally:
+            self.model.zero_grad(set_to_none=True)
+            self.model.train(was_training)
+        for f in out.values():
+            f /= len(pick)
+        return out
 
     # ------------------------------------------------------------------ adapters
     def save_adapter(self, path: str | Path) -> Path:
