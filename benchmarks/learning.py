@@ -81,8 +81,11 @@ def heldout(pipe, rule) -> tuple[float, float]:
     prompt-answer cosine of all-MiniLM-L6-v2 embeddings). A gain that comes from drifting
     off the question shows as a falling on-topic score."""
     texts = heldout_answers(pipe)
-    return (sum(rule.check(t) for t in texts) / len(texts),
-            on_topic_score(HELDOUT_PROMPTS, texts, pipe.embed))
+    return liked_share(rule, texts), on_topic_score(HELDOUT_PROMPTS, texts, pipe.embed)
+
+
+def liked_share(rule, texts: list[str]) -> float:
+    return sum(rule.check(t) for t in texts) / len(texts)
 
 
 def stream(seed: int) -> list[str]:
@@ -165,8 +168,7 @@ def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, rounds: 
         feed_round(pipe, ra, prompts(k), seed * 1000 + k)
         learn(task_a)
     texts = heldout_answers(pipe)
-    a1 = sum(ra.check(t) for t in texts) / len(texts)
-    b1 = sum(rb.check(t) for t in texts) / len(texts)
+    a1, b1 = liked_share(ra, texts), liked_share(rb, texts)
     on1 = on_topic_score(HELDOUT_PROMPTS, texts, pipe.embed)
     pipe.mark_task_boundary()
     deep = pipe.deep_cycle() if dreams else None
@@ -174,13 +176,13 @@ def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, rounds: 
         feed_round(pipe, rb, prompts(k), seed * 1000 + k)
         learn(task_b)
     texts = heldout_answers(pipe)
-    a2 = sum(ra.check(t) for t in texts) / len(texts)
-    b2 = sum(rb.check(t) for t in texts) / len(texts)
+    a2, b2 = liked_share(ra, texts), liked_share(rb, texts)
     on2 = on_topic_score(HELDOUT_PROMPTS, texts, pipe.embed)
     gain = a1 - a0
     row = {"seed": seed, "ewc": ewc, "dreams": dreams, "gate": gate, "rounds_per_task": rounds,
            "A": task_a, "B": task_b, "A_before": a0, "A_after_A": a1, "A_after_B": a2,
-           "B_after_A": b1, "B_after_B": b2, "on_topic": [on0, on1, on2], "A_retention": (a2 - a0) / gain if gain > 0 else None,
+           "B_after_A": b1, "B_after_B": b2, "on_topic": [on0, on1, on2],
+           "A_retention": (a2 - a0) / gain if gain > 0 else None,
            "deep_cycle": deep, "cycles": cycles, "seconds": time.time() - t0}
     print(f"  forgetting {variant_name(row)} seed {seed}: {row}", flush=True)
     pipe.close()

@@ -92,7 +92,7 @@ class Learner:
         passes). A refused cycle would otherwise throw its whole update away, and the next
         one overshoots again from the same place. Drift is measured against the base model
         (a fixed budget, not one per version). Returns (passed, gate report, step scale);
-        on success the trainer holds the weights that passed."""
+        the trainer then holds the weights that passed, or the served ones."""
         from sona_plugin.training import ModelView, PromotionGate
 
         pipe = self.pipe
@@ -122,6 +122,8 @@ class Learner:
                               "metrics": g.metrics})
                 if g.passed:
                     break
+            if not g.passed:  # scale 0: back to the served weights, where the next cycle starts
+                _set_lora(trainer, start, cand, 0.0)
         finally:
             if served is not None:
                 peft.delete_adapter(_SERVED)
@@ -181,8 +183,6 @@ class Learner:
             passed, report["gate"], report["step_scale"] = self._gate(trainer, start, heldout,
                                                                       probe)
         if not passed:
-            # back to what is served, so the next cycle starts from it
-            _set_lora(trainer, start, start, 0.0)
             report["seconds"] = time.perf_counter() - t0
             return report
         meta = {"trained_on": len(selected), "new_records": len(new), "cycle": self.cycles,

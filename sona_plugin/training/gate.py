@@ -1,6 +1,7 @@
 """The promotion gate: a candidate adapter is published only if it does not regress.
 
-Three checks, each comparing the candidate with the model that serves now:
+Three checks, each comparing the candidate with the model that serves now (or, for
+checks 2 and 3, a fixed reference; see below):
 
 1. **Held-out feedback**: ``mean_i r_i · (1/T_i) Σ_t log π(y_{i,t})`` over feedback the
    trainer did not see (higher is better: liked answers more likely, disliked less).

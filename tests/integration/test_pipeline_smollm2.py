@@ -294,3 +294,39 @@ def test_feedback_acknowledged_before_kill_9_is_in_the_store(tmp_path):
         assert all(store.has(a) for a in acked)
     finally:
         store.close()
+
+
+def test_refused_candidate_is_retried_at_smaller_steps_then_dropped(pipe, monkeypatch):
+    """The learner's line search: a candidate the gate refuses at its full step is served
+    at the largest of ½, ¼ that passes; one refused at every step leaves the trainer on the
+    served weights."""
+    from sona_plugin.integrations import _learner
+    from sona_plugin.training.gate import GateResult, PromotionGate
+
+    learner = pipe._the_learner()
+    if learner.trainer is None:
+        learner.trainer = learner._make_trainer()
+    trainer = learner.trainer
+    params = trainer.named_lora_params()
+    start = {n: p.detach().clone() for n, p in params.items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3)
+    cand = {n: p.detach().clone() for n, p in params.items()}
+
+    def run(verdicts):
+        calls = iter(verdicts)
+        monkeypatch.setattr(PromotionGate, "evaluate",
+                            lambda self, *a, **k: GateResult(next(calls), {}, []))
+        _learner._set_lora(trainer, start, cand, 1.0)
+        return learner._gate(trainer, start, [], probe=False)
+
+    passed, rep, scale = run([False, True])
+    assert passed and scale == 0.5 and [t["scale"] for t in rep["tried"]] == [1.0, 0.5]
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), start[n] + 0.5 * (cand[n] - start[n]))
+    passed, rep, scale = run([False, False, False])
+    assert not passed and scale is None and len(rep["tried"]) == 3
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), start[n])
