@@ -22,7 +22,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 EXTENSION = "sona_plugin.integrations.vllm.worker.SonaWorkerExtension"
-_enabled: dict[str, Any] = {}   # the front end's sona settings once a config enabled it
+# the front end's sona settings once a launch config enabled SONA; None: not enabled.
+# ``{"sona": {}}`` (what a plain `sona serve` passes) enables it with every default.
+_enabled: dict[str, Any] | None = None
 
 
 def sona_settings(additional_config: Any) -> dict | None:
@@ -58,7 +60,7 @@ def register() -> None:
 
         def load_endpoint_plugins(supported_tasks):
             plugins = orig_load(supported_tasks)
-            if _enabled and not any(getattr(p, "name", "") == "sona_feedback" for p in plugins):
+            if _enabled is not None and not any(getattr(p, "name", "") == "sona_feedback" for p in plugins):
                 from .server import SonaEndpointPlugin
 
                 plugins.append(SonaEndpointPlugin())
@@ -83,6 +85,6 @@ def _enable(cfg) -> None:
     if getattr(cfg, "lora_config", None) is None:
         logger.warning("SONA: --enable-lora is off, so BaseLoRA versions cannot be served; "
                        "only the MicroLoRA learns")
-    _enabled.clear()
-    _enabled.update(settings)
+    global _enabled
+    _enabled = dict(settings)
     logger.info("SONA enabled: worker extension %s", EXTENSION)

@@ -63,6 +63,15 @@ def external_id(internal_id: str) -> str:
     return head if sep and len(tail) == 8 else internal_id
 
 
+def _parse_engine_id(internal_id: str) -> tuple[str, int | None]:
+    """(the id the request was submitted under, its ``n > 1`` child index or None)."""
+    ext = external_id(internal_id)
+    head, sep, tail = ext.partition("_")
+    if sep and head.isdigit():
+        return tail, int(head)
+    return ext, None
+
+
 @dataclass
 class Recording:
     """What one request generated: per sampled token its hidden state and top-k."""
@@ -75,6 +84,7 @@ class Recording:
     topk_ids: list[np.ndarray] = field(default_factory=list)
     topk_lp: list[np.ndarray] = field(default_factory=list)
     finished: bool = False
+    judged: bool = False  # feedback taken: the steps are dropped, the ids kept for lookup
 
 
 class WorkerSona:
@@ -170,7 +180,7 @@ class WorkerSona:
                     self._evict()
                 rec.tokens.append(int(toks[0]))
                 self.recorded_tokens += 1
-                if len(rec.hidden) < self.max_steps:
+                if len(rec.hidden) < self.max_steps and not rec.judged:
                     rec.hidden.append(row[0])
                     rec.topk_ids.append(row[1])
                     rec.topk_lp.append(row[2])
@@ -198,24 +208,41 @@ class WorkerSona:
     # -- feedback ------------------------------------------------------------------------
     def find(self, response_id: str, index: int) -> Recording | None:
         """The recording of choice ``index`` of the response the client knows as
-        ``response_id`` (the ``id`` of a completion / chat completion, or an offline
-        request id)."""
-        wanted = {f"{index}_{response_id}"} | ({response_id} if index == 0 else set())
+        ``response_id``: the ``id`` of a chat completion (engine id ``{id}``, or
+        ``{index}_{id}`` when ``n > 1``), of a completion (engine ids ``{id}-{prompt}``,
+        ``{k}_{id}-{prompt}`` when ``n > 1``; choice ``index`` counts ``k`` within each
+        prompt, prompts in order, as vLLM numbers the choices), or an offline request id."""
+        completion: list[tuple[int, int, str]] = []
         with self.lock:
-            for rid in reversed(self.recordings):
-                if rid in wanted or external_id(rid) in wanted:
+            for rid in self.recordings:
+                base, child = _parse_engine_id(rid)
+                if base == response_id and (child == index or (child is None and index == 0)):
                     return self.recordings[rid]
+                head, sep, prompt = base.rpartition("-")
+                if sep and head == response_id and prompt.isdigit():
+                    completion.append((int(prompt), child or 0, rid))
+            completion.sort()
+            if index < len(completion):
+                return self.recordings[completion[index][2]]
         return None
 
     def learn(self, rec: Recording, reward: float) -> dict | None:
+        """The instant update from one judged response, at most once per recording.
+
+        Its steps (hidden states, top-k) are released; the recording stays, ids only, so
+        that the choice numbering of its siblings (``find``) does not shift."""
         from sona_plugin.types import Trajectory, TrajectoryStep
 
         with self.lock:
-            self.recordings.pop(rec.internal_id, None)
-        if not rec.hidden:
+            if rec.judged:
+                return None
+            rec.judged = True
+            hidden, topk_ids, topk_lp = rec.hidden, rec.topk_ids, rec.topk_lp
+            rec.hidden, rec.topk_ids, rec.topk_lp = [], [], []
+        if not hidden:
             return None
-        steps = [TrajectoryStep(rec.hidden[i], np.zeros(0, np.float32), reward, rec.tokens[i], 0,
-                                rec.topk_ids[i], rec.topk_lp[i]) for i in range(len(rec.hidden))]
+        steps = [TrajectoryStep(hidden[i], np.zeros(0, np.float32), reward, rec.tokens[i], 0,
+                                topk_ids[i], topk_lp[i]) for i in range(len(hidden))]
         t = Trajectory(id=0, query_embedding=np.zeros(0, np.float32), steps=steps,
                        final_quality=(reward + 1.0) / 2.0)
         report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)

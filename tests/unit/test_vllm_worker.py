@@ -117,18 +117,30 @@ def test_long_answers_keep_all_token_ids_but_bounded_steps(sona):
     assert st.learn(rec, 1.0)["accepted"]
 
 
-def test_find_by_client_id_and_choice_index(sona):
-    runner, st = sona
-    runner.add("cmpl-x-abcdefgh", [1])
-    runner.add("0_chatcmpl-y-aaaaaaaa", [2])
-    runner.add("1_chatcmpl-y-bbbbbbbb", [2])
-    step(runner, ["cmpl-x-abcdefgh", "0_chatcmpl-y-aaaaaaaa", "1_chatcmpl-y-bbbbbbbb"])
-    assert st.find("cmpl-x", 0).internal_id == "cmpl-x-abcdefgh"
+def test_find_by_client_id_and_choice_index():
+    from sona_plugin.integrations.vllm.worker import WorkerSona
+
+    runner = FakeRunner()
+    st = WorkerSona(runner, {"micro_lora_init": "zero_b"}, capacity=16)
+    # engine ids as vLLM's OpenAI server makes them: a completion's prompt p is submitted
+    # as {id}-{p}, n > 1 children as {k}_{...}, and the engine appends 8 random characters
+    ids = ["cmpl-x-0-abcdefgh", "0_chatcmpl-y-aaaaaaaa", "1_chatcmpl-y-bbbbbbbb",
+           "0_cmpl-z-0-cccccccc", "1_cmpl-z-0-dddddddd", "0_cmpl-z-1-eeeeeeee",
+           "1_cmpl-z-1-ffffffff", "chatcmpl-w-gggggggg"]
+    for i, rid in enumerate(ids):
+        runner.add(rid, [i + 1])
+    step(runner, ids)
+    assert st.find("cmpl-x", 0).internal_id == "cmpl-x-0-abcdefgh"
     assert st.find("chatcmpl-y", 1).internal_id == "1_chatcmpl-y-bbbbbbbb"
     assert st.find("chatcmpl-y", 0).internal_id == "0_chatcmpl-y-aaaaaaaa"
+    assert st.find("chatcmpl-w", 0).internal_id == "chatcmpl-w-gggggggg"
+    # two prompts, n = 2: choices 0..3 are (prompt 0, k 0), (0, 1), (1, 0), (1, 1)
+    assert [st.find("cmpl-z", i).internal_id for i in range(4)] == ids[3:7]
     assert st.find("chatcmpl-y", 2) is None
     assert st.find("cmpl-x", 1) is None
+    assert st.find("cmpl-z", 4) is None
     assert st.find("cmpl", 0) is None
+    assert st.find("chatcmpl-w", 1) is None
 
 
 def test_a_like_changes_the_logits_of_later_steps(sona):
@@ -146,7 +158,9 @@ def test_a_like_changes_the_logits_of_later_steps(sona):
     after = runner.model.compute_logits(h)
     lp1 = torch.log_softmax(after, -1)[torch.arange(len(tok)), tok].sum()
     assert float(lp1 - lp0) > 1e-3
-    assert st.find("a", 0) is None  # learned once, then dropped
+    judged = st.find("a", 0)  # kept, ids only, so that sibling choices keep their index
+    assert judged.tokens == rec.tokens and judged.hidden == []
+    assert st.learn(judged, 1.0) is None  # learned once
 
 
 def test_launch_config_errors_name_the_option():

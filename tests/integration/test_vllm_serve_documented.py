@@ -1,0 +1,150 @@
+"""`sona serve` started exactly as the README shows it (no options at all; only
+``$SONA_HOME`` points at a fresh directory, with the converted model linked in): SONA's
+routes are there, and feedback is taken on the ids of chat completions, streamed chat
+completions and plain completions, with ``index`` picking a choice when ``n > 1``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+PORT = 8000  # the README's address: sona serve binds 127.0.0.1:8000
+BASE = f"http://127.0.0.1:{PORT}"
+
+
+def call(method: str, path: str, body=None, timeout: float = 300) -> tuple[int, dict]:
+    req = urllib.request.Request(BASE + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from sona_plugin.models import default_llm_path, sona_home
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind(("127.0.0.1", PORT))
+        except OSError:
+            pytest.fail(f"port {PORT} is in use: this test starts `sona serve` with no "
+                        f"options, which binds 127.0.0.1:{PORT}")
+    model = default_llm_path()  # converted once, shared with the other tests
+    home = tmp_path_factory.mktemp("sona-home")
+    (home / "models").symlink_to(sona_home() / "models", target_is_directory=True)
+    assert model.exists()
+    sona = shutil.which("sona", path=str(Path(sys.executable).parent))
+    cmd = [sona, "serve"] if sona else [sys.executable, "-m", "sona_plugin.cli", "serve"]
+    log = open(home / "server.log", "w")  # noqa: SIM115 - closed in teardown
+    env = {**os.environ, "SONA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("SONA_ADMIN_TOKEN", None)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 420
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(BASE + "/health", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(2)
+    if proc.poll() is not None or time.time() >= deadline:
+        proc.kill()
+        log.close()
+        pytest.fail("sona serve did not start:\n" + (home / "server.log").read_text()[-4000:])
+    model_name = call("GET", "/v1/models")[1]["data"][0]["id"]
+    yield model_name, home
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def feedback(rid: str, reward: float, index: int | None = None) -> tuple[int, dict]:
+    body = {"id": rid, "reward": reward}
+    if index is not None:
+        body["index"] = index
+    return call("POST", "/v1/feedback", body)
+
+
+def test_feedback_route_is_on_with_no_options(server):
+    model, home = server
+    code, out = call("POST", "/v1/chat/completions", {
+        "model": model, "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Name a fruit."}]})
+    assert code == 200, out
+    code, fb = feedback(out["id"], 1.0)
+    assert code == 200, fb
+    assert fb["instant"]["accepted"] and fb["stored_id"] >= 1
+    code, st = call("GET", "/sona/stats")
+    assert code == 200 and st["feedback_stored"] == 1, st
+    assert (home / "state" / "sona.db").exists()  # the documented default state dir
+
+
+def test_streamed_chat_id_takes_feedback(server):
+    model, _ = server
+    req = urllib.request.Request(BASE + "/v1/chat/completions", method="POST", data=json.dumps({
+        "model": model, "max_tokens": 8, "stream": True,
+        "messages": [{"role": "user", "content": "Name a colour."}]}).encode())
+    req.add_header("Content-Type", "application/json")
+    ids = set()
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: {"):
+                ids.add(json.loads(line[6:])["id"])
+    assert len(ids) == 1, ids
+    code, fb = feedback(ids.pop(), -1.0)
+    assert code == 200 and fb["instant"]["accepted"], fb
+
+
+def test_completion_ids_take_feedback_by_choice_index(server):
+    model, _ = server
+    code, out = call("POST", "/v1/completions", {"model": model, "prompt": "The sky is",
+                                                 "max_tokens": 6})
+    assert code == 200, out
+    assert out["id"].startswith("cmpl-")
+    code, fb = feedback(out["id"], 1.0)
+    assert code == 200 and fb["instant"]["accepted"], fb
+
+    # two prompts, two choices each: vLLM numbers the choices 0..3, prompt by prompt
+    code, out = call("POST", "/v1/completions", {
+        "model": model, "prompt": ["A cat is", "Rain falls"], "n": 2, "max_tokens": 6,
+        "temperature": 1.0, "seed": 3})
+    assert code == 200, out
+    assert sorted(c["index"] for c in out["choices"]) == [0, 1, 2, 3]
+    for c in out["choices"]:
+        code, fb = feedback(out["id"], 1.0 if c["index"] % 2 else -1.0, c["index"])
+        assert code == 200, (c["index"], fb)
+        assert fb["index"] == c["index"]
+    assert feedback(out["id"], 1.0, 4)[0] == 404
+    assert feedback(out["id"], 1.0, 2)[0] == 409  # one feedback per choice
+
+
+def test_chat_with_n_choices_by_index(server):
+    model, _ = server
+    code, out = call("POST", "/v1/chat/completions", {
+        "model": model, "max_tokens": 8, "n": 2, "temperature": 1.0,
+        "messages": [{"role": "user", "content": "Name a tree."}]})
+    assert code == 200, out
+    for i in (1, 0):
+        code, fb = feedback(out["id"], 1.0, i)
+        assert code == 200 and fb["index"] == i, fb
+    assert feedback(out["id"], 1.0, 2)[0] == 404
