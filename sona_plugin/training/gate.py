@@ -3,9 +3,14 @@
 Three checks, each comparing the candidate with the model that serves now (or, for
 checks 2 and 3, a fixed reference; see below):
 
-1. **Held-out feedback**: ``mean_i r_i · (1/T_i) Σ_t log π(y_{i,t})`` over feedback the
-   trainer did not see (higher is better: liked answers more likely, disliked less).
-   The candidate passes if ``score_cand ≥ score_cur − tolerance_heldout``.
+1. **Held-out feedback**, over feedback on prompts the trainer never saw:
+   the reward-centred score ``mean_i (r_i − r̄) · (1/T_i) Σ_t log π(y_{i,t})`` (higher is
+   better: liked answers more likely *relative to* disliked ones) must not fall by more
+   than ``tolerance_heldout``, and the liked answers' mean log-prob per token must not
+   fall by more than ``tolerance_liked``. Centring makes the score blind to a change
+   that moves every answer alike: uncentred, with mostly negative rewards, a candidate
+   that made *every* held-out answer less likely scored higher and was served. The
+   second condition refuses exactly that candidate (it lowers the liked answers too).
 2. **Anchor text**: mean NLL per token of fixed neutral text (:data:`ANCHOR_TEXTS`).
    Passes if ``nll_cand ≤ nll_ref · (1 + tolerance_nll)``.
 3. **On topic** (when an embedder is given): the probe prompts and the prompts of the
@@ -174,10 +179,19 @@ def anchor_nll(model: Any, texts: Sequence[str], tokenizer: Any, batch_size: int
 
 
 def heldout_score(model: Any, records: Sequence[FeedbackRecord], batch_size: int = 8) -> float:
-    """``mean_i r_i · mean_t log π(y_{i,t})`` over the records (higher is better)."""
+    """``mean_i (r_i − r̄) · mean_t log π(y_{i,t})`` over the records (higher is better)."""
+    return heldout_scores(model, records, batch_size)[0]
+
+
+def heldout_scores(model: Any, records: Sequence[FeedbackRecord], batch_size: int = 8
+                   ) -> tuple[float, float | None]:
+    """(the reward-centred score of :func:`heldout_score`, the liked answers' mean
+    log-prob per token or None when no record has a reward > 0)."""
     lp = mean_response_logprob(model, list(records), batch_size, _device(model))
     r = torch.tensor([float(x.reward) for x in records], dtype=lp.dtype)
-    return float((r * lp).mean())
+    liked = r > 0
+    return (float(((r - r.mean()) * lp).mean()),
+            float(lp[liked].mean()) if bool(liked.any()) else None)
 
 
 def _chat_prompt(tokenizer: Any, prompt: str) -> str:
@@ -274,6 +288,8 @@ class PromotionGate:
     Args:
         tolerance_nll: relative anchor-NLL increase allowed (0.05: 5 %).
         tolerance_heldout: absolute drop of the held-out feedback score allowed.
+        tolerance_liked: drop of the held-out liked answers' mean log-prob per token
+            allowed (nats).
         min_on_topic_ratio: candidate on-topic score must be at least this fraction of
             the current (or reference) model's.
         on_topic_records: how many of the latest held-out records the on-topic check
@@ -284,9 +300,11 @@ class PromotionGate:
 
     def __init__(self, tolerance_nll: float = 0.05, tolerance_heldout: float = 0.0,
                  min_on_topic_ratio: float = 0.9, max_new_tokens: int = 32,
-                 batch_size: int = 8, on_topic_records: int = 24):
+                 batch_size: int = 8, on_topic_records: int = 24,
+                 tolerance_liked: float = 0.05):
         for name, v in (("tolerance_nll", tolerance_nll), ("tolerance_heldout", tolerance_heldout),
-                        ("min_on_topic_ratio", min_on_topic_ratio)):
+                        ("min_on_topic_ratio", min_on_topic_ratio),
+                        ("tolerance_liked", tolerance_liked)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise InvalidValue(f"{name} must be a finite number >= 0, got {v!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
@@ -294,6 +312,7 @@ class PromotionGate:
             raise InvalidValue(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.tolerance_nll = float(tolerance_nll)
         self.tolerance_heldout = float(tolerance_heldout)
+        self.tolerance_liked = float(tolerance_liked)
         self.min_on_topic_ratio = float(min_on_topic_ratio)
         if isinstance(on_topic_records, bool) or not isinstance(on_topic_records, int) or \
                 on_topic_records < 0:
@@ -333,13 +352,19 @@ class PromotionGate:
 
         if heldout:
             with cand.use() as m:
-                hc = heldout_score(m, heldout, self.batch_size)
+                hc, lc = heldout_scores(m, heldout, self.batch_size)
             with cur.use() as m:
-                hu = heldout_score(m, heldout, self.batch_size)
+                hu, lu = heldout_scores(m, heldout, self.batch_size)
             metrics.update(heldout_candidate=hc, heldout_current=hu)
             if hc < hu - self.tolerance_heldout:
                 reasons.append(f"held-out feedback score fell: {hc:.4f} < {hu:.4f} - "
                                f"{self.tolerance_heldout}")
+            if lc is not None and lu is not None:
+                metrics.update(heldout_liked_logprob_candidate=lc,
+                               heldout_liked_logprob_current=lu)
+                if lc < lu - self.tolerance_liked:
+                    reasons.append(f"held-out liked answers became less likely: {lc:.4f} < "
+                                   f"{lu:.4f} - {self.tolerance_liked} nats per token")
 
         ref = cur if reference is None else _view(reference)
         ref_name = "current" if reference is None else "reference"
@@ -387,4 +412,5 @@ class PromotionGate:
 
 
 __all__ = ["ANCHOR_TEXTS", "GateResult", "ModelView", "PromotionGate", "anchor_nll",
-           "greedy_answers", "greedy_answers_ids", "heldout_score", "on_topic_score"]
+           "greedy_answers", "greedy_answers_ids", "heldout_score", "heldout_scores",
+           "on_topic_score"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -437,3 +438,61 @@ def test_gate_heldout_check_rejects_reversed_preference():
     assert not res.passed and any("held-out" in r for r in res.reasons)
     assert res.metrics["heldout_candidate"] < res.metrics["heldout_current"]
     assert json.loads(json.dumps(res.to_dict()))["passed"] is False
+
+
+class _LoweredTokens(torch.nn.Module):
+    """``model`` with the logits of ``tokens`` lowered by ``by``."""
+
+    def __init__(self, model, tokens, by):
+        super().__init__()
+        self.model, self.tokens, self.by = model, list(tokens), by
+
+    def forward(self, **kw):
+        logits = self.model(**kw).logits.clone()
+        logits[..., self.tokens] -= self.by
+        return SimpleNamespace(logits=logits)
+
+
+def test_gate_refuses_a_candidate_that_lowers_every_heldout_answer():
+    """Most held-out feedback is negative (1 like in 4): uncentred, ``mean r·logπ`` rose
+    when every answer became less likely. Centred, and with the liked answers' log-prob
+    checked, that candidate is refused; one that separates liked from disliked passes."""
+    model = tiny_llama()
+    held = []
+    for i, p in enumerate(prompts(8, seed=5)):
+        held.append(rec(i, p, [LIKED] * 3 if i % 4 == 0 else [DISLIKED + i % 3] * 3,
+                        1.0 if i % 4 == 0 else -1.0))
+    # a candidate under which every held-out answer is less likely: the answers' tokens
+    # get a lower logit (the rest of the vocabulary gains)
+    cand = _LoweredTokens(model, sorted({t for x in held for t in x.response_ids}), 1.0)
+    with torch.no_grad():
+        before = mean_response_logprob(model, held)
+        after = mean_response_logprob(cand, held)
+    assert bool((after < before).all())  # every held-out answer fell
+    r = torch.tensor([x.reward for x in held])
+    assert float((r * after).mean()) > float((r * before).mean())  # the old score rose
+    gate = PromotionGate(tolerance_nll=1e6)
+    res = gate.evaluate(cand, model, held, None, CharTokenizer())
+    assert not res.passed, res.metrics
+    assert any("liked answers became less likely" in x for x in res.reasons)
+
+    good = BaseLoRATrainer(tiny_llama(), config())
+    good.train(preference_records(8, seed=1), epochs=4, lr=5e-3)
+    ok = gate.evaluate(good.model, ModelView.base(good.model), held, None, CharTokenizer())
+    assert ok.passed, ok.reasons
+    assert ok.metrics["heldout_candidate"] > ok.metrics["heldout_current"]
+
+
+def test_inverted_feedback_flood_cannot_get_a_candidate_served():
+    """500 feedbacks with inverted rewards (a hostile client on training prompts) train a
+    candidate; the gate, scoring it on held-out prompts with the users' real feedback,
+    refuses it."""
+    tr = BaseLoRATrainer(tiny_llama(), config())
+    flood = preference_records(250, seed=11, liked=DISLIKED, disliked=LIKED)
+    assert len(flood) == 500
+    tr.train(flood, epochs=1, batch_size=25, lr=5e-3)
+    held = preference_records(6, seed=12)
+    res = PromotionGate(tolerance_nll=1e6).evaluate(tr.model, ModelView.base(tr.model), held,
+                                                   None, CharTokenizer())
+    assert not res.passed
+    assert res.metrics["heldout_candidate"] < res.metrics["heldout_current"]
