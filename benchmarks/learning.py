@@ -117,15 +117,16 @@ def run_main(task: str, seed: int, rounds: int, per_round: int, background: bool
         row["curve"].append({"feedback": (k + 1) * per_round, "stream": stream_liked,
                              "heldout": liked, "on_topic": on, **split,
                              "published": rep.get("published"),
-                             "step_scale": rep.get("step_scale"),
+                             "step": rep.get("step"),
+                             "kl_per_answer": rep.get("kl_per_answer"),
                              "gate": (rep.get("gate") or {}).get("metrics"),
                              "gate_reasons": (rep.get("gate") or {}).get("reasons"),
-                             "gate_tried": [{k2: t[k2] for k2 in ("scale", "passed", "reasons")}
+                             "gate_tried": [{k2: v for k2, v in t.items() if k2 != "metrics"}
                                             for t in (rep.get("gate") or {}).get("tried", [])]})
         print(f"  {task} seed {seed} {'B' if background else 'A'} after {(k + 1) * per_round}: "
               f"held-out {liked:.0%}, on-topic {on:.3f} (base {on0:.3f}) (stream "
-              f"{stream_liked:.0%}, published {rep.get('published')} at step "
-              f"{rep.get('step_scale')}"
+              f"{stream_liked:.0%}, published {rep.get('published')} at "
+              f"{rep.get('step')}, KL/answer {rep.get('kl_per_answer')}"
               f"{'' if rep.get('published') or not background else '; gate: ' + str((rep.get('gate') or {}).get('reasons'))})",
               flush=True)
     row["seconds"] = time.time() - t0
@@ -157,11 +158,11 @@ def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, rounds: 
         rep = pipe.learn(epochs=2, gate=gate)
         tr = rep.get("train") or {}
         cycles.append({"task": task, "published": rep.get("published"),
-                       "step_scale": rep.get("step_scale"),
+                       "step": rep.get("step"), "boundaries": rep.get("boundaries"),
                        "gate_reasons": (rep.get("gate") or {}).get("reasons"),
                        "penalty": tr.get("penalty"), "kl": tr.get("kl"),
                        "objective": (tr["losses"][-1] - tr["penalty"]) if tr.get("losses")
-                       else None, "fisher_mean": tr.get("fisher_mean")})
+                       else None, "fisher_mean": rep.get("fisher_mean")})
         print(f"    cycle {cycles[-1]}", flush=True)
 
     for k in range(rounds):

@@ -2,20 +2,25 @@
 
 A host has a front-end :class:`SonaEngine` (config, ReasoningBank), a durable feedback
 store, an :class:`AdapterRegistry` and a tokenizer; it implements ``adapter_version``,
-``_hot_swap(version)`` (serve a published BaseLoRA version) and ``_dream_answers``.
-This base adds loop B/C on top (``learn``, ``deep_cycle``, the background thread),
+``_serve(version)`` (serve a published BaseLoRA version) and ``sample_answers``. This
+base makes it a :class:`sona_plugin.learner.Host` and adds loop B/C on top (``learn``,
+``deep_cycle``, the background thread, through the one :class:`~sona_plugin.learner.Learner`),
 adapter listing and rollback, the embedder, and the feedback rules.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sona_plugin.errors import InvalidValue
+from sona_plugin.errors import InvalidValue, SonaError
+
+logger = logging.getLogger(__name__)
 
 # On an LM's final hidden state (measured on SmolLM2, docs/benchmarks.md): a zero-A
 # MicroLoRA moves every position alike and collapsed the model within 50 feedbacks at
@@ -23,6 +28,21 @@ from sona_plugin.errors import InvalidValue
 # feedbacks still drove the held-out liked-rate to 0 %. The instant loop's job here is
 # the same-answer effect; cap 0.05 keeps it from pulling held-out answers around.
 LM_DEFAULTS = {"micro_lora_init": "zero_b", "micro_lora_norm_cap": 0.05}
+
+
+def load_engine(path: Path, config: Any) -> Any:
+    """The engine saved at ``path`` run with the launch ``config`` (differences logged;
+    the launch config wins), or a fresh engine when nothing was saved or the saved state
+    does not fit that config (logged)."""
+    from sona_plugin.engine import SonaEngine
+
+    if (path / "state.json").exists() or (path.with_name(f".{path.name}.old") /
+                                          "state.json").exists():
+        try:
+            return SonaEngine.load(path, config=config)
+        except SonaError as e:
+            logger.warning("ignoring saved engine state in %s: %s", path, e)
+    return SonaEngine(config)
 
 
 def parse_reward(reward: Any = None, liked: Any = None) -> float:
@@ -45,37 +65,66 @@ def parse_reward(reward: Any = None, liked: Any = None) -> float:
 
 
 class LearningHost:
-    """Loop B/C, adapters and the embedder for a host (see the module docstring)."""
+    """Loop B/C, adapters and the embedder for a host (see the module docstring).
+
+    A subclass sets ``engine``, ``store``, ``state_dir``, ``registry``, ``tokenizer``,
+    ``model_source`` and ``lora_targets``, implements ``adapter_version``,
+    ``_serve(version)`` and ``sample_answers``, serves the registry's current version,
+    and then calls :meth:`_start_learner` (the learner restores its saved state).
+    """
 
     engine: Any
     store: Any
     state_dir: Any
     registry: Any
     tokenizer: Any
-    _model_source: Any
+    model_source: Any = None
+    lora_targets: Any = None
+    learner: Any = None
     _embedder: Any = None
-    _learner: Any = None
     _coordinator: Any = None
-    _learned_count: int = 0
 
     # -- to implement ---------------------------------------------------------------------
     @property
     def adapter_version(self) -> int | None:
         raise NotImplementedError
 
-    def _hot_swap(self, version: int) -> None:
+    def _serve(self, version: int) -> None:
+        """Make published ``version`` what requests get (atomically for requests)."""
         raise NotImplementedError
 
-    def _dream_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def _shrink_micro(self, factor: float) -> None:
+        self.engine.micro_lora.shrink(factor)
+
+    def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int
+                       ) -> list[list[int]]:
         """Sampled answers (token ids, stop token included) from the served model."""
         raise NotImplementedError
 
+    # -- the Host protocol of sona_plugin.learner ------------------------------------------
+    def serve_version(self, version: int, micro_decay: float = 1.0) -> None:
+        """Serve ``version``; ``micro_decay`` < 1 shrinks the MicroLoRA (a newly trained
+        version carries what the instant loop had learned). Restoring at start-up and
+        rolling back pass 1: the MicroLoRA comes back exactly as saved."""
+        self._serve(version)
+        if micro_decay != 1.0:
+            self._shrink_micro(micro_decay)
+
+    def _start_learner(self) -> None:
+        from sona_plugin.learner import Learner
+
+        self.learner = Learner(self)
+
     def save_state(self) -> None:
-        """Persist the engine (MicroLoRA, patterns, counters) next to the store and adapters,
-        so ``sona export`` and a restarted host find it. Runs after every ``learn()`` and on
-        ``close()``; feedback itself is durable in the store as it arrives."""
+        """Persist the engine (MicroLoRA, patterns, counters) and the learner next to the
+        store and adapters, so ``sona export`` and a restarted host find them. Runs after
+        every ``learn()`` and on ``close()``; feedback itself is durable in the store as it
+        arrives."""
         self.engine.save(self.state_dir / "engine")
-        info = {"model_source": str(self._model_source) if self._model_source else None,
+        if self.learner is not None:
+            with self.learner.lock:
+                self.learner.save()
+        info = {"model_source": str(self.model_source) if self.model_source else None,
                 "adapter_version": self.adapter_version}
         tmp = self.state_dir / "pipeline.json.tmp"
         tmp.write_text(json.dumps(info))
@@ -90,34 +139,25 @@ class LearningHost:
         return np.asarray(self._embedder.encode(list(texts), normalize_embeddings=True,
                                                 show_progress_bar=False), np.float32)
 
-    def _the_learner(self):
-        from ._learner import Learner
-
-        if self._learner is None:
-            self._learner = Learner(self)
-        return self._learner
-
     def learn(self, **kwargs) -> dict:
         """Run loop B now: train, gate, publish, hot-swap. Returns the report."""
-        n = self.store.count()
-        report = self._the_learner().run(**kwargs)
-        self._learned_count = n
+        report = self.learner.run(**kwargs)
         self.save_state()
         return report
 
     def deep_cycle(self, dreams: int | None = None) -> dict:
         """Loop C: merge/decay/prune patterns, consolidate EWC++ tasks, and dream (see
-        ``integrations/_learner.py``); kept dreams are rehearsed by later ``learn()``s."""
-        from ._learner import dream
+        ``sona_plugin/learner/dreams.py``); kept dreams are rehearsed by later cycles."""
+        from sona_plugin.learner.dreams import dream
 
-        learner = self._the_learner()
-        deep = self.engine.run_deep_cycle().to_dict()
-        ewc = learner.ewc
-        if ewc.task_count > 1:
-            ewc.consolidate_all_tasks()
-            deep["lora_tasks_consolidated"] = True
-        n = self.engine.config.dreams_per_cycle if dreams is None else dreams
-        deep.update(dream(learner, min(n, 16)) if n > 0 else {"dreams_generated": 0})
+        learner = self.learner
+        with learner.lock:
+            deep = self.engine.run_deep_cycle().to_dict()
+            if learner.ewc.task_count > 1:
+                learner.ewc.consolidate_all_tasks()
+                deep["lora_tasks_consolidated"] = True
+            n = self.engine.config.dreams_per_cycle if dreams is None else dreams
+            deep.update(dream(learner, min(n, 16)) if n > 0 else {"dreams_generated": 0})
         self.save_state()
         return deep
 
@@ -132,9 +172,8 @@ class LearningHost:
         if self._coordinator is None:
             c = self.engine.config
             self._coordinator = LoopCoordinator(
-                pending=lambda: self.store.count() - self._learned_count,
-                run_background=self.learn, run_deep=self.deep_cycle,
-                trigger_count=c.background_trigger_count,
+                pending=self.learner.pending, run_background=self.learn,
+                run_deep=self.deep_cycle, trigger_count=c.background_trigger_count,
                 interval_s=c.background_interval_ms / 1000.0,
                 deep_every=c.consolidation_interval, poll_s=poll_s)
         self._coordinator.poll_s = poll_s
@@ -149,10 +188,27 @@ class LearningHost:
         return self._coordinator
 
     def mark_task_boundary(self) -> None:
-        """Tell EWC++ that the feedback's task has changed: the current BaseLoRA and its
-        Fisher are remembered, and later training is pulled back toward them (boundaries
-        are also detected from the training statistics on their own)."""
-        self._the_learner().mark_task_boundary()
+        """Tell EWC++ that the feedback's task has changed: the served BaseLoRA and its
+        Fisher are remembered, and later training is pulled back toward them. Shifts are
+        also detected from the feedback stream on their own (``learner_stats()``)."""
+        self.learner.mark_task_boundary()
+
+    def learner_stats(self) -> dict:
+        """Loop B's progress: records used, cycles, EWC++ tasks and detected boundaries."""
+        lr = self.learner
+        return {"records_used": lr.last_id, "cycles": lr.cycles, "pending": lr.pending(),
+                "ewc": lr.ewc.stats(), "boundaries": list(lr.boundaries),
+                "shift_detector": lr.detector.state_dict(), "dreams": len(lr.dreams),
+                "heldout_prompt_groups": lr.split.groups}
+
+    def _with_learner(self, s: dict) -> dict:
+        """Engine stats with loop B's: the EWC++ that trains the BaseLoRA is the learner's
+        (the engine's own serves the engine-only router mode)."""
+        s["learner"] = self.learner_stats()
+        s["ewc_tasks"] = self.learner.ewc.task_count
+        s["ewc_lambda"] = float(self.learner.ewc.lambda_)
+        s["task_boundaries"] = len(self.learner.boundaries)
+        return s
 
     def adapters(self) -> list[dict]:
         """Published BaseLoRA versions, oldest first, with which one is served."""
@@ -162,7 +218,11 @@ class LearningHost:
                 for v in self.registry.versions()]
 
     def rollback(self, version: int) -> None:
-        """Serve an earlier (or later) published version; the registry's CURRENT follows."""
+        """Serve an earlier (or later) published version; the registry's CURRENT follows,
+        and the next cycle trains from that version with its EWC++ memory (it stays
+        served until new feedback arrives)."""
         self.registry.get(version)  # UnknownVersion before anything changes
-        self.registry.set_current(version)
-        self._hot_swap(version)
+        with self.learner.lock:
+            self.registry.set_current(version)
+            self.serve_version(version)
+            self.learner.on_rollback(version)

@@ -38,7 +38,7 @@ from sona_plugin.engine import SonaEngine
 from sona_plugin.errors import ConfigError, InvalidValue, UnknownTrajectory
 from sona_plugin.types import Trajectory, TrajectoryStep
 
-from ._host import LM_DEFAULTS, LearningHost, parse_reward
+from ._host import LM_DEFAULTS, LearningHost, load_engine, parse_reward
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ class SonaPipeline(LearningHost):
         self.engine = engine
         self.state_dir = state_dir
         self.store = store
-        self._model_source = model_source  # path to reload a pristine base for training
+        self.model_source = Path(model_source) if model_source else None  # for training
+        self.lora_targets = None
         self._responses: OrderedDict[str, Response] = OrderedDict()
         self._max_responses = max_responses
         self._handle_to_id: dict[int, str] = {}
@@ -163,9 +164,7 @@ class SonaPipeline(LearningHost):
         self._served_version: int | None = None
         self._served_name: str | None = None
         self._embedder = None
-        self._learner = None              # built on first learn()
         self._coordinator = None          # start_background()
-        self._learned_count = 0
         self.responses_evicted = 0
         model = hf_pipeline.model
         self._lm_head = model.get_output_embeddings()
@@ -178,7 +177,8 @@ class SonaPipeline(LearningHost):
         self.registry = AdapterRegistry(state_dir / "adapters")
         cur = self.registry.current()
         if cur is not None:
-            self._hot_swap(cur.version)
+            self._serve(cur.version)
+        self._start_learner()
 
     # -- hooks ----------------------------------------------------------------------------
     def _pre_hook(self, module, args):
@@ -331,7 +331,7 @@ class SonaPipeline(LearningHost):
         return {"response_id": response_id, "stored_id": row, "reward": reward,
                 "instant": report.to_dict() if report is not None else None}
 
-    def _hot_swap(self, version: int) -> None:
+    def _serve(self, version: int) -> None:
         """Load ``version`` under a fresh adapter name and make it active.
 
         Runs under the swap lock's write side: in-flight generations finish on the old
@@ -355,10 +355,8 @@ class SonaPipeline(LearningHost):
                     self._peft.delete_adapter(old)
             self._peft.eval()
             self._served_version, self._served_name = version, name
-        # the BaseLoRA now carries what the instant loop had learned: let it fade
-        self.engine.micro_lora.shrink(0.5)
 
-    def _dream_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         tok = self._pipe.tokenizer
         out_all = []
         with self._swap.read(), torch.no_grad():
@@ -380,14 +378,14 @@ class SonaPipeline(LearningHost):
 
         base = self.registry.get(self._served_version).path if self._served_version else None
         return write_peft_export(Path(path), self.engine.micro_lora, self._lm_head.weight, base,
-                                 str(self._model_source) if self._model_source else None)
+                                 str(self.model_source) if self.model_source else None)
 
     def stats(self) -> dict:
         s = self.engine.stats()
         s.update({"responses_held": len(self._responses), "responses_evicted": self.responses_evicted,
                   "feedback_stored": self.store.count(), "adapter_version": self._served_version,
                   "adapter_versions": len(self.registry.versions())})
-        return s
+        return self._with_learner(s)
 
     def close(self) -> None:
         self.stop_background()
@@ -470,14 +468,7 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
     cfg = SonaConfig.from_dict(d)
     sd = Path(state_dir) if state_dir is not None else sona_home() / "state"
     sd.mkdir(parents=True, exist_ok=True)
-    engine = SonaEngine(cfg)
-    if (sd / "engine" / "state.json").exists():
-        saved = SonaEngine.load(sd / "engine")  # a restart keeps what the engine learned
-        if saved.config.hidden_dim == hidden:
-            engine = saved
-        else:
-            logger.warning("ignoring saved engine state in %s: it is %d-d, the model %d-d",
-                           sd, saved.config.hidden_dim, hidden)
+    engine = load_engine(sd / "engine", cfg)  # a restart keeps what the engine learned
     engine.set_output_head(model.get_output_embeddings().weight)
     st = store if store is not None else open_store(cfg.database_url or sd / "sona.db")
     pipe = hf_pipeline("text-generation", model=model, tokenizer=tok,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,8 @@ from .micro_lora import MicroLoRA
 from .reasoning_bank import ReasoningBank
 from .trajectory import TrajectoryBuffer, TrajectoryBuilder, as_vector, make_step
 from .types import LearnedPattern, LearningSignal, Trajectory, TrajectoryStep, check_unit
+
+logger = logging.getLogger(__name__)
 
 _F32 = np.dtype(np.float32)
 _FORMAT_VERSION = 1
@@ -476,9 +479,22 @@ class SonaEngine:
                 shutil.rmtree(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> SonaEngine:
-        """Restore an engine saved with :meth:`save` (no pickle anywhere)."""
+    def load(cls, path: str | os.PathLike, config: SonaConfig | None = None) -> SonaEngine:
+        """Restore an engine saved with :meth:`save` (no pickle anywhere).
+
+        Args:
+            path: the directory :meth:`save` wrote. When a crash came between moving the
+                previous copy aside and renaming the new one in, the previous copy
+                (``.NAME.old``) is loaded.
+            config: the configuration to run with (a launch config); fields that differ
+                from the saved configuration are logged and this one wins. None: the
+                saved configuration.
+        """
         path = Path(path)
+        old = path.with_name(f".{path.name}.old")
+        if not (path / "state.json").exists() and (old / "state.json").exists():
+            logger.warning("%s is missing; loading the previous complete copy %s", path, old)
+            path = old
         try:
             meta = json.loads((path / "state.json").read_text())
             arrays = load_file(str(path / "state.safetensors"))
@@ -487,7 +503,15 @@ class SonaEngine:
         if meta.get("format_version") != _FORMAT_VERSION:
             raise StateError(f"state format {meta.get('format_version')!r} is not "
                              f"{_FORMAT_VERSION}")
-        eng = cls(SonaConfig.from_dict(meta["config"]))
+        saved = SonaConfig.from_dict(meta["config"])
+        if config is not None:
+            now = config.to_dict()
+            changed = {k: (v, now.get(k)) for k, v in saved.to_dict().items() if now.get(k) != v}
+            if changed:
+                logger.warning("the launch config differs from the one saved in %s; the launch "
+                               "config wins: %s", path,
+                               ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+        eng = cls(config if config is not None else saved)
         eng._restore(arrays, meta)
         return eng
 

@@ -222,11 +222,13 @@ class ReasoningBank:
         self._p_w[i] = wt
 
     def add_trajectories(self, embeddings: np.ndarray, qualities: np.ndarray,
-                         routes: list[str | None] | None = None) -> None:
+                         routes: list[str | None] | None = None,
+                         weights: np.ndarray | None = None) -> None:
         """Queue many summaries at once (one check for the whole batch).
 
-        ``embeddings`` [n, embed_dim], ``qualities`` [n] in [0, 1], weights
-        ``max(quality, 1e-3)``. Same semantics and errors as :meth:`add_trajectory`.
+        ``embeddings`` [n, embed_dim], ``qualities`` [n] in [0, 1], weights [n] > 0
+        (default ``max(quality, 1e-3)``; ones give every pattern the plain mean quality of
+        its members). Same semantics and errors as :meth:`add_trajectory`.
         """
         E = np.ascontiguousarray(embeddings, dtype=np.float32)
         Q = np.asarray(qualities, dtype=np.float64)
@@ -244,6 +246,9 @@ class ReasoningBank:
                                     len(E), len(routes))
         if any(r is not None and not isinstance(r, str) for r in routes):
             raise InvalidValue("routes must be strings or None")
+        W = np.maximum(Q, _MIN_WEIGHT) if weights is None else np.asarray(weights, np.float64)
+        if W.shape != Q.shape or not (np.isfinite(W).all() and (W > 0).all()):
+            raise InvalidValue(f"weights must be [n] finite numbers > 0, got shape {W.shape}")
         n = len(E)
         if self._p_start == 0 and self._p_len + n <= self._cap:
             if self._p_len + n > self._p_emb.shape[0]:
@@ -251,12 +256,12 @@ class ReasoningBank:
             i = self._p_len
             self._p_emb[i:i + n] = E
             self._p_q[i:i + n] = Q
-            self._p_w[i:i + n] = np.maximum(Q, _MIN_WEIGHT)
+            self._p_w[i:i + n] = W
             self._p_route.extend(routes)
             self._p_len += n
             return
-        for e, q, r in zip(E, Q.tolist(), routes):
-            self.add_trajectory(e, q, r)
+        for e, q, r, w in zip(E, Q.tolist(), routes, W.tolist()):
+            self.add_trajectory(e, q, r, w)
 
     def _grow_pending(self, size: int) -> None:
         emb = np.zeros((size, self._dim), dtype=np.float32)
@@ -278,11 +283,11 @@ class ReasoningBank:
                 self._p_route[s:n] + self._p_route[:s])
 
     # ------------------------------------------------------------------ extraction
-    def extract_patterns(self) -> list[LearnedPattern]:
+    def extract_patterns(self, k: int | None = None) -> list[LearnedPattern]:
         """Cluster the pending trajectories into patterns and fold them into the bank.
 
-        Quality-weighted k-means++ (see :func:`_weighted_kmeans`) with
-        ``k = min(pattern_clusters, distinct points)`` and weights
+        Weighted k-means++ (see :func:`_weighted_kmeans`) with
+        ``k = min(k or pattern_clusters, distinct points)`` and weights
         ``w = max(quality, 1e-3)`` unless given. Each cluster becomes a pattern with
         ``centroid = Σ w x / Σ w``, ``cluster_size``, ``total_weight = Σ w``,
         ``avg_quality = Σ w q / Σ w``, ``quality_sq_sum = Σ w q²`` and
@@ -302,7 +307,8 @@ class ReasoningBank:
             return []
         X, q, w, routes = self._pending()
         rng = np.random.default_rng([self.config.seed, self._extractions])
-        C, labels = _weighted_kmeans(X, w, self.config.pattern_clusters, rng,
+        C, labels = _weighted_kmeans(X, w, min(k or self.config.pattern_clusters,
+                                               self.config.pattern_clusters), rng,
                                      self.config.pattern_max_iterations,
                                      self.config.pattern_convergence_threshold)
         k = C.shape[0]

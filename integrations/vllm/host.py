@@ -5,8 +5,8 @@ live there (``worker.py``). :class:`VllmHost` lives in the process that talks to
 engine (the OpenAI server's front end, or the process holding ``vllm.LLM``) and reaches
 the workers through ``rpc(method, *args)`` (vLLM's ``collective_rpc``; the result of
 rank 0 is used, every rank applies the same update). It owns the durable feedback store,
-the pattern bank, the background trainer (``_learner.py``, on a private Hugging Face copy
-of the model) and the adapter registry; ``serve(version, path)`` makes a published
+the pattern bank, the background trainer (``sona_plugin.learner``, on a private Hugging
+Face copy of the model) and the adapter registry; ``serve(version, path)`` makes a published
 version what requests for the served model get (``server.py``, ``__init__.py``).
 """
 
@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from sona_plugin.config import SonaConfig
-from sona_plugin.engine import SonaEngine
 from sona_plugin.errors import ConfigError, InvalidValue, UnknownTrajectory
 
-from .._host import LM_DEFAULTS, LearningHost, parse_reward
+from .._host import LM_DEFAULTS, LearningHost, load_engine, parse_reward
 
 logger = logging.getLogger(__name__)
 
@@ -93,27 +92,20 @@ class VllmHost(LearningHost):
         engine_cfg, opts = split_settings(settings)
         self.options = opts
         self._rpc = rpc
-        self._serve = serve
+        self._serve_path = serve
         self._generate_ids = generate_ids
-        self._model_source = Path(model_source)
+        self.model_source = Path(model_source)
         self.lora_targets = opts.get("lora_targets")
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_source))
         worker_cfg = {**LM_DEFAULTS, **engine_cfg}
         info = rpc("sona_install", worker_cfg, opts.get("max_recordings", 1000))
         cfg = {"embedding_dim": 384, **worker_cfg, "hidden_dim": int(info["hidden_dim"])}
-        self.engine = SonaEngine(SonaConfig.from_dict(cfg))
         self.state_dir = Path(opts.get("state_dir") or sona_home() / "state")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if (self.state_dir / "engine" / "state.json").exists():
-            # a restart keeps what was learned: patterns here, the MicroLoRA in the workers
-            saved = SonaEngine.load(self.state_dir / "engine")
-            if saved.micro_lora.A.shape == self.engine.micro_lora.A.shape:
-                self.engine = saved
-                rpc("sona_set_micro", saved.micro_lora.A.tolist(), saved.micro_lora.B.tolist())
-            else:
-                logger.warning("ignoring saved engine state in %s: its MicroLoRA is %s, the "
-                               "config's %s", self.state_dir, saved.micro_lora.A.shape,
-                               self.engine.micro_lora.A.shape)
+        # a restart keeps what was learned: patterns here, the MicroLoRA in the workers
+        self.engine = load_engine(self.state_dir / "engine", SonaConfig.from_dict(cfg))
+        m = self.engine.micro_lora  # float32 -> Python floats -> float32: bit-identical
+        rpc("sona_set_micro", m.A.tolist(), m.B.tolist())
         self.store = open_store(opts.get("store_url") or engine_cfg.get("database_url")
                                 or self.state_dir / "sona.db")
         self.registry = AdapterRegistry(self.state_dir / "adapters")
@@ -121,7 +113,8 @@ class VllmHost(LearningHost):
         self._feedback_lock = threading.Lock()
         cur = self.registry.current()
         if cur is not None:
-            self._hot_swap(cur.version)
+            self._serve(cur.version)
+        self._start_learner()
 
     # -- LearningHost ---------------------------------------------------------------------
     @property
@@ -129,14 +122,15 @@ class VllmHost(LearningHost):
         """The BaseLoRA version requests for the served model now get (None: none)."""
         return self._version
 
-    def _hot_swap(self, version: int) -> None:
+    def _serve(self, version: int) -> None:
         v = self.registry.get(version)
-        self._serve(version, v.path)
+        self._serve_path(version, v.path)
         self._version = version
-        # the BaseLoRA now carries what the instant loop had learned: let it fade
-        self._rpc("sona_decay", 0.5)
 
-    def _dream_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def _shrink_micro(self, factor: float) -> None:
+        self._rpc("sona_decay", factor)
+
+    def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         if self._generate_ids is None:
             raise NotImplementedError("dreams need an offline engine (SonaLLM)")
         return self._generate_ids(prompt_ids, max_new_tokens)
@@ -205,7 +199,7 @@ class VllmHost(LearningHost):
         from sona_plugin.export import write_peft_export
 
         W = None
-        for f in sorted(self._model_source.glob("*.safetensors")):
+        for f in sorted(self.model_source.glob("*.safetensors")):
             with safe_open(str(f), "pt") as sf:
                 for name in ("lm_head.weight", "model.embed_tokens.weight"):
                     if name in sf.keys():  # noqa: SIM118 - safe_open has no __contains__
@@ -214,17 +208,17 @@ class VllmHost(LearningHost):
             if W is not None:
                 break
         if W is None:
-            raise ConfigError(f"no lm_head / embed_tokens weight in {self._model_source}")
+            raise ConfigError(f"no lm_head / embed_tokens weight in {self.model_source}")
         base = self.registry.get(self._version).path if self._version else None
         return write_peft_export(Path(path), self.micro_lora(), W.float(), base,
-                                 str(self._model_source))
+                                 str(self.model_source))
 
     def stats(self) -> dict:
         s = self._rpc("sona_stats")
         s.update({"feedback_stored": self.store.count(), "adapter_version": self._version,
                   "adapter_versions": len(self.registry.versions()),
                   "background": self._coordinator is not None and self._coordinator.running})
-        return s
+        return self._with_learner(s)
 
     def close(self) -> None:
         self.stop_background()

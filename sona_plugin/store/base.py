@@ -47,6 +47,7 @@ class TrajectoryStore(Protocol):
     def records(self, since_id: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
         """Records with row id > since_id, oldest first."""
 
-    def count(self) -> int: ...
+    def count(self, since_id: int = 0) -> int:
+        """How many records have a row id above ``since_id`` (all by default)."""
 
     def close(self) -> None: ...

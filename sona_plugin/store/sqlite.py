@@ -238,10 +238,11 @@ class SqliteStore:
                 (int(since_id), -1 if limit is None else int(limit))).fetchall()
         return [_record(r) for r in rows]
 
-    def count(self) -> int:
-        """How many records are stored."""
+    def count(self, since_id: int = 0) -> int:
+        """How many records are stored (with a row id above ``since_id``)."""
         with self._lock:
-            return self._connection().execute("SELECT COUNT(*) FROM feedback").fetchone()[0]
+            return self._connection().execute("SELECT COUNT(*) FROM feedback WHERE id > ?",
+                                              (int(since_id),)).fetchone()[0]
 
     def close(self) -> None:
         """Close the file; later calls raise StateError. Closing twice is harmless."""

@@ -48,15 +48,10 @@ class TrainReport:
         kl: the mean KL(π ‖ π_ref) per response token at the last step.
         seconds: wall time of the call.
         skipped: why nothing was trained, or None when it trained.
-        task_boundary: EWC++ declared a task boundary after this run (and remembered
-            the task just finished).
         records: records trained on; dropped: records ignored for lack of prompt or
             response tokens.
         baseline: the reward baseline b used for this call's advantages.
-        first_epoch_loss: mean objective loss (without penalty) over the first epoch, the
-            statistic given to the EWC++ boundary detector.
-        fisher_mean: mean of this call's per-token Fisher estimate over all LoRA
-            parameters (:meth:`BaseLoRATrainer.fisher_diagonal`); None without EWC++.
+        first_epoch_loss: mean objective loss (without penalty) over the first epoch.
     """
 
     steps: int = 0
@@ -65,13 +60,11 @@ class TrainReport:
     kl: float = 0.0
     seconds: float = 0.0
     skipped: str | None = None
-    task_boundary: bool = False
     records: int = 0
     dropped: int = 0
     epochs: int = 0
     baseline: float = 0.0
     first_epoch_loss: float | None = None
-    fisher_mean: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,10 +188,10 @@ class BaseLoRATrainer:
         behaviour is then fully determined by the adapter weights and :meth:`state_dict`,
         which is what survives a restart.
 
-        After the last step, with an EWC++ instance: ``update_fisher`` receives the square
-        root of :meth:`fisher_diagonal` on ``fisher_samples`` of the records (so that
-        ``F ← γF + (1−γ)·F_call``), then ``detect_task_boundary(loss=first_epoch_loss)``; on a boundary the current LoRA
-        values are remembered with :meth:`EwcPlusPlus.start_new_task`.
+        The EWC++ penalty (with an EWC++ instance holding tasks) is part of every step;
+        the Fisher is *not* updated here: the caller folds it in with
+        :meth:`update_fisher` once it knows which weights serve (a candidate the gate
+        refuses must not become what EWC++ remembers).
 
         Returns:
             A TrainReport; ``skipped`` says why when nothing was trained (no records, or
@@ -292,19 +285,26 @@ class BaseLoRATrainer:
         report.first_epoch_loss = float(np.mean(first_epoch))
         self._calls += 1
         self._steps_total += report.steps
-        if self.ewc is not None:
-            fisher = self.fisher_diagonal(usable, self.fisher_samples)
-            report.fisher_mean = float(sum(f.sum() for f in fisher.values()) /
-                                       sum(f.numel() for f in fisher.values()))
-            self.ewc.update_fisher({n: f.sqrt().cpu().numpy() for n, f in fisher.items()})
-            if self.ewc.detect_task_boundary(loss=report.first_epoch_loss):
-                report.task_boundary = bool(self.ewc.start_new_task(
-                    {n: p.detach().cpu().numpy() for n, p in params.items()}))
         report.seconds = time.perf_counter() - t0
         logger.info("BaseLoRA trained %d records x %d epochs: %d steps, last loss %.4f, "
-                    "KL %.4f, %.1f s%s", len(usable), epochs, report.steps, report.losses[-1],
-                    report.kl, report.seconds, " (task boundary)" if report.task_boundary else "")
+                    "KL %.4f, %.1f s", len(usable), epochs, report.steps, report.losses[-1],
+                    report.kl, report.seconds)
         return report
+
+    def update_fisher(self, records: Sequence[FeedbackRecord]) -> float | None:
+        """Fold the Fisher of the current weights on ``records`` into EWC++
+        (``F ← γF + (1−γ)·F_call``, :meth:`fisher_diagonal` on ``fisher_samples`` of them).
+
+        Returns:
+            The mean of this call's per-token Fisher (None without EWC++ or records).
+        """
+        usable = [r for r in records if len(r.response_ids) > 0 and len(r.prompt_ids) > 0]
+        if self.ewc is None or not usable:
+            return None
+        fisher = self.fisher_diagonal(usable, self.fisher_samples)
+        self.ewc.update_fisher({n: f.sqrt().cpu().numpy() for n, f in fisher.items()})
+        return float(sum(f.sum() for f in fisher.values()) /
+                     sum(f.numel() for f in fisher.values()))
 
     def fisher_diagonal(self, records: Sequence[FeedbackRecord], samples: int
                         ) -> dict[str, torch.Tensor]:

@@ -238,7 +238,7 @@ def test_deep_cycle_dreams_replay_from_strong_patterns(pipe):
     rep = pipe.deep_cycle(dreams=4)
     assert rep["dreams_generated"] >= 1, rep
     assert 0 <= rep["dreams_kept"] <= rep["dreams_generated"]
-    for d in pipe._learner.dreams:
+    for d in pipe.learner.dreams:
         assert d.task == "dream" and d.response_ids and -1 <= d.reward <= 1
 
 
@@ -296,17 +296,16 @@ def test_feedback_acknowledged_before_kill_9_is_in_the_store(tmp_path):
         store.close()
 
 
-def test_refused_candidate_is_retried_at_smaller_steps_then_dropped(pipe, monkeypatch):
-    """The learner's line search: a candidate the gate refuses at its full step is served
-    at the largest of ½, ¼ that passes; one refused at every step leaves the trainer on the
-    served weights."""
-    from sona_plugin.integrations import _learner
+def test_refused_candidate_is_projected_back_inside_the_budget_then_dropped(pipe, monkeypatch):
+    """The learner's projection: a candidate the gate refuses at its full step is served at
+    the largest of ½, ¼ of its step that passes, then at ¾ of its ΔW toward the base model;
+    one refused everywhere leaves the trainer on the served weights."""
+    from sona_plugin.learner import cycle
     from sona_plugin.training.gate import GateResult, PromotionGate
 
-    learner = pipe._the_learner()
-    if learner.trainer is None:
-        learner.trainer = learner._make_trainer()
-    trainer = learner.trainer
+    assert pipe.adapter_version is not None, "needs a served version (earlier tests)"
+    learner = pipe.learner
+    trainer = learner.ensure_trainer()
     params = trainer.named_lora_params()
     start = {n: p.detach().clone() for n, p in params.items()}
     g = torch.Generator().manual_seed(0)
@@ -319,14 +318,19 @@ def test_refused_candidate_is_retried_at_smaller_steps_then_dropped(pipe, monkey
         calls = iter(verdicts)
         monkeypatch.setattr(PromotionGate, "evaluate",
                             lambda self, *a, **k: GateResult(next(calls), {}, []))
-        _learner._set_lora(trainer, start, cand, 1.0)
-        return learner._gate(trainer, start, [], probe=False)
+        cycle._set_lora(trainer, start, cand, 1.0)
+        return learner._gate(start, [], probe=False)
 
-    passed, rep, scale = run([False, True])
-    assert passed and scale == 0.5 and [t["scale"] for t in rep["tried"]] == [1.0, 0.5]
+    passed, rep, point = run([False, True])
+    assert passed and point == {"step": 0.5}
+    assert [t.get("step") for t in rep["tried"]] == [1.0, 0.5]
     for n, p in params.items():
         torch.testing.assert_close(p.detach(), start[n] + 0.5 * (cand[n] - start[n]))
-    passed, rep, scale = run([False, False, False])
-    assert not passed and scale is None and len(rep["tried"]) == 3
+    passed, rep, point = run([False, False, False, True])
+    assert passed and point == {"shrink": 0.75}
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), cand[n] * (0.75 if "lora_B" in n else 1.0))
+    passed, rep, point = run([False, False, False, False])
+    assert not passed and point is None and len(rep["tried"]) == 4
     for n, p in params.items():
         torch.testing.assert_close(p.detach(), start[n])

@@ -171,7 +171,7 @@ def test_learn_publishes_a_version_that_serves_and_loads_in_peft(llm, first_answ
         served = score(llm, p, r)
     finally:
         llm.host._rpc("sona_set_enabled", True)
-    base = AutoModelForCausalLM.from_pretrained(str(llm.host._model_source), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(llm.host.model_source), dtype=torch.float32)
     peft = PeftModel.from_pretrained(base, str(llm.host.registry.get(v).path)).eval()
     with torch.no_grad():
         logits = peft(torch.tensor([p + r])).logits[0]

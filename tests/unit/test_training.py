@@ -200,7 +200,9 @@ def test_ewc_penalty_keeps_lora_near_task_a():
         ewc = EwcPlusPlus(cfg)
         tr = BaseLoRATrainer(tiny_llama(), cfg, ewc=ewc, seed=0)
         assert set(ewc.names) == set(tr.named_lora_params())
-        tr.train(preference_records(8, seed=1), epochs=4, lr=5e-3)  # task A: 7 liked
+        task_a = preference_records(8, seed=1)
+        tr.train(task_a, epochs=4, lr=5e-3)  # task A: 7 liked
+        tr.update_fisher(task_a)
         theta_a = {n: p.detach().clone() for n, p in tr.named_lora_params().items()}
         assert ewc.start_new_task({n: p.numpy() for n, p in theta_a.items()})
         ewc.set_lambda(lam)
@@ -211,18 +213,20 @@ def test_ewc_penalty_keeps_lora_near_task_a():
                    for n, p in tr.named_lora_params().items()) ** 0.5
 
     # the default λ (1000) is not inert: with the per-token Fisher the penalty is in KL
-    # units (TrainReport.fisher_mean); the squared batch-loss gradients used before
+    # units (update_fisher's mean); the squared batch-loss gradients used before
     # needed λ = 1e7 to hold anything
     free, held = run(0.0), run(SonaConfig().ewc_lambda)
     assert held < 0.8 * free, (held, free)
 
 
-def test_fisher_and_boundary_bookkeeping():
+def test_fisher_is_folded_in_only_when_asked():
     cfg = config()
     ewc = EwcPlusPlus(cfg)
     tr = BaseLoRATrainer(tiny_llama(), cfg, ewc=ewc)
     report = tr.train(preference_records(4, seed=1), epochs=1)
-    assert ewc.fisher_updates == 1 and report.task_boundary is False
+    assert ewc.fisher_updates == 0 and ewc.task_count == 0  # a candidate is not remembered
+    assert tr.update_fisher(preference_records(4, seed=1)) > 0
+    assert ewc.fisher_updates == 1
     fisher = ewc.fisher
     assert any(float(f.sum()) > 0 for n, f in fisher.items() if "lora_B" in n)
     assert report.first_epoch_loss is not None

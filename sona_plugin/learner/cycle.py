@@ -1,0 +1,423 @@
+"""Loop B for a host model: train the PEFT BaseLoRA on stored feedback, gate, publish, swap.
+
+One :meth:`Learner.run` (a *cycle*), under the learner's lock (one owner of training:
+cycles, deep cycles, rollbacks and boundaries never overlap):
+
+1. **new feedback** = store records after the last one used (``last_id``, saved: a
+   restart with no new feedback trains nothing). Each goes to the held-out or the
+   training side with its prompt group (:class:`~.heldout.PromptSplit`).
+2. **shift detection**: every new reward goes through a two-sided CUSUM
+   (:class:`~.shift.ShiftDetector`); at an alarm a new EWC++ task starts from the
+   **served** weights (their Fisher, their θ*), and the boundary is reported in stats.
+3. the new training-side records go into the ReasoningBank (plain mean quality per
+   pattern, ``k ≈ √(n/2)`` clusters per cycle); the training set is those records plus
+   replay of older training-side records (and kept dreams), drawn balanced across
+   patterns (``select_training_set``).
+4. the trainer (a private copy of the base model with a PEFT LoRA, continuing from the
+   served version) takes REINFORCE + KL-to-base + EWC++ steps.
+5. the gate (``PromotionGate``) compares the candidate with the served adapter on
+   held-out feedback (reward-centred) and with the *base model* on anchor NLL and
+   on-topic answers (a fixed drift budget). Refused, the candidate is *projected back*
+   toward the served weights (½, ¼ of its step); still refused, toward the base model
+   (every ``ΔW = B·A`` of the candidate times ¾: a newer taste may displace part of an
+   older one inside the budget, the EWC++ penalty having already weighed what the older
+   one is worth; that is the trade). The largest passing
+   point is published; if none passes, the trainer returns to the served weights.
+6. EWC++'s Fisher is folded in at the weights that now serve, never at a refused
+   candidate. A published version carries the learner's whole state in its directory
+   (``learner.safetensors``), and its per-answer KL to the base model (Monte Carlo on
+   held-out prompts) is in its metadata; the state is also saved after every cycle.
+
+A rollback rebuilds the trainer from the rolled-to version and restores that version's
+EWC++ memory, reward baseline and dreams; records already used stay used, so the
+rolled-to version keeps serving until new feedback arrives (it is pinned until then).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StateError
+from ..ewc import EwcPlusPlus
+from ..store.base import FeedbackRecord
+from .heldout import PromptSplit
+from .host import Host
+from .shift import ShiftDetector
+from .state import STATE_FILE, load_state, remove_stale_temps, save_state
+
+logger = logging.getLogger(__name__)
+
+PROBE_PROMPTS = [
+    "What is the capital of Italy?", "How do I boil an egg?", "Why is the sky blue?",
+    "Give me a tip for learning a new language.", "What does a CPU do?",
+    "How many legs does a spider have?", "What causes rain?",
+    "How should I store fresh bread?", "What is a prime number?",
+    "What is the job of a referee?", "How do I write a good email subject line?",
+    "What does a thermometer measure?",
+]
+HELDOUT_MAX = 40
+KL_PROMPTS = 16
+_SERVED = "served"
+# points the gate tries: (step scale from the served weights, then shrink toward the base)
+STEP_SCALES = (1.0, 0.5, 0.25)
+SHRINK_SCALES = (0.75,)
+
+
+def clusters_for(n: int, cap: int) -> int:
+    """``k ≈ √(n/2)`` clusters for ``n`` prompts, at least 1, at most ``cap``."""
+    return max(1, min(cap, int(round(math.sqrt(max(n, 1) / 2.0)))))
+
+
+class Learner:
+    """Loop B for one :class:`~.host.Host` (see the module docstring).
+
+    Args:
+        host: the serving side.
+        epochs: passes over each cycle's training set.
+        seed: seeds the trainer's LoRA initialisation, batch order and selection.
+        measure_kl: measure each promoted version's per-answer KL to the base model.
+    """
+
+    def __init__(self, host: Host, *, epochs: int = 2, seed: int = 0, measure_kl: bool = True):
+        self.host = host
+        self.epochs = epochs
+        self.seed = seed
+        self.measure_kl = measure_kl
+        self.lock = threading.RLock()
+        self.last_id = 0
+        self.cycles = 0
+        self.trainer: Any = None
+        self.ewc = EwcPlusPlus(host.engine.config)
+        self.dreams: list[FeedbackRecord] = []
+        self.split = PromptSplit()
+        self.detector = ShiftDetector()
+        self.boundaries: list[dict] = []
+        self._trainer_state: dict | None = None   # applied when the trainer is built
+        self._base_answers: dict = {}             # the gate's cache of the base model
+        remove_stale_temps(host.state_dir)
+        self._restore()
+
+    # -- state ----------------------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays: dict[str, np.ndarray] = {}
+        ewc_arrays, ewc_meta = self.ewc.state_dict()
+        arrays.update({f"ewc.{k}": v for k, v in ewc_arrays.items()})
+        bank_arrays, bank_meta = self.host.engine.reasoning_bank.state_dict()
+        arrays.update({f"bank.{k}": v for k, v in bank_arrays.items()})
+        split_arrays, split_meta = self.split.state()
+        arrays.update(split_arrays)
+        if self.dreams:
+            arrays["dreams.embedding"] = np.stack([np.asarray(d.embedding, np.float32)
+                                                   for d in self.dreams])
+        meta = {
+            "served_version": self.host.adapter_version, "last_id": self.last_id,
+            "cycles": self.cycles, "ewc": ewc_meta, "bank": bank_meta, "split": split_meta,
+            "detector": self.detector.state_dict(), "boundaries": self.boundaries,
+            "trainer": self.trainer.state_dict() if self.trainer is not None
+            else self._trainer_state,
+            "dreams": [{"response_id": d.response_id, "prompt": d.prompt,
+                        "prompt_ids": list(d.prompt_ids), "response_ids": list(d.response_ids),
+                        "response_text": d.response_text, "reward": float(d.reward)}
+                       for d in self.dreams],
+        }
+        return arrays, meta
+
+    def save(self, path: Path | None = None) -> None:
+        """Write the whole state atomically (default ``state_dir/learner.safetensors``)."""
+        arrays, meta = self._state()
+        save_state(path or self.host.state_dir / STATE_FILE, arrays, meta)
+
+    def _restore(self) -> None:
+        """Stream-level state (records used, split, detector, bank) from the newest save;
+        per-version state (EWC++, reward baseline, dreams) from the served version's."""
+        host = self.host
+        saved = load_state(host.state_dir / STATE_FILE)
+        served = host.adapter_version
+        version_state = None
+        if served is not None:
+            try:
+                version_state = load_state(host.registry.get(served).path / STATE_FILE)
+            except StateError as e:
+                logger.warning("served version %s has no usable learner state: %s", served, e)
+        newest = max((s for s in (saved, version_state) if s is not None),
+                     key=lambda s: s[1]["last_id"], default=None)
+        if newest is None:
+            return
+        arrays, meta = newest
+        self.last_id = int(meta["last_id"])
+        self.cycles = int(meta["cycles"])
+        self.detector = ShiftDetector.from_state(meta["detector"])
+        self.boundaries = list(meta["boundaries"])
+        self.split = PromptSplit.from_state(arrays, meta["split"])
+        host.engine.reasoning_bank.load_state_dict(
+            {k[5:]: v for k, v in arrays.items() if k.startswith("bank.")}, meta["bank"])
+        per_version = newest
+        if saved is not None and saved[1].get("served_version") != served:
+            per_version = version_state  # a rollback or a crash between publish and save
+        if per_version is not None:
+            self._load_version_state(*per_version)
+        logger.info("learner restored: %d records used, %d cycles, %d boundaries", self.last_id,
+                    self.cycles, len(self.boundaries))
+
+    def _load_version_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        ewc = EwcPlusPlus(self.host.engine.config)
+        ewc.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("ewc.")},
+                            meta["ewc"])
+        self.ewc = ewc
+        self._trainer_state = meta.get("trainer")
+        emb = arrays.get("dreams.embedding")
+        self.dreams = [FeedbackRecord(embedding=emb[i], task="dream", **d)
+                       for i, d in enumerate(meta.get("dreams") or [])]
+        self.trainer = None  # rebuilt from the served version, with this EWC++
+
+    # -- the trainer ----------------------------------------------------------------------
+    def ensure_trainer(self):
+        """The trainer, built on first use from the served version's weights."""
+        from ..training import BaseLoRATrainer
+
+        if self.trainer is None:
+            host = self.host
+            cfg = host.engine.config
+            extra = {"target_modules": host.lora_targets} if host.lora_targets else {}
+            trainer = BaseLoRATrainer(_fresh_base(host), cfg, ewc=self.ewc, seed=self.seed,
+                                      beta=cfg.base_lora_kl_beta, **extra)
+            v = host.adapter_version
+            if v is not None:
+                trainer.load_adapter_weights(host.registry.get(v).path)
+            if self._trainer_state is not None:
+                trainer.load_state_dict(self._trainer_state)
+            self.trainer = trainer
+        return self.trainer
+
+    def _lora(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.trainer.named_lora_params().items()}
+
+    # -- feedback sides ---------------------------------------------------------------------
+    def pending(self) -> int:
+        """Stored records not used by any cycle yet."""
+        return self.host.store.count(since_id=self.last_id)
+
+    def training_records(self) -> list[FeedbackRecord]:
+        """Used records on the training side (never a held-out prompt)."""
+        recs = self.host.store.records(since_id=0, limit=None)
+        recs = [r for r in recs if r.id is not None and r.id <= self.last_id]
+        return [r for r, held in zip(recs, self.split.assign(recs)) if not held]
+
+    def _heldout(self, records: list[FeedbackRecord]) -> list[FeedbackRecord]:
+        return [r for r, held in zip(records, self.split.assign(records)) if held][-HELDOUT_MAX:]
+
+    # -- boundaries -------------------------------------------------------------------------
+    def mark_task_boundary(self, reason: str = "marked") -> bool:
+        """Start a new EWC++ task from the served weights (their Fisher and θ*)."""
+        with self.lock:
+            trainer = self.ensure_trainer()
+            params = {n: p.detach().cpu().numpy() for n, p in trainer.named_lora_params().items()}
+            if self.ewc.fisher_updates == 0:
+                # no Fisher yet at these weights: estimate it on recent training answers
+                trainer.update_fisher(self.training_records()[-64:])
+            started = bool(self.ewc.start_new_task(params))
+            self.boundaries.append({"record_id": self.last_id, "cycle": self.cycles,
+                                    "reason": reason, "served_version": self.host.adapter_version,
+                                    "ewc_task_started": started, "at": time.time()})
+            if not started:
+                logger.warning("task boundary (%s) before any Fisher estimate: nothing to keep",
+                               reason)
+            return started
+
+    # -- rollback ---------------------------------------------------------------------------
+    def on_rollback(self, version: int) -> None:
+        """The host now serves ``version``: train from it, with its EWC++ memory."""
+        with self.lock:
+            try:
+                st = load_state(self.host.registry.get(version).path / STATE_FILE)
+            except StateError as e:
+                logger.warning("version %s has no usable learner state (%s); keeping the "
+                               "current EWC++ memory", version, e)
+                st = None
+            if st is not None:
+                self._load_version_state(*st)
+            self.trainer = None
+            self.save()
+
+    # -- one cycle --------------------------------------------------------------------------
+    def run(self, epochs: int | None = None, gate: bool = True, probe: bool = True,
+            batch_size: int = 4) -> dict:
+        """One cycle (see the module docstring); returns its report."""
+        with self.lock:
+            return self._run(epochs, gate, probe, batch_size)
+
+    def _run(self, epochs: int | None, gate: bool, probe: bool, batch_size: int) -> dict:
+        from ..training import select_training_set
+
+        t0 = time.perf_counter()
+        host = self.host
+        store = host.store
+        new = store.records(since_id=self.last_id)
+        report: dict[str, Any] = {"version": host.adapter_version, "published": False,
+                                  "new_records": len(new)}
+        if not new:
+            report.update(skipped="no new feedback since the last cycle",
+                          seconds=time.perf_counter() - t0)
+            return report
+        everything = store.records(since_id=0, limit=None)
+        sides = self.split.assign(new)
+        train_new = [r for r, held in zip(new, sides) if not held]
+        heldout = self._heldout(everything)
+        report.update(heldout=len(heldout), heldout_new=len(new) - len(train_new))
+
+        alarms = []
+        for r in new:
+            side = self.detector.update(r.reward)
+            if side is not None:
+                alarms.append({"record_id": r.id, "direction": side})
+        if alarms:
+            self.mark_task_boundary(reason=f"liked-rate shift ({alarms[0]['direction']}) "
+                                           f"detected at record {alarms[0]['record_id']}")
+            report["boundaries"] = alarms
+
+        bank = host.engine.reasoning_bank
+        if train_new:
+            bank.add_trajectories(np.stack([r.embedding for r in train_new]),
+                                  np.array([(r.reward + 1.0) / 2.0 for r in train_new]),
+                                  weights=np.ones(len(train_new)))
+            report["patterns_extracted"] = len(bank.extract_patterns(
+                k=clusters_for(len(train_new), host.engine.config.pattern_clusters)))
+        replay = [r for r, held in zip(everything, self.split.assign(everything))
+                  if not held and r.id <= self.last_id] + self.dreams
+        selected = select_training_set(train_new, bank=bank, replay=replay,
+                                       replay_fraction=0.25, seed=self.seed + self.cycles)
+        report["trained_on"] = len(selected)
+        self.last_id = max(r.id for r in new)
+        self.cycles += 1
+        if not selected:
+            self.save()
+            report.update(skipped="every new record is on the held-out side",
+                          seconds=time.perf_counter() - t0)
+            return report
+        trainer = self.ensure_trainer()
+        start = self._lora()
+        tr = trainer.train(selected, epochs=epochs or self.epochs, batch_size=batch_size)
+        report["train"] = tr.to_dict()
+        if tr.skipped:
+            self.save()
+            report.update(skipped=f"training skipped: {tr.skipped}",
+                          seconds=time.perf_counter() - t0)
+            return report
+        passed = True
+        if gate:
+            passed, report["gate"], report["step"] = self._gate(start, heldout, probe)
+        report["fisher_mean"] = trainer.update_fisher(selected)  # at the weights kept
+        if not passed:
+            self.save()
+            report["seconds"] = time.perf_counter() - t0
+            return report
+        meta = {"trained_on": len(selected), "new_records": len(new), "cycle": self.cycles,
+                "last_record_id": self.last_id, "step": report.get("step"),
+                "train_loss": tr.losses[-1] if tr.losses else None}
+        if self.measure_kl and heldout:
+            meta["kl_per_answer"] = self._answer_kl(heldout)
+            report["kl_per_answer"] = meta["kl_per_answer"]
+
+        def write(path: Path) -> None:
+            trainer.save_adapter(path)
+            arrays, state = self._state()
+            state["served_version"] = None  # filled by whoever serves it
+            save_state(path / STATE_FILE, arrays, state)
+
+        v = host.registry.publish(write, meta)
+        t_pub = time.perf_counter()
+        host.serve_version(v.version, micro_decay=0.5)
+        self.save()
+        report.update(version=v.version, published=True, seconds=time.perf_counter() - t0,
+                      publish_to_serve_s=time.perf_counter() - t_pub)
+        return report
+
+    def _answer_kl(self, heldout: list[FeedbackRecord]) -> float:
+        from ..training import ModelView
+        from .drift import answer_kl
+
+        peft = self.trainer.peft_model
+        rows = [list(r.prompt_ids) for r in heldout[-KL_PROMPTS:]]
+        return answer_kl(ModelView.adapter(peft, "default"), ModelView.base(peft), rows,
+                         self.host.tokenizer, seed=self.seed + self.cycles)
+
+    def _gate(self, start: dict, heldout: list, probe: bool) -> tuple[bool, dict, dict | None]:
+        """Gate the trained candidate; refused, try it projected back inside the budget
+        (``STEP_SCALES`` of its step from the served weights, then ``SHRINK_SCALES`` of
+        it toward the base model). Returns (passed, gate report, the point that passed);
+        the trainer then holds the weights that passed, or the served ones."""
+        from ..training import ModelView, PromotionGate
+
+        host = self.host
+        trainer = self.trainer
+        peft = trainer.peft_model
+        gate = PromotionGate()
+        probes = PROBE_PROMPTS if probe else None
+        embedder = host.embed if probe else None
+        served = host.adapter_version
+        if served is not None:
+            if _SERVED in peft.peft_config:
+                peft.delete_adapter(_SERVED)
+            peft.load_adapter(str(host.registry.get(served).path), adapter_name=_SERVED)
+            peft.set_adapter("default")
+            current = ModelView.adapter(peft, _SERVED)
+        else:
+            current = ModelView.base(peft)
+        cand = self._lora()
+        points = [("step", s) for s in STEP_SCALES]
+        if served is not None:
+            points += [("shrink", s) for s in SHRINK_SCALES]
+        tried = []
+        g = None
+        try:
+            for kind, s in points:
+                _set_lora(trainer, start if kind == "step" else None, cand, s)
+                g = gate.evaluate(ModelView.adapter(peft, "default"), current, heldout, None,
+                                  host.tokenizer, embedder=embedder, probe_prompts=probes,
+                                  reference=ModelView.base(peft),
+                                  reference_cache=self._base_answers)
+                tried.append({kind: s, "passed": g.passed, "reasons": g.reasons,
+                              "metrics": g.metrics})
+                if g.passed:
+                    break
+            if not g.passed:  # back to the served weights, where the next cycle starts
+                _set_lora(trainer, start, cand, 0.0)
+        finally:
+            if served is not None:
+                peft.delete_adapter(_SERVED)
+                peft.set_adapter("default")
+        out = g.to_dict()
+        out["tried"] = tried
+        return g.passed, out, ({kind: s} if g.passed else None)
+
+
+def _fresh_base(host: Host):
+    """A private, hook-free copy of the base model for training."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if host.model_source is None:
+        raise RuntimeError("learn() needs the model's path to load a private training copy; "
+                           "build the host from a path (or the default model)")
+    return AutoModelForCausalLM.from_pretrained(host.model_source, dtype=torch.float32,
+                                                local_files_only=True)
+
+
+def _set_lora(trainer, start: dict | None, end: dict, scale: float) -> None:
+    """LoRA tensors ← start + scale·(end − start); with ``start`` None, ``B ← scale·B_end``
+    (and ``A ← A_end``), so every ``ΔW = B·A`` shrinks by ``scale`` toward the base."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in trainer.named_lora_params().items():
+            if start is not None:
+                p.copy_(start[n] + scale * (end[n] - start[n]))
+            else:
+                p.copy_(end[n] * scale if "lora_B" in n else end[n])

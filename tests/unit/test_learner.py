@@ -1,0 +1,263 @@
+"""Loop B's learner (sona_plugin.learner) on a tiny random Llama with a real SQLite store and
+adapter registry: shift detection, the prompt-level held-out split, the drift floor, dream
+rewards, and the saved state (a restart trains nothing twice, a rollback trains from the
+rolled-to version)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sona_plugin.adapters import AdapterRegistry
+from sona_plugin.config import SonaConfig
+from sona_plugin.engine import SonaEngine
+from sona_plugin.learner import Learner, ShiftDetector, efficiency, kl_floor
+from sona_plugin.learner.dreams import predicted_rewards
+from sona_plugin.learner.heldout import PromptSplit
+from sona_plugin.store import open_store
+from sona_plugin.store.base import FeedbackRecord
+
+torch.set_num_threads(1)
+V, E = 96, 8
+
+
+def bernoulli(rng, p, n):
+    return np.where(rng.random(n) < p, 1.0, -1.0)
+
+
+# ----------------------------------------------------------------------- shift detection
+def test_shift_detector_false_alarm_rate_and_delay():
+    rng = np.random.default_rng(0)
+    for p in (0.1, 0.4, 0.9):  # stationary: the stated ~0.13 per 1,000, whatever the rate
+        det = ShiftDetector()
+        alarms = sum(det.update(r) is not None for r in bernoulli(rng, p, 20_000))
+        assert alarms <= 12, (p, alarms)
+    delays = {"down": [], "up": []}
+    for trial in range(40):
+        for side, (a, b) in (("down", (0.7, 0.2)), ("up", (0.3, 0.75))):
+            det = ShiftDetector()
+            for r in bernoulli(rng, a, 300):
+                det.update(r)
+            got = [i for i, r in enumerate(bernoulli(rng, b, 200)) if det.update(r) == side]
+            delays[side].append(got[0] if got else 999)
+    assert np.median(delays["down"]) <= 30 and np.percentile(delays["down"], 90) <= 60, delays
+    assert np.median(delays["up"]) <= 40, delays
+
+
+def test_shift_detector_ignores_the_rise_that_learning_causes_and_round_trips():
+    rng = np.random.default_rng(1)
+    alarms = 0
+    for _ in range(30):  # 0.3 -> 0.6 over 200 feedbacks: a deployment learning
+        det = ShiftDetector()
+        p = np.r_[np.linspace(0.3, 0.6, 200), np.full(100, 0.6)]
+        alarms += sum(det.update(r) is not None for r in np.where(rng.random(300) < p, 1., -1.))
+    assert alarms <= 4, alarms
+    det = ShiftDetector()
+    stream = bernoulli(rng, 0.5, 100)
+    for r in stream[:60]:
+        det.update(r)
+    back = ShiftDetector.from_state(det.state_dict())
+    assert [det.update(r) for r in stream[60:]] == [back.update(r) for r in stream[60:]]
+    assert det.state_dict() == back.state_dict()
+
+
+# -------------------------------------------------------------------------- held-out split
+def record(i: int, prompt: str, emb: np.ndarray, reward: float = 1.0,
+           response: list[int] | None = None) -> FeedbackRecord:
+    return FeedbackRecord(response_id=f"r{i}", prompt=prompt, prompt_ids=[5, 6, 7],
+                          response_ids=response or [9, 10], response_text="", reward=reward,
+                          embedding=np.asarray(emb, np.float32), id=i)
+
+
+def test_prompt_split_keeps_near_duplicates_together_and_is_stable():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((300, 64)).astype(np.float32)  # distinct prompts
+    recs = [record(i + 1, f"prompt {i}", base[i]) for i in range(300)]
+    split = PromptSplit()
+    sides = split.assign(recs)
+    assert 0.1 < np.mean(sides) < 0.3  # about one prompt in five
+    # the same prompts again, rephrased (cosine > 0.9), under new text: same side
+    again = [record(1000 + i, f"rephrased {i}", base[i] + 0.05 * rng.standard_normal(64))
+             for i in range(300)]
+    assert split.assign(again) == sides
+    # state round trip, and a fresh split built from the same stream agrees
+    back = PromptSplit.from_state(*split.state())
+    assert back.assign(recs + again) == sides + sides
+    assert PromptSplit().assign(recs) == sides
+
+
+# --------------------------------------------------------------------------- drift floor
+def test_kl_floor_and_efficiency():
+    assert kl_floor(0.80, 0.41) == pytest.approx(0.32, abs=0.005)  # the issue's figure
+    assert kl_floor(0.41, 0.41) == 0.0
+    assert kl_floor(1.0, 0.5) == pytest.approx(np.log(2))
+    assert efficiency(0.8, 0.41, 0.64) == pytest.approx(0.5, abs=0.01)
+    assert efficiency(0.8, 0.41, 0.0) is None
+
+
+def test_dream_reward_depends_on_the_dreamed_answer():
+    prompt = np.array([1, 0, 0, 0], np.float32)
+    liked_a, disliked_a = np.array([0, 1, 0, 0], np.float32), np.array([0, 0, 1, 0], np.float32)
+    known = [record(1, "p", prompt, 1.0), record(2, "p", prompt, -1.0)]
+    known_emb = np.stack([liked_a, disliked_a])
+    dreams = np.stack([liked_a, disliked_a, (liked_a + disliked_a) / np.sqrt(2)])
+    r = predicted_rewards(dreams, np.stack([prompt] * 3), known, known_emb)
+    assert r[0] > 0.9 and r[1] < -0.9 and abs(r[2]) < 1e-6
+
+
+# ------------------------------------------------------------ the learner on a tiny model
+class CharTokenizer:
+    chat_template = None
+    pad_token_id = 0
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        return {"input_ids": [2 + (b - 32) % 94 for b in text.encode()]}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(32 + int(i) - 2) for i in ids if int(i) > 1)
+
+
+class TinyHost:
+    """A Host from real parts: a tiny Llama checkpoint on disk, SQLite, an AdapterRegistry."""
+
+    def __init__(self, root: Path, model_dir: Path):
+        self.state_dir = root
+        self.model_source = model_dir
+        self.lora_targets = None
+        self.tokenizer = CharTokenizer()
+        self.engine = SonaEngine(SonaConfig(hidden_dim=32, embedding_dim=E, base_lora_rank=4))
+        self.store = open_store(root / "sona.db")
+        self.registry = AdapterRegistry(root / "adapters")
+        cur = self.registry.current()
+        self.served = cur.version if cur else None
+        self.swaps: list[tuple[int, float]] = []
+
+    @property
+    def adapter_version(self):
+        return self.served
+
+    def serve_version(self, version: int, micro_decay: float = 1.0) -> None:
+        self.served = version
+        self.swaps.append((version, micro_decay))
+
+    def sample_answers(self, prompt_ids, max_new_tokens):
+        raise NotImplementedError("no generation in this test host")
+
+    def embed(self, texts):
+        return np.ones((len(texts), E), np.float32) / np.sqrt(E)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=1)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def feed(host: TinyHost, start: int, n: int, rng) -> None:
+    for i in range(start, start + n):
+        liked = i % 2 == 0
+        host.store.add(FeedbackRecord(
+            response_id=f"resp{i}", prompt=f"question number {i}",
+            prompt_ids=rng.integers(10, V, 6).tolist(), response_ids=[7 if liked else 9] * 3,
+            response_text="", reward=1.0 if liked else -1.0,
+            embedding=rng.standard_normal(E).astype(np.float32)))
+
+
+def test_restart_trains_nothing_twice_and_restores_the_whole_state(tmp_path, tiny_model_dir):
+    rng = np.random.default_rng(3)
+    host = TinyHost(tmp_path, tiny_model_dir)
+    learner = Learner(host, epochs=1)
+    feed(host, 0, 40, rng)
+    rep = learner.run(gate=False)
+    assert rep["published"] and rep["version"] == 1, rep
+    assert host.swaps == [(1, 0.5)]  # a new version lets the MicroLoRA fade
+    assert 0 < rep["heldout_new"] < 40 and rep["trained_on"] >= 40 - rep["heldout_new"]
+    assert rep["kl_per_answer"] >= 0.0
+    assert learner.ewc.fisher_updates == 1
+    saved = learner._state()
+
+    host2 = TinyHost(tmp_path, tiny_model_dir)   # a restart: everything from disk
+    again = Learner(host2, epochs=1)
+    assert host2.served == 1 and host2.swaps == []
+    assert again.last_id == learner.last_id == 40 and again.pending() == 0
+    assert again.cycles == 1 and again.split.sides == learner.split.sides
+    assert host2.engine.reasoning_bank.pattern_count == host.engine.reasoning_bank.pattern_count
+    a_arrays, a_meta = again._state()
+    for k, v in saved[0].items():
+        np.testing.assert_array_equal(a_arrays[k], v, err_msg=k)
+    assert a_meta["detector"] == saved[1]["detector"]
+    assert a_meta["trainer"]["reward_mean"] == saved[1]["trainer"]["reward_mean"]
+    assert again.run(gate=False)["skipped"] == "no new feedback since the last cycle"
+    # the next cycle continues from the served weights and the saved baseline
+    feed(host2, 40, 10, rng)
+    rep2 = again.run(gate=False)
+    assert rep2["new_records"] == 10 and rep2["version"] == 2
+    assert rep2["train"]["baseline"] != 0.0
+
+
+def test_rollback_trains_from_the_rolled_to_version(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    rng = np.random.default_rng(4)
+    host = TinyHost(tmp_path, tiny_model_dir)
+    learner = Learner(host, epochs=1)
+    feed(host, 0, 30, rng)
+    assert learner.run(gate=False)["version"] == 1
+    feed(host, 30, 30, rng)
+    assert learner.run(gate=False)["version"] == 2
+    host.registry.set_current(1)
+    host.serve_version(1)
+    learner.on_rollback(1)
+    trainer = learner.ensure_trainer()
+    v1 = load_file(str(host.registry.get(1).path / "adapter_model.safetensors"))
+    from peft import get_peft_model_state_dict
+
+    got = get_peft_model_state_dict(trainer.peft_model)
+    assert set(got) == set(v1)
+    assert all(torch.equal(got[k], t) for k, t in v1.items())
+    assert learner.run(gate=False)["skipped"]  # pinned: no new feedback
+    feed(host, 60, 10, rng)
+    rep = learner.run(gate=False)
+    assert rep["version"] == 3
+    assert host.registry.get(3).parent == 1  # derived from the version rolled back to
+
+
+def test_unhinted_shift_starts_a_new_ewc_task_from_the_served_weights(tmp_path, tiny_model_dir):
+    rng = np.random.default_rng(5)
+    host = TinyHost(tmp_path, tiny_model_dir)
+    learner = Learner(host, epochs=1)
+    n = 0
+    for _ in range(2):  # taste A: 80 % liked
+        for i in range(40):
+            liked = rng.random() < 0.8
+            host.store.add(FeedbackRecord(
+                response_id=f"a{n}", prompt=f"q{n}", prompt_ids=rng.integers(10, V, 6).tolist(),
+                response_ids=[7] * 3, response_text="", reward=1.0 if liked else -1.0,
+                embedding=rng.standard_normal(E).astype(np.float32)))
+            n += 1
+        assert "boundaries" not in learner.run(gate=False)
+    served = {k: v.detach().clone() for k, v in learner.trainer.named_lora_params().items()}
+    for i in range(60):  # taste B: the same answers now mostly disliked
+        liked = rng.random() < 0.15
+        host.store.add(FeedbackRecord(
+            response_id=f"b{i}", prompt=f"q{n + i}", prompt_ids=rng.integers(10, V, 6).tolist(),
+            response_ids=[7] * 3, response_text="", reward=1.0 if liked else -1.0,
+            embedding=rng.standard_normal(E).astype(np.float32)))
+    rep = learner.run(gate=False)
+    assert rep["boundaries"] and rep["boundaries"][0]["direction"] == "down", rep
+    assert learner.ewc.task_count == 1 and learner.boundaries[-1]["ewc_task_started"]
+    arrays, _ = learner.ewc.state_dict()
+    for k, v in served.items():  # θ* is what served when the shift was seen
+        np.testing.assert_array_equal(arrays[f"task0.theta.{k}"], v.numpy())
+    assert rep["train"]["penalty"] >= 0.0
