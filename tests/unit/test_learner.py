@@ -36,7 +36,7 @@ def test_shift_detector_false_alarm_rate_and_delay():
         alarms = sum(det.update(r) is not None for r in bernoulli(rng, p, 20_000))
         assert alarms <= 12, (p, alarms)
     delays = {"down": [], "up": []}
-    for trial in range(40):
+    for _trial in range(40):
         for side, (a, b) in (("down", (0.7, 0.2)), ("up", (0.3, 0.75))):
             det = ShiftDetector()
             for r in bernoulli(rng, a, 300):
@@ -239,7 +239,7 @@ def test_unhinted_shift_starts_a_new_ewc_task_from_the_served_weights(tmp_path, 
     learner = Learner(host, epochs=1)
     n = 0
     for _ in range(2):  # taste A: 80 % liked
-        for i in range(40):
+        for _i in range(40):
             liked = rng.random() < 0.8
             host.store.add(FeedbackRecord(
                 response_id=f"a{n}", prompt=f"q{n}", prompt_ids=rng.integers(10, V, 6).tolist(),
