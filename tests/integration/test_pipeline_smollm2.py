@@ -334,3 +334,47 @@ def test_refused_candidate_is_projected_back_inside_the_budget_then_dropped(pipe
     assert not passed and point is None and len(rep["tried"]) == 4
     for n, p in params.items():
         torch.testing.assert_close(p.detach(), start[n])
+
+
+def test_restart_resumes_exactly_where_it_was(tmp_path):
+    """After a restart: the MicroLoRA is bit-identical, the served version and the learner's
+    state (records used, EWC++ memory, reward baseline) come back, nothing is retrained,
+    and the next cycle continues from the saved state."""
+    import numpy as np
+
+    from sona_plugin.integrations.transformers import pipeline
+
+    first = pipeline(state_dir=tmp_path)
+    for q in ("Name a number.", "What is 2 plus 2?", "Name a fruit.", "Count to three.",
+              "Name a planet.", "How many legs has a cat?"):
+        rid = generate_one(first, q, max_new_tokens=10)
+        first.feedback(rid, liked=any(c.isdigit() for c in first.response(rid).response_text))
+    rep = first.learn(epochs=1, gate=False, probe=False)
+    assert rep["published"], rep
+    for q in ("Name a colour.", "Name a tree.", "Name a river."):
+        first.feedback(generate_one(first, q, max_new_tokens=6), liked=True)
+    micro = first.engine.micro_lora
+    A, B = micro.A.copy(), micro.B.copy()
+    assert np.abs(B).sum() > 0
+    used, baseline = first.learner.last_id, first.learner.trainer.reward_baseline
+    ewc_arrays, _ = first.learner.ewc.state_dict()
+    first.close()
+
+    again = pipeline(state_dir=tmp_path)
+    try:
+        m = again.engine.micro_lora
+        assert np.array_equal(m.A, A) and np.array_equal(m.B, B)  # not halved by the swap
+        assert again.adapter_version == rep["version"]
+        assert again.learner.last_id == used and again.learner.pending() == 3
+        arrays, _ = again.learner.ewc.state_dict()
+        assert arrays.keys() == ewc_arrays.keys()
+        assert all(np.array_equal(arrays[k], v) for k, v in ewc_arrays.items())
+        rep2 = again.learn(epochs=1, gate=False, probe=False)
+        assert rep2["new_records"] == 3 and rep2["published"], rep2  # nothing retrained
+        assert rep2["train"]["baseline"] != 0.0 and again.learner.trainer.reward_baseline != \
+            baseline  # the saved baseline, moved on by the new rewards
+        assert again.registry.get(rep2["version"]).parent == rep["version"]
+        assert again.learn(epochs=1, gate=False)["skipped"] == \
+            "no new feedback since the last cycle"
+    finally:
+        again.close()
