@@ -1,0 +1,249 @@
+"""One simulated deployment that runs long: tastes that shift without a hint, a restart, a
+rollback; what the served model does at every checkpoint.
+
+    python benchmarks/long_horizon.py [--phases 400 400 400] [--tastes warm plain]
+        [--per-round 50] [--restart-at 600] [--rollback-at 1000] [--seed 0]
+        [--out results/long_horizon.json] [--plot docs/long_horizon.png]
+
+Phases: taste A alone, then taste B alone (no ``mark_task_boundary``: the learner must
+notice the shift itself), then A and B both liked (an answer is liked when either taste
+likes it). Tastes are ``benchmarks/tastes.py`` (whole-answer properties judged by VADER and
+textstat) or the marker rules of ``sona_plugin.demo.RULES``. Feedback arrives in rounds of
+``--per-round`` sampled answers to a shuffled prompt stream; after each round a background
+cycle runs (``learn()``: train, gate, publish, hot-swap). The process is restarted (the
+pipeline closed and rebuilt from its state directory) at ``--restart-at`` feedbacks and the
+previous version is rolled back to at ``--rollback-at``.
+
+At every round, on the 32 held-out prompts (never fed back) and on 32 stream prompts
+that were trained on: each taste's liked-rate for greedy answers and for sampled answers
+(temperature 1, top-p 0.95, what users get); the on-topic ratio (prompt-answer cosine of
+all-MiniLM-L6-v2, greedy held-out answers, against the base model's); the anchor-text NLL
+against the base model's; the served version's per-answer KL to the base model (the
+learner's Monte Carlo estimate at publish) and the efficiency ``d(p‖p0) / KL`` for the
+phase's taste (``p``: sampled held-out liked-rate, ``p0``: the base model's); versions
+published, gate refusals and their reasons, detected boundaries. ``--seed`` varies the
+prompt stream, the sampling and the trainer (LoRA initialisation, batch order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from sona_plugin.demo import HELDOUT_PROMPTS, RULES, STREAM_PROMPTS, Rule, answers  # noqa: E402
+from sona_plugin.learner import kl_floor  # noqa: E402
+from sona_plugin.training.gate import ANCHOR_TEXTS, anchor_nll, on_topic_score  # noqa: E402
+
+MAX_NEW = 40
+EVAL_PROMPTS = 32
+
+
+def taste(name: str) -> Rule:
+    if name in RULES:
+        return RULES[name]
+    from tastes import TASTES  # benchmarks/tastes.py (run from the repository root)
+
+    return TASTES[name]
+
+
+def either(a: Rule, b: Rule) -> Rule:
+    return Rule(f"{a.name}|{b.name}", f"likes what {a.name} or {b.name} likes",
+                lambda t: a.check(t) or b.check(t))
+
+
+def new_pipe(state_dir: Path, seed: int):
+    from sona_plugin.integrations.transformers import pipeline
+
+    pipe = pipeline(state_dir=state_dir, sona_config={"seed": seed})
+    pipe.learner.seed = seed  # the trainer's LoRA initialisation and batch order
+    return pipe
+
+
+def trained_prompts(pipe, stream: list[str], n: int) -> list[str]:
+    """Stream prompts on the learner's training side: a new prompt group is held out when
+    ``crc32(stored prompt) % 5 == 0`` (``sona_plugin.learner.heldout``; the stored prompt
+    is the chat-templated text as the pipeline decodes it)."""
+    from sona_plugin.demo import chat
+
+    tok = pipe.tokenizer
+    out = []
+    for p in stream:
+        ids = tok.apply_chat_template(chat(p), add_generation_prompt=True, tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        if zlib.crc32(tok.decode(ids).encode("utf-8", "replace")) % 5:
+            out.append(p)
+        if len(out) == n:
+            break
+    return out
+
+
+def evaluate(pipe, rules: dict[str, Rule], held: list[str], trained: list[str], seed: int,
+             base: dict | None) -> dict:
+    greedy = [o["text"] for o in answers(pipe, held, sample=False, max_new_tokens=MAX_NEW)]
+    sampled = [o["text"] for o in answers(pipe, held, sample=True, max_new_tokens=MAX_NEW,
+                                          seed=seed)]
+    train_s = [o["text"] for o in answers(pipe, trained, sample=True, max_new_tokens=MAX_NEW,
+                                          seed=seed + 1)]
+    out = {"on_topic": on_topic_score(held, greedy, pipe.embed),
+           "anchor_nll": anchor_nll(pipe.model, ANCHOR_TEXTS, pipe.tokenizer)}
+    for name, rule in rules.items():
+        out[name] = {"heldout_greedy": sum(map(rule.check, greedy)) / len(greedy),
+                     "heldout_sampled": sum(map(rule.check, sampled)) / len(sampled),
+                     "trained_sampled": sum(map(rule.check, train_s)) / len(train_s)}
+    if base is not None:
+        out["on_topic_ratio"] = out["on_topic"] / base["on_topic"]
+        out["anchor_nll_ratio"] = out["anchor_nll"] / base["anchor_nll"]
+    out["samples"] = {"greedy": greedy[:4], "sampled": sampled[:4]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--phases", nargs=3, type=int, default=[400, 400, 400],
+                    help="feedbacks in phase A, phase B, phase A+B")
+    ap.add_argument("--tastes", nargs=2, default=["warm", "plain"])
+    ap.add_argument("--per-round", type=int, default=50)
+    ap.add_argument("--restart-at", type=int, default=600)
+    ap.add_argument("--rollback-at", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="results/long_horizon.json")
+    ap.add_argument("--plot", default="docs/long_horizon.png")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    a, b = taste(args.tastes[0]), taste(args.tastes[1])
+    rules = {a.name: a, b.name: b}
+    phases = [("A", a, args.phases[0]), ("B", b, args.phases[1]),
+              ("A+B", either(a, b), args.phases[2])]
+    stream = STREAM_PROMPTS[:]
+    random.Random(args.seed).shuffle(stream)
+    held = HELDOUT_PROMPTS[:EVAL_PROMPTS]
+    state = Path(tempfile.mkdtemp(prefix="sona-long-"))
+    pipe = new_pipe(state, args.seed)
+    trained = trained_prompts(pipe, stream, EVAL_PROMPTS)
+    t0 = time.time()
+    base = evaluate(pipe, rules, held, trained, args.seed, None)
+    p0 = {n: base[n]["heldout_sampled"] for n in rules}
+    p0["A+B"] = None
+    rows = [{"feedback": 0, "phase": "base", **base}]
+    print(f"base: {json.dumps({k: v for k, v in base.items() if k != 'samples'})}", flush=True)
+    n, k, kl = 0, 0, None
+    result = {"args": vars(args), "base": base, "rows": rows, "events": []}
+    for phase, rule, count in phases:
+        end = n + count
+        while n < end:
+            prompts = [stream[(n + i) % len(stream)] for i in range(args.per_round)]
+            outs = answers(pipe, prompts, sample=True, max_new_tokens=MAX_NEW,
+                           seed=args.seed * 100_003 + k)
+            liked = 0
+            for o in outs:
+                like = rule.check(o["text"])
+                liked += like
+                pipe.feedback(o["response_id"], liked=like)
+            n += len(outs)
+            k += 1
+            rep = pipe.learn(epochs=2)
+            gate = rep.get("gate") or {}
+            if rep.get("published"):
+                kl = rep.get("kl_per_answer")
+            ev = evaluate(pipe, rules, held, trained, args.seed + k, base)
+            target = rule.name if rule.name in rules else None
+            p = ev[target]["heldout_sampled"] if target else None
+            row = {"feedback": n, "phase": phase, "stream_liked": liked / len(outs),
+                   "published": bool(rep.get("published")), "version": pipe.adapter_version,
+                   "step": rep.get("step"), "kl_per_answer": kl,
+                   "efficiency": (kl_floor(p, p0[target]) / kl
+                                  if target and kl and p > p0[target] else None),
+                   "gate_reasons": gate.get("reasons"),
+                   "gate_tried": [{x: v for x, v in t.items() if x != "metrics"}
+                                  for t in gate.get("tried", [])],
+                   "boundaries": rep.get("boundaries"),
+                   "train_kl": (rep.get("train") or {}).get("kl"),
+                   "seconds": time.time() - t0, **ev}
+            rows.append(row)
+            print(f"[{n:>5} {phase:>3}] stream {row['stream_liked']:.0%} | " +
+                  " | ".join(f"{t}: held {ev[t]['heldout_greedy']:.0%}/{ev[t]['heldout_sampled']:.0%}"
+                             f" trained {ev[t]['trained_sampled']:.0%}" for t in rules) +
+                  f" | on-topic x{ev['on_topic_ratio']:.2f} NLL x{ev['anchor_nll_ratio']:.3f}"
+                  f" | v{row['version']} {'published' if row['published'] else 'refused'}"
+                  f" KL {kl} eff {row['efficiency']} | boundaries {row['boundaries']}"
+                  f" | {row['seconds']:.0f} s", flush=True)
+            if not row["published"]:
+                print(f"        gate: {row['gate_reasons']}", flush=True)
+            if args.restart_at and n == args.restart_at:
+                used = pipe.learner.last_id
+                pipe.close()
+                pipe = new_pipe(state, args.seed)
+                result["events"].append({"feedback": n, "event": "restart",
+                                         "records_used_before": used,
+                                         "records_used_after": pipe.learner.last_id,
+                                         "pending_after": pipe.learner.pending()})
+                print(f"        restart: {result['events'][-1]}", flush=True)
+            if args.rollback_at and n == args.rollback_at:
+                versions = [v["version"] for v in pipe.adapters()]
+                if len(versions) >= 2 and pipe.adapter_version is not None:
+                    to = max(v for v in versions if v < pipe.adapter_version)
+                    pipe.rollback(to)
+                    result["events"].append({"feedback": n, "event": "rollback", "to": to})
+                    print(f"        rollback to v{to}", flush=True)
+            result["learner"] = pipe.learner_stats()
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    pipe.close()
+    shutil.rmtree(state, ignore_errors=True)
+    if args.plot:
+        plot(result, rules, Path(args.plot))
+
+
+def plot(result: dict, rules: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    x = [r["feedback"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for name in rules:
+        ax1.plot(x, [r[name]["heldout_sampled"] for r in rows], "-o", ms=3,
+                 label=f"{name}: held-out, sampled")
+        ax1.plot(x, [r[name]["heldout_greedy"] for r in rows], "--", label=f"{name}: held-out, greedy")
+        ax1.plot(x, [r[name]["trained_sampled"] for r in rows], ":",
+                 label=f"{name}: trained prompts, sampled")
+    ax1.set_ylabel("liked-rate")
+    ax1.legend(fontsize=7, ncol=2)
+    ax2.plot(x, [r.get("on_topic_ratio", 1.0) for r in rows], "-o", ms=3, label="on-topic / base")
+    ax2.plot(x, [r.get("anchor_nll_ratio", 1.0) for r in rows], "-s", ms=3,
+             label="anchor NLL / base")
+    ax2.plot(x, [r.get("kl_per_answer") or 0.0 for r in rows], "-^", ms=3,
+             label="KL per answer (nats)")
+    ax2.axhline(0.9, color="grey", lw=0.5)
+    ax2.axhline(1.05, color="grey", lw=0.5)
+    for r in rows:
+        if r.get("boundaries"):
+            ax1.axvline(r["feedback"], color="red", lw=0.8, alpha=0.6)
+    for e in result["events"]:
+        for ax in (ax1, ax2):
+            ax.axvline(e["feedback"], color="black", lw=0.8, ls="--")
+    ax2.set_xlabel("feedback events")
+    ax2.legend(fontsize=7)
+    fig.suptitle("long-horizon deployment: phases A, B, A+B; restart and rollback dashed; "
+                 "detected shifts red", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
