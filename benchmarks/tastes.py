@@ -2,22 +2,26 @@
 nobody here wrote (``pip install -e .[bench]``):
 
 * ``warm``: the answer's tone is warm and positive: VADER's compound sentiment
-  (``vaderSentiment``, Hutto & Gilbert 2014) is at least 0.6;
-* ``plain``: the answer reads easily: its Flesch reading ease (``textstat``) is at least 75
-  (roughly "fairly easy" and above: short sentences, short words).
+  (``vaderSentiment``, Hutto & Gilbert 2014) is at least 0.7;
+* ``plain``: the answer reads easily: its Flesch reading ease (the ``readability``
+  package, van Cranenburgh; ``textstat`` would need NLTK's CMU dictionary, a download) is
+  at least 85 ("easy": short sentences, short words).
 
-The thresholds put SmolLM2-135M-Instruct's base liked-rates near those of the marker tasks
-(``docs/benchmarks.md`` has the measured rates), so that +30 points is a real change.
+The thresholds sit near the 70th percentile of SmolLM2-135M-Instruct's base answers
+(40 new tokens; warm: 0.69 greedy on the 32 held-out prompts, 0.68 sampled on 64 stream
+prompts; plain: 80 and 85), so the base liked-rates are about 15-40 % and +30 points is
+a real change of what the model writes.
 """
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from sona_plugin.demo import Rule
 
-WARM_MIN_COMPOUND = 0.6
-PLAIN_MIN_READING_EASE = 75.0
+WARM_MIN_COMPOUND = 0.7
+PLAIN_MIN_READING_EASE = 85.0
 
 
 @lru_cache(maxsize=1)
@@ -32,9 +36,16 @@ def warmth(text: str) -> float:
 
 
 def reading_ease(text: str) -> float:
-    import textstat
+    """Flesch reading ease of ``text``, tokenised as the package expects (one sentence a
+    line, tokens separated by spaces)."""
+    import readability
 
-    return float(textstat.flesch_reading_ease(text)) if text.strip() else 0.0
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", text.strip()) if s.strip()]
+    if not sentences:
+        return 0.0
+    tokenised = "\n".join(" ".join(re.findall(r"\w+|[^\w\s]", s)) for s in sentences)
+    return float(readability.getmeasures(tokenised, lang="en")["readability grades"]
+                 ["FleschReadingEase"])
 
 
 def _warm(text: str) -> bool:
@@ -49,5 +60,5 @@ TASTES = {
     "warm": Rule("warm", f"likes answers with a warm, positive tone (VADER compound >= "
                          f"{WARM_MIN_COMPOUND})", _warm),
     "plain": Rule("plain", f"likes answers that read easily (Flesch reading ease >= "
-                           f"{PLAIN_MIN_READING_EASE:g}, textstat)", _plain),
+                           f"{PLAIN_MIN_READING_EASE:g}, readability)", _plain),
 }
