@@ -88,6 +88,13 @@ def trained_prompts(pipe, stream: list[str], n: int) -> list[str]:
     return out
 
 
+def served_kl(pipe) -> float | None:
+    """The served version's per-answer KL to the base model (measured by the learner when
+    it was published), None for the base model."""
+    v = pipe.adapter_version
+    return None if v is None else pipe.registry.get(v).metadata.get("kl_per_answer")
+
+
 def evaluate(pipe, rules: dict[str, Rule], held: list[str], trained: list[str], seed: int,
              base: dict | None) -> dict:
     greedy = [o["text"] for o in answers(pipe, held, sample=False, max_new_tokens=MAX_NEW)]
@@ -117,6 +124,8 @@ def main() -> None:
     ap.add_argument("--restart-at", type=int, default=600)
     ap.add_argument("--rollback-at", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS,
+                    help="held-out and trained-on prompts answered at every checkpoint")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/long_horizon.json")
     ap.add_argument("--plot", default="docs/long_horizon.png")
@@ -128,17 +137,17 @@ def main() -> None:
               ("A+B", either(a, b), args.phases[2])]
     stream = STREAM_PROMPTS[:]
     random.Random(args.seed).shuffle(stream)
-    held = HELDOUT_PROMPTS[:EVAL_PROMPTS]
+    held = HELDOUT_PROMPTS[:args.eval_prompts]
     state = Path(tempfile.mkdtemp(prefix="sona-long-"))
     pipe = new_pipe(state, args.seed)
-    trained = trained_prompts(pipe, stream, EVAL_PROMPTS)
+    trained = trained_prompts(pipe, stream, args.eval_prompts)
     t0 = time.time()
     base = evaluate(pipe, rules, held, trained, args.seed, None)
     p0 = {n: base[n]["heldout_sampled"] for n in rules}
     p0["A+B"] = None
     rows = [{"feedback": 0, "phase": "base", **base}]
     print(f"base: {json.dumps({k: v for k, v in base.items() if k != 'samples'})}", flush=True)
-    n, k, kl = 0, 0, None
+    n, k = 0, 0
     result = {"args": vars(args), "base": base, "rows": rows, "events": []}
     for phase, rule, count in phases:
         end = n + count
@@ -155,8 +164,7 @@ def main() -> None:
             k += 1
             rep = pipe.learn(epochs=2)
             gate = rep.get("gate") or {}
-            if rep.get("published"):
-                kl = rep.get("kl_per_answer")
+            kl = served_kl(pipe)
             ev = evaluate(pipe, rules, held, trained, args.seed + k, base)
             target = rule.name if rule.name in rules else None
             p = ev[target]["heldout_sampled"] if target else None
