@@ -35,7 +35,7 @@ from transformers.pipelines.text_generation import TextGenerationPipeline
 from sona_plugin import kernels
 from sona_plugin.config import SonaConfig
 from sona_plugin.engine import SonaEngine
-from sona_plugin.errors import ConfigError, InvalidValue, UnknownTrajectory
+from sona_plugin.errors import ConfigError, DuplicateFeedback, UnknownTrajectory
 from sona_plugin.types import Trajectory, TrajectoryStep
 
 from ._host import LM_DEFAULTS, LearningHost, load_engine, parse_reward
@@ -309,7 +309,7 @@ class SonaPipeline(LearningHost):
         """
         reward = parse_reward(reward, liked)
         if self.store.has(response_id):
-            raise InvalidValue(f"feedback for response {response_id} was already given; "
+            raise DuplicateFeedback(f"feedback for response {response_id} was already given; "
                                f"one feedback per response")
         r = self.response(response_id)
         from sona_plugin.store import FeedbackRecord

@@ -10,6 +10,7 @@ from .engine import SonaEngine
 from .errors import (
     ConfigError,
     DimensionMismatch,
+    DuplicateFeedback,
     InvalidValue,
     SonaError,
     StateError,
@@ -37,7 +38,7 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None, sona_con
 
 
 __all__ = [
-    "BaseLoRA", "ConfigError", "DimensionMismatch", "EwcPlusPlus", "InvalidValue",
+    "BaseLoRA", "ConfigError", "DimensionMismatch", "DuplicateFeedback", "EwcPlusPlus", "InvalidValue",
     "LearnedPattern", "LearningSignal", "MicroLoRA", "PatternType", "ReasoningBank",
     "SonaConfig", "SonaEngine", "SonaError", "StateError", "Trajectory", "TrajectoryBuffer",
     "TrajectoryBuilder", "TrajectoryStep", "UnknownTrajectory", "__version__", "pipeline",

@@ -37,3 +37,7 @@ class UnknownTrajectory(SonaError, KeyError):
 
 class StateError(SonaError, RuntimeError):
     """Saved state on disk is missing, corrupt, or from an incompatible version."""
+
+
+class DuplicateFeedback(InvalidValue):
+    """Feedback for this response (and choice) was already given: one per response."""

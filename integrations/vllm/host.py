@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sona_plugin.config import SonaConfig
-from sona_plugin.errors import ConfigError, InvalidValue, UnknownTrajectory
+from sona_plugin.errors import ConfigError, DuplicateFeedback, InvalidValue, UnknownTrajectory
 
 from .._host import LM_DEFAULTS, LearningHost, load_engine, parse_reward
 
@@ -159,7 +159,7 @@ class VllmHost(LearningHost):
 
         with self._feedback_lock:
             if self.store.has(key):
-                raise InvalidValue(f"feedback for response {key} was already given; "
+                raise DuplicateFeedback(f"feedback for response {key} was already given; "
                                    f"one feedback per response")
             info = self._rpc("sona_lookup", response_id, index)
             if info is None:

@@ -94,7 +94,7 @@ class SonaEndpointPlugin:
 
         @router.post("/v1/feedback")
         async def feedback(request: Request):
-            from sona_plugin.errors import InvalidValue, SonaError, UnknownTrajectory
+            from sona_plugin.errors import DuplicateFeedback, SonaError, UnknownTrajectory
 
             h = host(request)
             if h is None:
@@ -116,9 +116,8 @@ class SonaEndpointPlugin:
                                               index=body.get("index", 0))
             except UnknownTrajectory as e:
                 return _error(404, str(e).strip("'\""), "NotFoundError")
-            except InvalidValue as e:
-                status = 409 if "already given" in str(e) else 400
-                return _error(status, str(e), "Conflict" if status == 409 else "BadRequestError")
+            except DuplicateFeedback as e:
+                return _error(409, str(e), "Conflict")
             except SonaError as e:
                 return _error(400, str(e), "BadRequestError")
             return out

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidValue, StateError
+from ..errors import DuplicateFeedback, InvalidValue, StateError
 from .base import FeedbackRecord
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,9 @@ class SqliteStore:
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
+            check = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":  # a corrupt file opens, then fails every later call
+                raise sqlite3.DatabaseError(f"PRAGMA quick_check: {check}")
             self._migrate()
         except sqlite3.DatabaseError as e:
             self._conn.close()
@@ -205,7 +208,7 @@ class SqliteStore:
                 conn.execute("COMMIT")
             except sqlite3.IntegrityError as e:
                 conn.execute("ROLLBACK")
-                raise InvalidValue(f"feedback for response {record.response_id!r} already "
+                raise DuplicateFeedback(f"feedback for response {record.response_id!r} already "
                                    f"stored") from e
             except BaseException:
                 if conn.in_transaction:

@@ -231,6 +231,24 @@ def test_a_file_that_is_not_a_database_is_refused(tmp_path):
         SqliteStore(path)
 
 
+def test_a_damaged_database_is_refused_at_open_naming_the_file(tmp_path):
+    """A file whose header is intact but whose pages are damaged opens in SQLite and then
+    fails every call; ``PRAGMA quick_check`` at open refuses it at once."""
+    path = tmp_path / "sona.db"
+    s = SqliteStore(path)
+    for i in range(300):
+        s.add(make(i))
+    s.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    assert len(data) > 6 * page
+    for off in range(2 * page, 5 * page, 7):  # scribble over pages 3-5, header untouched
+        data[off] = (data[off] * 31 + 17) % 256
+    path.write_bytes(bytes(data))
+    with pytest.raises(StateError, match=str(path)):
+        SqliteStore(path)
+
+
 def test_closed_store_refuses_use(tmp_path):
     s = SqliteStore(tmp_path / "sona.db")
     s.close()
