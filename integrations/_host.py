@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,9 @@ class LearningHost:
     learner: Any = None
     _embedder: Any = None
     _coordinator: Any = None
+    save_every: int = 25
+    _unsaved_feedback: int = 0
+    _save_lock = threading.Lock()  # a feedback's periodic save against a cycle's save
 
     # -- to implement ---------------------------------------------------------------------
     @property
@@ -120,7 +124,7 @@ class LearningHost:
         store and adapters, so ``sona export`` and a restarted host find them. Runs after
         every ``learn()`` and on ``close()``; feedback itself is durable in the store as it
         arrives."""
-        self.engine.save(self.state_dir / "engine")
+        self.save_engine()
         if self.learner is not None:
             with self.learner.lock:
                 self.learner.save()
@@ -129,6 +133,19 @@ class LearningHost:
         tmp = self.state_dir / "pipeline.json.tmp"
         tmp.write_text(json.dumps(info))
         tmp.replace(self.state_dir / "pipeline.json")
+
+    def save_engine(self) -> None:
+        """Save the engine (the MicroLoRA's instant lessons, patterns) atomically."""
+        with self._save_lock:
+            self.engine.save(self.state_dir / "engine")
+
+    def _saved_after_feedback(self) -> None:
+        """Every ``save_every`` feedbacks, save the engine: a crash or SIGTERM then loses at
+        most that many instant updates (the feedback records are durable at once)."""
+        self._unsaved_feedback += 1
+        if self.save_every and self._unsaved_feedback >= self.save_every:
+            self._unsaved_feedback = 0
+            self.save_engine()
 
     # -- shared ---------------------------------------------------------------------------
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -145,7 +145,8 @@ class SonaPipeline(LearningHost):
     """
 
     def __init__(self, hf_pipeline: SonaTextGenerationPipeline, engine: SonaEngine, *,
-                 state_dir: Path, store, model_source: Any, max_responses: int = 1000):
+                 state_dir: Path, store, model_source: Any, max_responses: int = 1000,
+                 save_every: int = 25):
         self._pipe = hf_pipeline
         hf_pipeline.sona = self
         self.engine = engine
@@ -165,6 +166,7 @@ class SonaPipeline(LearningHost):
         self._served_name: str | None = None
         self._embedder = None
         self._coordinator = None          # start_background()
+        self.save_every = save_every
         self.responses_evicted = 0
         model = hf_pipeline.model
         self._lm_head = model.get_output_embeddings()
@@ -310,7 +312,7 @@ class SonaPipeline(LearningHost):
         reward = parse_reward(reward, liked)
         if self.store.has(response_id):
             raise DuplicateFeedback(f"feedback for response {response_id} was already given; "
-                               f"one feedback per response")
+                                    f"one feedback per response")
         r = self.response(response_id)
         from sona_plugin.store import FeedbackRecord
 
@@ -328,6 +330,7 @@ class SonaPipeline(LearningHost):
             report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
         with self._meta_lock:
             self._responses.pop(response_id, None)
+        self._saved_after_feedback()
         return {"response_id": response_id, "stored_id": row, "reward": reward,
                 "instant": report.to_dict() if report is not None else None}
 
@@ -415,7 +418,7 @@ def _prompt_texts(prompt_text, in_b: int) -> list[str]:
 
 def pipeline(task: str = "text-generation", model=None, tokenizer=None,
              sona_config: SonaConfig | dict | None = None, *, state_dir: str | Path | None = None,
-             store=None, **pipeline_kwargs) -> SonaPipeline:
+             store=None, save_every: int = 25, **pipeline_kwargs) -> SonaPipeline:
     """A transformers text-generation pipeline with SONA on.
 
     Args:
@@ -428,6 +431,9 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
         state_dir: where the feedback store and the adapter versions live (default
             ``$SONA_HOME/state``).
         store: a TrajectoryStore (default SQLite in ``state_dir``).
+        save_every: save the engine (MicroLoRA, patterns) every this many feedbacks, so
+            that a crash loses at most that many instant updates (their records are
+            durable in the store at once).
         **pipeline_kwargs: passed to ``transformers.pipeline``.
     """
     import os
@@ -440,6 +446,9 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
 
     if task != "text-generation":
         raise ConfigError(f"task must be 'text-generation', got {task!r}")
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
+        raise ConfigError(f"save_every must be an integer >= 0 (0: only on close), got "
+                          f"{save_every!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     source: Any = None
     if model is None or isinstance(model, (str, Path)):
@@ -473,7 +482,8 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
     st = store if store is not None else open_store(cfg.database_url or sd / "sona.db")
     pipe = hf_pipeline("text-generation", model=model, tokenizer=tok,
                        pipeline_class=SonaTextGenerationPipeline, **pipeline_kwargs)
-    return SonaPipeline(pipe, engine, state_dir=sd, store=st, model_source=source)
+    return SonaPipeline(pipe, engine, state_dir=sd, store=st, model_source=source,
+                        save_every=save_every)
 
 
 __all__ = ["Response", "SonaPipeline", "SonaTextGenerationPipeline", "pipeline"]

@@ -34,6 +34,8 @@ HOST_OPTIONS = {
                 "'manual' (only POST /sona/learn or learn())",
     "admin_token": "bearer token the /sona/adapters* and /sona/learn routes require "
                    "(default: $SONA_ADMIN_TOKEN; none = open)",
+    "save_every": "save the workers' MicroLoRA every this many feedbacks (default 25): a "
+                  "crash loses at most that many instant updates",
     "max_recordings": "requests a worker keeps recordings of, for feedback (default 1000; "
                       "about 150 kB each at 50 steps of a 576-d model); older ones are evicted",
     "lora_targets": "modules the BaseLoRA trains (default q_proj, k_proj, v_proj, o_proj; "
@@ -52,6 +54,9 @@ def split_settings(settings: dict | None) -> tuple[dict, dict]:
     opts = {k: v for k, v in settings.items() if k in HOST_OPTIONS}
     if opts.get("schedule", "background") not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {opts['schedule']!r}")
+    every = opts.get("save_every", 25)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"save_every must be an integer >= 0 (0: only on close), got {every!r}")
     max_rec = opts.get("max_recordings", 1000)
     if isinstance(max_rec, bool) or not isinstance(max_rec, int) or max_rec < 1:
         raise ConfigError(f"max_recordings must be an integer >= 1, got {max_rec!r}")
@@ -110,6 +115,7 @@ class VllmHost(LearningHost):
                                 or self.state_dir / "sona.db")
         self.registry = AdapterRegistry(self.state_dir / "adapters")
         self._version: int | None = None
+        self.save_every = opts.get("save_every", 25)
         self._feedback_lock = threading.Lock()
         cur = self.registry.current()
         if cur is not None:
@@ -135,9 +141,9 @@ class VllmHost(LearningHost):
             raise NotImplementedError("dreams need an offline engine (SonaLLM)")
         return self._generate_ids(prompt_ids, max_new_tokens)
 
-    def save_state(self) -> None:
+    def save_engine(self) -> None:
         self.micro_lora()  # the workers' weights into the engine that is saved
-        super().save_state()
+        super().save_engine()
 
     # -- feedback -------------------------------------------------------------------------
     def feedback(self, response_id: str, reward: float | None = None, *,
@@ -176,6 +182,7 @@ class VllmHost(LearningHost):
                 reward=r, embedding=emb, adapter_version=info["adapter_version"])
             row = self.store.add(rec)  # durable from here on
             learned = self._rpc("sona_learn", response_id, index, r)
+            self._saved_after_feedback()
         return {"id": response_id, "index": index, "stored_id": row, "reward": r,
                 "adapter_version": info["adapter_version"],
                 "instant": (learned or {}).get("instant")}

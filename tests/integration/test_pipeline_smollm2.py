@@ -266,7 +266,7 @@ CHILD = textwrap.dedent("""
     import os, sys, torch
     torch.set_num_threads(1)
     from sona_plugin.integrations.transformers import pipeline
-    pipe = pipeline(state_dir=sys.argv[1])
+    pipe = pipeline(state_dir=sys.argv[1], save_every=2)
     for i in range(50):
         out = pipe([{"role": "user", "content": f"Say {i}."}], max_new_tokens=3, do_sample=False)
         pipe.feedback(out[0]["response_id"], 1.0 if i % 2 else -1.0)
@@ -275,6 +275,9 @@ CHILD = textwrap.dedent("""
 
 
 def test_feedback_acknowledged_before_kill_9_is_in_the_store(tmp_path):
+    """kill -9 loses no acknowledged feedback record, and the instant lessons saved every
+    ``save_every`` feedbacks (2 here) come back with the engine."""
+    from sona_plugin.engine import SonaEngine
     from sona_plugin.store import open_store
 
     state = tmp_path / "state"
@@ -294,6 +297,8 @@ def test_feedback_acknowledged_before_kill_9_is_in_the_store(tmp_path):
         assert all(store.has(a) for a in acked)
     finally:
         store.close()
+    saved = SonaEngine.load(Path(state) / "engine")  # saved after the second feedback
+    assert saved.micro_lora.delta_norm() > 0
 
 
 def test_refused_candidate_is_projected_back_inside_the_budget_then_dropped(pipe, monkeypatch):
