@@ -84,9 +84,13 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         settings = json.loads(args.sona_config) if args.sona_config else {}
     except json.JSONDecodeError as e:
         raise SystemExit(f"sona serve: --sona-config is not valid JSON: {e}") from None
-    for key in ("state_dir", "admin_token", "schedule"):
+    for key in ("state_dir", "schedule"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    if settings.get("admin_token") is not None:
+        raise SystemExit("sona serve: give the admin token with --admin-token-file or "
+                         "$SONA_ADMIN_TOKEN, not in --sona-config (the command line is "
+                         "visible to every user of the machine, and vLLM logs it)")
     split_settings(settings)  # a bad option fails here, naming it
     model = args.model
     if model is None:
@@ -113,6 +117,12 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     cmd = serve_command(args, extra)
+    if args.admin_token_file:
+        # the server reads it from its environment: never in argv (ps) or the logged config
+        token = Path(args.admin_token_file).read_text().strip()
+        if not token:
+            raise SystemExit(f"sona serve: {args.admin_token_file} is empty")
+        os.environ["SONA_ADMIN_TOKEN"] = token
     print("sona serve:", " ".join(cmd), flush=True)
     os.execv(sys.executable, cmd)
     return 0  # not reached
@@ -150,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "$SONA_HOME/state)")
     v.add_argument("--schedule", choices=["background", "manual"],
                    help="loop B in a background thread (default) or only on POST /sona/learn")
-    v.add_argument("--admin-token", help="bearer token for the /sona/adapters* and /sona/learn "
-                                         "routes (default $SONA_ADMIN_TOKEN)")
+    v.add_argument("--admin-token-file", help="file holding the bearer token for the "
+                                              "/sona/adapters* and /sona/learn routes "
+                                              "(default $SONA_ADMIN_TOKEN)")
     v.add_argument("--max-lora-rank", type=int, help="default: the BaseLoRA rank (at least 8)")
     v.add_argument("--sona-config", help="JSON object of SonaConfig fields and host options")
     if argv is None:

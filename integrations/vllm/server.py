@@ -77,8 +77,11 @@ class SonaEndpointPlugin:
             return getattr(request.app.state, "sona", None)
 
         def admin_denied(request: Request):
+            import hmac
+
             token = getattr(request.app.state, "sona_admin_token", None)
-            if token and request.headers.get("authorization") != f"Bearer {token}":
+            given = request.headers.get("authorization") or ""
+            if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return _error(401, "this SONA admin route needs 'Authorization: Bearer <token>'",
                               "Unauthorized")
             return None

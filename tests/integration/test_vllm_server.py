@@ -53,9 +53,11 @@ def server(tmp_path_factory):
     port = _free_port()
     log = open(state / "server.log", "w")  # noqa: SIM115 - closed in teardown
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    (state / "token").write_text(TOKEN + "\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sona_plugin.cli", "serve", "--port", str(port),
-         "--state-dir", str(state), "--schedule", "manual", "--admin-token", TOKEN,
+         "--state-dir", str(state), "--schedule", "manual",
+         "--admin-token-file", str(state / "token"),
          "--max-model-len", "1024", "--max-loras", "2", "--kv-cache-memory-bytes", str(1 << 30)],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(port, proc, log)

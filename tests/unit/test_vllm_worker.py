@@ -189,7 +189,7 @@ def test_sona_serve_builds_the_vllm_command():
     from sona_plugin.cli import serve_command
 
     args = argparse.Namespace(model="/m", host="127.0.0.1", port=9000, state_dir="/s",
-                              schedule="manual", admin_token=None, max_lora_rank=None,
+                              schedule="manual", admin_token_file=None, max_lora_rank=None,
                               sona_config='{"base_lora_rank": 16}')
     cmd = serve_command(args, ["--max-model-len", "512", "--dtype", "bfloat16"])
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
@@ -201,4 +201,7 @@ def test_sona_serve_builds_the_vllm_command():
     assert cmd.count("--dtype") == 1 and cmd[-2:] == ["--dtype", "bfloat16"]
     args.sona_config = '{"nope": 1}'
     with pytest.raises(ConfigError, match="nope"):
+        serve_command(args, [])
+    args.sona_config = '{"admin_token": "s3cret"}'  # would be visible in ps and the logs
+    with pytest.raises(SystemExit, match="admin-token-file"):
         serve_command(args, [])
