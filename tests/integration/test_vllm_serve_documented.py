@@ -11,26 +11,19 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from _serving import http_call, stop, wait_healthy
 
 PORT = 8000  # the README's address: sona serve binds 127.0.0.1:8000
 BASE = f"http://127.0.0.1:{PORT}"
 
 
-def call(method: str, path: str, body=None, timeout: float = 300) -> tuple[int, dict]:
-    req = urllib.request.Request(BASE + path, method=method,
-                                 data=json.dumps(body).encode() if body is not None else None)
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+def call(method: str, path: str, body=None) -> tuple[int, dict]:
+    return http_call(BASE, method, path, body)
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +47,13 @@ def server(tmp_path_factory):
     env = {**os.environ, "SONA_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env.pop("SONA_ADMIN_TOKEN", None)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + 420
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with urllib.request.urlopen(BASE + "/health", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(2)
-    if proc.poll() is not None or time.time() >= deadline:
+    if not wait_healthy(BASE, proc):
         proc.kill()
         log.close()
         pytest.fail("sona serve did not start:\n" + (home / "server.log").read_text()[-4000:])
     model_name = call("GET", "/v1/models")[1]["data"][0]["id"]
     yield model_name, home
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop(proc, log)
 
 
 def feedback(rid: str, reward: float, index: int | None = None) -> tuple[int, dict]:

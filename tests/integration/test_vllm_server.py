@@ -4,17 +4,15 @@ clients fail no request. One server for the module, on 127.0.0.1 only."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+from _serving import http_call, stop, wait_healthy
 
 TOKEN = "test-admin-token"
 
@@ -34,17 +32,7 @@ class Server:
 
     def call(self, method: str, path: str, body=None, token: str | None = None,
              raw: bytes | None = None, timeout: float = 300) -> tuple[int, dict]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
-                                            else None)
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+        return http_call(self.base, method, path, body, token, raw, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -61,30 +49,14 @@ def server(tmp_path_factory):
          "--max-model-len", "1024", "--max-loras", "2", "--kv-cache-memory-bytes", str(1 << 30)],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     srv = Server(port, proc, log)
-    deadline = time.time() + 420
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(srv.base + "/health", timeout=5) as r:
-                if r.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(2)
-    else:
+    if not wait_healthy(srv.base, proc):
         proc.kill()
-    if proc.poll() is not None:
+        proc.wait()
         log.close()
         pytest.fail("server did not start:\n" + (state / "server.log").read_text()[-4000:])
     srv.model = srv.call("GET", "/v1/models")[1]["data"][0]["id"]
     yield srv
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop(proc, log)
 
 
 def chat(srv: Server, q: str, max_tokens: int = 16, temperature: float = 0.0) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import CharTokenizer
 
 from sona_plugin.adapters import AdapterRegistry
 from sona_plugin.config import SonaConfig
@@ -109,18 +110,6 @@ def test_dream_reward_depends_on_the_dreamed_answer():
 
 
 # ------------------------------------------------------------ the learner on a tiny model
-class CharTokenizer:
-    chat_template = None
-    pad_token_id = 0
-    eos_token_id = 1
-
-    def __call__(self, text: str, add_special_tokens: bool = True):
-        return {"input_ids": [2 + (b - 32) % 94 for b in text.encode()]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(32 + int(i) - 2) for i in ids if int(i) > 1)
-
-
 class TinyHost:
     """A Host from real parts: a tiny Llama checkpoint on disk, SQLite, an AdapterRegistry."""
 

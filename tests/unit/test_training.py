@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from _tiny import CharTokenizer
 
 from sona_plugin.config import SonaConfig  # noqa: E402
 from sona_plugin.errors import DimensionMismatch, InvalidValue, StateError  # noqa: E402
@@ -302,20 +303,6 @@ def test_selection_caps_new_records_and_handles_edge_cases():
 
 
 # ------------------------------------------------------------------------------- gate
-class CharTokenizer:
-    """Printable ASCII → ids 2..95, ids 0/1 pad/eos (a tiny model needs no real tokenizer)."""
-
-    chat_template = None
-    pad_token_id = 0
-    eos_token_id = 1
-
-    def __call__(self, text: str, add_special_tokens: bool = True):
-        return {"input_ids": [2 + (b - 32) % 94 for b in text.encode()]}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(32 + int(i) - 2) for i in ids if int(i) > 1)
-
-
 @pytest.fixture(scope="module")
 def fluent_tiny():
     """The tiny Llama fitted to a few anchor texts, so that it has an NLL to lose."""

@@ -1,0 +1,48 @@
+"""Helpers for the tests that talk to a running `sona serve` over HTTP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+
+def http_call(base: str, method: str, path: str, body=None, token: str | None = None,
+              raw: bytes | None = None, timeout: float = 300) -> tuple[int, dict]:
+    """(status, JSON body) of one request; HTTP errors are returned, not raised."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, seconds: float = 420) -> bool:
+    """Poll ``/health`` until it answers 200 (True) or the process exits / time runs out."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(2)
+    return False
+
+
+def stop(proc: subprocess.Popen, log) -> None:
+    """SIGTERM the server, SIGKILL it after a minute, and close its log."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
