@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StateError
+from ..errors import InvalidValue, StateError
 from ..ewc import EwcPlusPlus
 from ..store.base import FeedbackRecord
 from .heldout import PromptSplit
@@ -83,13 +83,19 @@ class Learner:
         epochs: passes over each cycle's training set.
         seed: seeds the trainer's LoRA initialisation, batch order and selection.
         measure_kl: measure each promoted version's per-answer KL to the base model.
+        replay: ``"balanced"`` draws replay round-robin across ReasoningBank patterns,
+            ``"uniform"`` at random (the ablation in ``benchmarks/learning.py``).
     """
 
-    def __init__(self, host: Host, *, epochs: int = 2, seed: int = 0, measure_kl: bool = True):
+    def __init__(self, host: Host, *, epochs: int = 2, seed: int = 0, measure_kl: bool = True,
+                 replay: str = "balanced"):
+        if replay not in ("balanced", "uniform"):
+            raise InvalidValue(f"replay must be 'balanced' or 'uniform', got {replay!r}")
         self.host = host
         self.epochs = epochs
         self.seed = seed
         self.measure_kl = measure_kl
+        self.replay = replay
         self.lock = threading.RLock()
         self.last_id = 0
         self.cycles = 0
@@ -291,7 +297,9 @@ class Learner:
                 k=clusters_for(len(train_new), host.engine.config.pattern_clusters)))
         replay = [r for r, held in zip(everything, self.split.assign(everything))
                   if not held and r.id <= self.last_id] + self.dreams
-        selected = select_training_set(train_new, bank=bank, replay=replay,
+        selected = select_training_set(train_new,
+                                       bank=bank if self.replay == "balanced" else None,
+                                       replay=replay,
                                        replay_fraction=0.25, seed=self.seed + self.cycles)
         report["trained_on"] = len(selected)
         self.last_id = max(r.id for r in new)
