@@ -4,7 +4,8 @@
         [--rounds 4] [--experiments main instant forgetting] [--out results/learning.json]
 
 Simulated users with checkable rules (``sona_plugin.demo.RULES``: "digits" likes answers
-with a number in digits, "direct" likes answers that say "you"); a stream of prompts
+with a number in digits, "direct" likes answers that say "you"; ``benchmarks/tastes.py``:
+"warm" and "plain", properties of the whole answer judged by VADER and readability); a stream of prompts
 (``STREAM_PROMPTS``) answered by sampling, each answer judged and fed back; a separate
 held-out set (``HELDOUT_PROMPTS``, 32 prompts) answered greedily, only ever measured.
 
@@ -47,6 +48,16 @@ LEARNER: dict = {}  # ablations: {"replay": "uniform"}, {"dreams": n} (deep cycl
 
 
 ENGINE = {"name": "transformers"}
+
+
+def rule_of(name: str):
+    """A marker rule (``sona_plugin.demo.RULES``) or a whole-answer taste
+    (``benchmarks/tastes.py``: warm, plain)."""
+    if name in RULES:
+        return RULES[name]
+    from tastes import TASTES  # benchmarks/ is on sys.path when this script runs
+
+    return TASTES[name]
 
 
 def new_pipe(sona_config: dict | None = None):
@@ -98,7 +109,7 @@ def stream(seed: int) -> list[str]:
 
 
 def run_main(task: str, seed: int, rounds: int, per_round: int, background: bool) -> dict:
-    rule = RULES[task]
+    rule = rule_of(task)
     pipe = new_pipe()
     s = stream(seed)
     t0 = time.time()
@@ -149,7 +160,7 @@ def run_forgetting(task_a: str, task_b: str, seed: int, per_round: int, rounds: 
     would refuse it (isolates what EWC++ does from what the gate does)."""
     cfg = None if ewc else {"ewc_lambda": 0.0, "ewc_min_lambda": 0.0}
     pipe = new_pipe(cfg)
-    ra, rb = RULES[task_a], RULES[task_b]
+    ra, rb = rule_of(task_a), rule_of(task_b)
     s = stream(seed)
     t0 = time.time()
     a0, on0 = heldout(pipe, ra)
