@@ -144,7 +144,11 @@ class Learner:
         """Stream-level state (records used, split, detector, bank) from the newest save;
         per-version state (EWC++, reward baseline, dreams) from the served version's."""
         host = self.host
-        saved = load_state(host.state_dir / STATE_FILE)
+        try:
+            saved = load_state(host.state_dir / STATE_FILE)
+        except StateError as e:
+            logger.warning("%s; falling back to the served version's copy", e)
+            saved = None
         served = host.adapter_version
         version_state = None
         if served is not None:
@@ -155,6 +159,8 @@ class Learner:
         newest = max((s for s in (saved, version_state) if s is not None),
                      key=lambda s: s[1]["last_id"], default=None)
         if newest is None:
+            if served is not None:  # versions published before the learner saved its state
+                self.last_id = int(host.registry.get(served).metadata.get("last_record_id", 0))
             return
         arrays, meta = newest
         self.last_id = int(meta["last_id"])
@@ -255,9 +261,19 @@ class Learner:
     # -- one cycle --------------------------------------------------------------------------
     def run(self, epochs: int | None = None, gate: bool = True, probe: bool = True,
             batch_size: int = 4) -> dict:
-        """One cycle (see the module docstring); returns its report."""
+        """One cycle (see the module docstring); returns its report. A cycle that fails
+        leaves its records to the next one (what it had used, counted and detected is
+        undone; the trainer returns to the served weights)."""
         with self.lock:
-            return self._run(epochs, gate, probe, batch_size)
+            before = (self.last_id, self.cycles, self.detector.state_dict(),
+                      list(self.boundaries))
+            try:
+                return self._run(epochs, gate, probe, batch_size)
+            except Exception:
+                self.last_id, self.cycles, detector, self.boundaries = before
+                self.detector = ShiftDetector.from_state(detector)
+                self.trainer = None  # rebuilt from the served version
+                raise
 
     def _run(self, epochs: int | None, gate: bool, probe: bool, batch_size: int) -> dict:
         from ..training import select_training_set

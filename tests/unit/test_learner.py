@@ -250,3 +250,22 @@ def test_unhinted_shift_starts_a_new_ewc_task_from_the_served_weights(tmp_path, 
     for k, v in served.items():  # θ* is what served when the shift was seen
         np.testing.assert_array_equal(arrays[f"task0.theta.{k}"], v.numpy())
     assert rep["train"]["penalty"] >= 0.0
+
+
+def test_a_failed_cycle_leaves_its_records_to_the_next(tmp_path, tiny_model_dir):
+    rng = np.random.default_rng(6)
+    host = TinyHost(tmp_path, tiny_model_dir)
+    learner = Learner(host, epochs=1)
+    feed(host, 0, 20, rng)
+    trainer = learner.ensure_trainer()
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory")
+
+    trainer.train = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        learner.run(gate=False)
+    assert learner.last_id == 0 and learner.pending() == 20 and learner.cycles == 0
+    assert learner.detector.seen == 0 and learner.trainer is None
+    rep = learner.run(gate=False)  # a fresh trainer, the same records
+    assert rep["new_records"] == 20 and rep["published"]
