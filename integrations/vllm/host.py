@@ -166,7 +166,7 @@ class VllmHost(LearningHost):
         with self._feedback_lock:
             if self.store.has(key):
                 raise DuplicateFeedback(f"feedback for response {key} was already given; "
-                                   f"one feedback per response")
+                                        f"one feedback per response")
             info = self._rpc("sona_lookup", response_id, index)
             if info is None:
                 raise UnknownTrajectory(
