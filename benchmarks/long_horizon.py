@@ -129,7 +129,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/long_horizon.json")
     ap.add_argument("--plot", default="docs/long_horizon.png")
+    ap.add_argument("--table", metavar="JSON", help="print a saved run as a Markdown table "
+                                                   "(and plot it with --plot), then exit")
     args = ap.parse_args()
+    if args.table:
+        result = json.loads(Path(args.table).read_text())
+        names = result["args"]["tastes"]
+        print(table(result, names))
+        if args.plot:
+            plot(result, dict.fromkeys(names), Path(args.plot))
+        return
     torch.set_num_threads(args.threads)
     a, b = taste(args.tastes[0]), taste(args.tastes[1])
     rules = {a.name: a, b.name: b}
@@ -212,6 +221,34 @@ def main() -> None:
     shutil.rmtree(state, ignore_errors=True)
     if args.plot:
         plot(result, rules, Path(args.plot))
+
+
+def table(result: dict, names: list[str]) -> str:
+    """One Markdown row per checkpoint: liked-rates (held-out greedy / held-out sampled /
+    trained-on sampled) per taste, drift, KL, efficiency, what the cycle did."""
+    head = ("| feedback | phase | " + " | ".join(f"{n}: held-out greedy / sampled / trained"
+                                                 for n in names) +
+            " | on-topic × base | anchor NLL × base | KL/answer | efficiency | cycle |")
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for r in result["rows"]:
+        rates = " | ".join(f"{r[n]['heldout_greedy']:.0%} / {r[n]['heldout_sampled']:.0%} / "
+                           f"{r[n]['trained_sampled']:.0%}" for n in names)
+        if r["phase"] == "base":
+            cycle = "base model"
+        elif r.get("published"):
+            cycle = f"v{r['version']} published at {r.get('step')}"
+        else:
+            cycle = f"refused ({'; '.join(r.get('gate_reasons') or [])[:80]})"
+        if r.get("boundaries"):
+            cycle += f"; shift detected ({r['boundaries'][0]['direction']})"
+        kl, eff = r.get("kl_per_answer"), r.get("efficiency")
+        lines.append(f"| {r['feedback']} | {r['phase']} | {rates} | "
+                     f"{r.get('on_topic_ratio', 1.0):.2f} | {r.get('anchor_nll_ratio', 1.0):.3f} | "
+                     f"{'' if kl is None else f'{kl:.2f}'} | {'' if eff is None else f'{eff:.2f}'} | "
+                     f"{cycle} |")
+    for e in result.get("events", []):
+        lines.append(f"\n{e['event']} after {e['feedback']} feedbacks: {e}")
+    return "\n".join(lines)
 
 
 def plot(result: dict, rules: dict, path: Path) -> None:
