@@ -56,6 +56,14 @@ class SonaConfig:
     base_lora_lr: float = _opt(5e-4, "BaseLoRA learning rate (AdamW). Seeds say 1e-4; DESIGN.md "
                                      "measured that 1e-4 barely moves the model and 5e-4 works.",
                                0.0, 1.0, lo_open=True)
+    gate_max_kl_per_answer: float = _opt(0.0, "Drift budget in nats of KL(pi || pi_base) per "
+                                              "sampled answer on held-out prompts that a "
+                                              "promoted version may spend (0: no KL check; "
+                                              "the anchor-NLL and on-topic checks hold "
+                                              "anyway). benchmarks/long_horizon.py measured "
+                                              "0.28, 1.5, 2.9 nats after 50, 100, 150 "
+                                              "feedbacks with no KL check, while both other "
+                                              "checks passed.", 0.0, None)
     base_lora_kl_beta: float = _opt(0.2, "Weight of the KL(pi || pi_base) term of the BaseLoRA "
                                          "objective. Measured on SmolLM2 (docs/benchmarks.md): "
                                          "at 0.05 and 0.1 every candidate drifted off the "

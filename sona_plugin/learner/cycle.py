@@ -382,7 +382,7 @@ class Learner:
         host = self.host
         trainer = self.trainer
         peft = trainer.peft_model
-        gate = PromotionGate()
+        gate = PromotionGate(max_kl_per_answer=host.engine.config.gate_max_kl_per_answer)
         probes = PROBE_PROMPTS if probe else None
         embedder = host.embed if probe else None
         served = host.adapter_version

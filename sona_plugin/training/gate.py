@@ -20,6 +20,9 @@ checks 2 and 3, a fixed reference; see below):
    ``on_cand ≥ min_on_topic_ratio · on_ref``. DESIGN.md found that the strong settings
    drift off the question while the anchor NLL barely moves, so perplexity alone does
    not protect users.
+4. **KL budget** (when ``max_kl_per_answer`` > 0): the candidate's ``KL(π‖π_ref)`` per
+   answer sampled on the held-out prompts (``sona_plugin.learner.drift.answer_kl``) must
+   not exceed it; the two checks above passed versions that spent 2.9 nats per answer.
 
 The drift checks (2, 3) compare with a *reference*: the current model by default, or a
 fixed ``reference`` model (normally the base model, with a ``reference_cache`` so that its
@@ -290,6 +293,8 @@ class PromotionGate:
         tolerance_heldout: absolute drop of the held-out feedback score allowed.
         tolerance_liked: drop of the held-out liked answers' mean log-prob per token
             allowed (nats).
+        max_kl_per_answer: check 4's budget in nats (0: check 4 off).
+        kl_prompts: how many of the latest held-out prompts check 4 samples answers to.
         min_on_topic_ratio: candidate on-topic score must be at least this fraction of
             the current (or reference) model's.
         on_topic_records: how many of the latest held-out records the on-topic check
@@ -301,10 +306,12 @@ class PromotionGate:
     def __init__(self, tolerance_nll: float = 0.05, tolerance_heldout: float = 0.0,
                  min_on_topic_ratio: float = 0.9, max_new_tokens: int = 32,
                  batch_size: int = 8, on_topic_records: int = 24,
-                 tolerance_liked: float = 0.05):
+                 tolerance_liked: float = 0.05, max_kl_per_answer: float = 0.0,
+                 kl_prompts: int = 16):
         for name, v in (("tolerance_nll", tolerance_nll), ("tolerance_heldout", tolerance_heldout),
                         ("min_on_topic_ratio", min_on_topic_ratio),
-                        ("tolerance_liked", tolerance_liked)):
+                        ("tolerance_liked", tolerance_liked),
+                        ("max_kl_per_answer", max_kl_per_answer)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise InvalidValue(f"{name} must be a finite number >= 0, got {v!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
@@ -313,6 +320,8 @@ class PromotionGate:
         self.tolerance_nll = float(tolerance_nll)
         self.tolerance_heldout = float(tolerance_heldout)
         self.tolerance_liked = float(tolerance_liked)
+        self.max_kl_per_answer = float(max_kl_per_answer)
+        self.kl_prompts = int(kl_prompts)
         self.min_on_topic_ratio = float(min_on_topic_ratio)
         if isinstance(on_topic_records, bool) or not isinstance(on_topic_records, int) or \
                 on_topic_records < 0:
@@ -408,6 +417,15 @@ class PromotionGate:
                 if oc < self.min_on_topic_ratio * ou:
                     reasons.append(f"answers drift off the question: on-topic {oc:.4f} < "
                                    f"{self.min_on_topic_ratio} x {ref_name} {ou:.4f}")
+        if self.max_kl_per_answer > 0 and heldout:
+            from ..learner.drift import answer_kl
+
+            rows = [list(r.prompt_ids) for r in heldout[-self.kl_prompts:] if len(r.prompt_ids)]
+            kl = answer_kl(cand, ref, rows, tokenizer, self.max_new_tokens)
+            metrics["kl_per_answer"] = kl
+            if kl > self.max_kl_per_answer:
+                reasons.append(f"drift budget spent: KL {kl:.3f} nats per answer > "
+                               f"{self.max_kl_per_answer}")
         return GateResult(passed=not reasons, metrics=metrics, reasons=reasons, samples=samples)
 
 

@@ -487,3 +487,26 @@ def test_inverted_feedback_flood_cannot_get_a_candidate_served():
                                                    None, CharTokenizer())
     assert not res.passed
     assert res.metrics["heldout_candidate"] < res.metrics["heldout_current"]
+
+
+def test_gate_kl_budget_refuses_a_candidate_that_spends_too_much_drift():
+    tr = BaseLoRATrainer(tiny_llama(), config())
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora(tr, "B").values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    held = preference_records(4, seed=2)
+    base = ModelView.base(tr.model)
+    loose = PromotionGate(tolerance_nll=1e6, tolerance_heldout=1e6, tolerance_liked=1e6,
+                          max_kl_per_answer=1e6, max_new_tokens=8)
+    res = loose.evaluate(tr.model, base, held, None, CharTokenizer())
+    kl = res.metrics["kl_per_answer"]
+    assert kl > 0 and res.passed
+    tight = PromotionGate(tolerance_nll=1e6, tolerance_heldout=1e6, tolerance_liked=1e6,
+                          max_kl_per_answer=kl / 10, max_new_tokens=8)
+    res = tight.evaluate(tr.model, base, held, None, CharTokenizer())
+    assert not res.passed and any("drift budget" in r for r in res.reasons)
+    same = tight.evaluate(base, base, held, None, CharTokenizer())  # the base spends nothing
+    assert same.metrics["kl_per_answer"] == pytest.approx(0.0, abs=1e-6) and same.passed
+    assert "kl_per_answer" not in PromotionGate().evaluate(
+        tr.model, base, held, None, CharTokenizer()).metrics  # off by default
