@@ -14,12 +14,14 @@ import json
 import logging
 import math
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sona_plugin.errors import InvalidValue, SonaError
+from sona_plugin.faults import failpoint
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +87,12 @@ class LearningHost:
     _embedder: Any = None
     _coordinator: Any = None
     save_every: int = 25
+    save_interval_s: float = 60.0
+    keep_versions: int = 20
+    retain_days: float = 90.0
+    last_swap: dict | None = None
     _unsaved_feedback: int = 0
+    _save_timer: Any = None
     _save_lock = threading.Lock()  # a feedback's periodic save against a cycle's save
 
     # -- to implement ---------------------------------------------------------------------
@@ -107,12 +114,48 @@ class LearningHost:
 
     # -- the Host protocol of sona_plugin.learner ------------------------------------------
     def serve_version(self, version: int, micro_decay: float = 1.0) -> None:
-        """Serve ``version``; ``micro_decay`` < 1 shrinks the MicroLoRA (a newly trained
-        version carries what the instant loop had learned). Restoring at start-up and
-        rolling back pass 1: the MicroLoRA comes back exactly as saved."""
-        self._serve(version)
+        """Serve ``version``: the engine loads it and its canary is checked first
+        (``SwapRefused`` otherwise, and the previous version keeps serving); only then does
+        the registry's CURRENT name it. ``micro_decay`` < 1 shrinks the MicroLoRA (a newly
+        trained version carries what the instant loop had learned). Restoring at start-up
+        and rolling back pass 1: the MicroLoRA comes back exactly as saved."""
+        from sona_plugin import metrics
+
+        t0 = time.perf_counter()
+        try:
+            err = self._serve(version)
+        except Exception as e:
+            metrics.swap(time.perf_counter() - t0, False, version)
+            self.last_swap = {"version": version, "ok": False, "error": str(e), "at": time.time()}
+            logger.error("adapter version %s not served: %s", version, e)
+            raise
+        failpoint("swap.loaded")
+        if self.registry.current_version() != version:
+            self.registry.set_current(version)
+        dt = time.perf_counter() - t0
+        metrics.swap(dt, True, version)
+        self.last_swap = {"version": version, "ok": True, "canary_error": err, "seconds": dt,
+                          "at": time.time()}
         if micro_decay != 1.0:
             self._shrink_micro(micro_decay)
+
+    def _serve_at_start(self) -> None:
+        """Serve the registry's version at start-up: CURRENT's, or the newest complete one
+        when CURRENT's weights are missing (logged); a version that fails its canary is
+        skipped for the next older one (the base model when none is left)."""
+        from sona_plugin.errors import SwapRefused
+
+        v = self.registry.servable()
+        if v is None:
+            return
+        older = [x for x in reversed(self.registry.versions()) if x.version < v.version]
+        for cand in [v, *older]:
+            try:
+                self.serve_version(cand.version)
+                return
+            except SwapRefused as e:
+                logger.error("not serving version %s at start-up: %s", cand.version, e)
+        logger.error("no adapter version passed its canary: serving the base model")
 
     def _start_learner(self) -> None:
         from sona_plugin.learner import Learner
@@ -140,12 +183,28 @@ class LearningHost:
             self.engine.save(self.state_dir / "engine")
 
     def _saved_after_feedback(self) -> None:
-        """Every ``save_every`` feedbacks, save the engine: a crash or SIGTERM then loses at
-        most that many instant updates (the feedback records are durable at once)."""
+        """Every ``save_every`` feedbacks, and ``save_interval_s`` after an unsaved one,
+        save the engine: a crash then loses at most that many (that long) instant updates;
+        SIGTERM loses none (``close()``). The feedback records are durable at once."""
         self._unsaved_feedback += 1
         if self.save_every and self._unsaved_feedback >= self.save_every:
+            self._save_now()
+        elif self.save_interval_s > 0 and self._save_timer is None:
+            t = threading.Timer(self.save_interval_s, self._save_now)
+            t.daemon = True
+            self._save_timer = t
+            t.start()
+
+    def _save_now(self) -> None:
+        timer, self._save_timer = self._save_timer, None
+        if timer is not None:
+            timer.cancel()
+        if self._unsaved_feedback:
             self._unsaved_feedback = 0
-            self.save_engine()
+            try:
+                self.save_engine()
+            except Exception:  # noqa: BLE001 - a timer thread: log, the next save retries
+                logger.exception("saving the engine failed")
 
     # -- shared ---------------------------------------------------------------------------
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -157,9 +216,18 @@ class LearningHost:
                                                 show_progress_bar=False), np.float32)
 
     def learn(self, **kwargs) -> dict:
-        """Run loop B now: train, gate, publish, hot-swap. Returns the report."""
-        report = self.learner.run(**kwargs)
+        """Run loop B now: train, gate, publish, hot-swap; then retention. Returns the
+        report."""
+        from sona_plugin import metrics
+
+        try:
+            report = self.learner.run(**kwargs)
+        except Exception:
+            metrics.cycle(None, failed=True)
+            raise
+        metrics.cycle(report)
         self.save_state()
+        report["retention"] = self.prune()
         return report
 
     def deep_cycle(self, dreams: int | None = None) -> dict:
@@ -225,6 +293,13 @@ class LearningHost:
         s["ewc_tasks"] = self.learner.ewc.task_count
         s["ewc_lambda"] = float(self.learner.ewc.lambda_)
         s["task_boundaries"] = len(self.learner.boundaries)
+        from sona_plugin import metrics
+
+        s["adapter_versions"] = len(self.registry.versions())  # cached per directory
+        s["last_swap"] = self.last_swap
+        s["background"] = (self._coordinator.stats() if self._coordinator is not None
+                           else {"running": False})
+        s["counters"] = metrics.snapshot()
         return s
 
     def adapters(self) -> list[dict]:
@@ -235,11 +310,35 @@ class LearningHost:
                 for v in self.registry.versions()]
 
     def rollback(self, version: int) -> None:
-        """Serve an earlier (or later) published version; the registry's CURRENT follows,
-        and the next cycle trains from that version with its EWC++ memory (it stays
-        served until new feedback arrives)."""
-        self.registry.get(version)  # UnknownVersion before anything changes
+        """Serve an earlier (or later) published version (checked by its canary; CURRENT
+        follows once it serves), and the next cycle trains from that version with its
+        EWC++ memory (it stays served until new feedback arrives)."""
+        self.registry.get(version)  # UnknownAdapterVersion before anything changes
         with self.learner.lock:
-            self.registry.set_current(version)
             self.serve_version(version)
+            failpoint("rollback.served")
             self.learner.on_rollback(version)
+
+    # -- feedback records (admin) ---------------------------------------------------------
+    def quarantine(self, response_id: str, reason: str = "") -> None:
+        """Never train on this record again (it stays stored, and a second feedback for
+        the response stays refused). Its instant update is not undone."""
+        self.store.quarantine(response_id, reason)
+
+    def delete_record(self, response_id: str) -> None:
+        """Delete a stored feedback record for good (its instant update is not undone)."""
+        self.store.delete(response_id)
+
+    def prune(self) -> dict:
+        """Retention: keep the newest ``keep_versions`` adapter versions (and the served
+        one) and delete records older than ``retain_days``. Runs after every cycle."""
+        out = {"versions_removed": [], "records_removed": 0}
+        with self.learner.lock:
+            served = self.adapter_version
+            out["versions_removed"] = self.registry.prune(
+                self.keep_versions, protect=[served] if served else [])
+            if self.retain_days > 0:
+                out["records_removed"] = self.store.prune(time.time() - self.retain_days * 86400)
+        if out["versions_removed"] or out["records_removed"]:
+            logger.info("retention: %s", out)
+        return out

@@ -35,7 +35,8 @@ from transformers.pipelines.text_generation import TextGenerationPipeline
 from sona_plugin import kernels
 from sona_plugin.config import SonaConfig
 from sona_plugin.engine import SonaEngine
-from sona_plugin.errors import ConfigError, DuplicateFeedback, UnknownTrajectory
+from sona_plugin.errors import ConfigError, DuplicateFeedback, UnknownResponse
+from sona_plugin.faults import failpoint
 from sona_plugin.types import Trajectory, TrajectoryStep
 
 from ._host import LM_DEFAULTS, LearningHost, load_engine, parse_reward
@@ -177,9 +178,7 @@ class SonaPipeline(LearningHost):
         from sona_plugin.adapters import AdapterRegistry
 
         self.registry = AdapterRegistry(state_dir / "adapters")
-        cur = self.registry.current()
-        if cur is not None:
-            self._serve(cur.version)
+        self._serve_at_start()
         self._start_learner()
 
     # -- hooks ----------------------------------------------------------------------------
@@ -296,7 +295,7 @@ class SonaPipeline(LearningHost):
     def response(self, response_id: str) -> Response:
         r = self._responses.get(response_id)
         if r is None:
-            raise UnknownTrajectory(f"unknown response_id {response_id!r} (never generated here, "
+            raise UnknownResponse(f"unknown response_id {response_id!r} (never generated here, "
                                     f"or evicted after {self._max_responses} newer responses)")
         return r
 
@@ -309,8 +308,11 @@ class SonaPipeline(LearningHost):
         its instant update. Policy: one feedback per response; a second raises
         InvalidValue and changes nothing (the first judgement stands).
         """
+        from sona_plugin import metrics
+
         reward = parse_reward(reward, liked)
         if self.store.has(response_id):
+            metrics.feedback("duplicate")
             raise DuplicateFeedback(f"feedback for response {response_id} was already given; "
                                     f"one feedback per response")
         r = self.response(response_id)
@@ -321,6 +323,8 @@ class SonaPipeline(LearningHost):
                              response_ids=r.response_ids, response_text=r.response_text,
                              reward=reward, embedding=emb, adapter_version=r.adapter_version)
         row = self.store.add(rec)  # durable from here on
+        failpoint("feedback.stored")
+        metrics.feedback("accepted", reward)
         report = None
         if len(r.response_ids):
             t = Trajectory(id=row, query_embedding=emb, steps=[
@@ -328,21 +332,28 @@ class SonaPipeline(LearningHost):
                                int(r.response_ids[i]), 0, r.topk_ids[i], r.topk_logprobs[i])
                 for i in range(len(r.response_ids))], final_quality=(reward + 1.0) / 2.0)
             report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
+            if report is not None:
+                metrics.instant(bool(report.accepted))
         with self._meta_lock:
             self._responses.pop(response_id, None)
         self._saved_after_feedback()
         return {"response_id": response_id, "stored_id": row, "reward": reward,
                 "instant": report.to_dict() if report is not None else None}
 
-    def _serve(self, version: int) -> None:
-        """Load ``version`` under a fresh adapter name and make it active.
+    def _serve(self, version: int) -> float | None:
+        """Load ``version`` under a fresh adapter name, check its canary, make it active;
+        returns the canary's relative error (None: a version without one).
 
         Runs under the swap lock's write side: in-flight generations finish on the old
-        version first, new ones start on the new one; nothing fails or mixes versions.
+        version first, new ones start on the new one; nothing fails or mixes versions. A
+        failed canary (``SwapRefused``) unloads the new adapter; the old one stays active.
         """
         from peft import PeftModel
 
+        from sona_plugin.learner import canary
+
         v = self.registry.get(version)
+        expected = canary.read(v.path)
         name = f"v{version:06d}"
         model = self._pipe.model
         with self._swap.write():
@@ -354,10 +365,30 @@ class SonaPipeline(LearningHost):
                     self._peft.delete_adapter(name)
                 self._peft.load_adapter(str(v.path), adapter_name=name)
                 self._peft.set_adapter(name)
-                if old is not None and old != name:
-                    self._peft.delete_adapter(old)
             self._peft.eval()
+            err = None
+            if expected is not None:
+                try:
+                    err = canary.check(version, {
+                        "hidden": canary.last_hidden(self._peft, expected[0]),
+                        "adapter_version": version}, expected[1])
+                except Exception:
+                    if name != old:
+                        self._unload(name, old)
+                    raise
+            if old is not None and old != name:
+                self._peft.delete_adapter(old)
             self._served_version, self._served_name = version, name
+        return err
+
+    def _unload(self, name: str, restore: str | None) -> None:
+        """Drop adapter ``name`` and make ``restore`` (None: the base model) active again."""
+        if restore is None:
+            self._peft.unload()  # the LoRA layers out again: the plain base model
+            self._peft = None
+            return
+        self._peft.set_adapter(restore)
+        self._peft.delete_adapter(name)
 
     def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         tok = self._pipe.tokenizer
@@ -386,8 +417,7 @@ class SonaPipeline(LearningHost):
     def stats(self) -> dict:
         s = self.engine.stats()
         s.update({"responses_held": len(self._responses), "responses_evicted": self.responses_evicted,
-                  "feedback_stored": self.store.count(), "adapter_version": self._served_version,
-                  "adapter_versions": len(self.registry.versions())})
+                  "feedback_stored": self.store.count(), "adapter_version": self._served_version})
         return self._with_learner(s)
 
     def close(self) -> None:
@@ -418,7 +448,9 @@ def _prompt_texts(prompt_text, in_b: int) -> list[str]:
 
 def pipeline(task: str = "text-generation", model=None, tokenizer=None,
              sona_config: SonaConfig | dict | None = None, *, state_dir: str | Path | None = None,
-             store=None, save_every: int = 25, **pipeline_kwargs) -> SonaPipeline:
+             store=None, save_every: int = 25, save_interval_s: float = 60.0,
+             keep_versions: int = 20, retain_days: float = 90.0,
+             **pipeline_kwargs) -> SonaPipeline:
     """A transformers text-generation pipeline with SONA on.
 
     Args:
@@ -434,6 +466,11 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
         save_every: save the engine (MicroLoRA, patterns) every this many feedbacks, so
             that a crash loses at most that many instant updates (their records are
             durable in the store at once).
+        save_interval_s: also save it this many seconds after an unsaved feedback (0: off).
+        keep_versions: adapter versions kept on disk (older ones pruned after each
+            cycle; never the served one).
+        retain_days: feedback records older than this are deleted after each cycle (0:
+            kept forever).
         **pipeline_kwargs: passed to ``transformers.pipeline``.
     """
     import os
@@ -449,6 +486,11 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
         raise ConfigError(f"save_every must be an integer >= 0 (0: only on close), got "
                           f"{save_every!r}")
+    for name, v, lo in (("save_interval_s", save_interval_s, 0.0),
+                        ("retain_days", retain_days, 0.0), ("keep_versions", keep_versions, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v < float("inf") \
+                or (name == "keep_versions" and not isinstance(v, int)):
+            raise ConfigError(f"{name} must be a finite number >= {lo}, got {v!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     source: Any = None
     if model is None or isinstance(model, (str, Path)):
@@ -482,8 +524,11 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
     st = store if store is not None else open_store(cfg.database_url or sd / "sona.db")
     pipe = hf_pipeline("text-generation", model=model, tokenizer=tok,
                        pipeline_class=SonaTextGenerationPipeline, **pipeline_kwargs)
-    return SonaPipeline(pipe, engine, state_dir=sd, store=st, model_source=source,
-                        save_every=save_every)
+    sp = SonaPipeline(pipe, engine, state_dir=sd, store=st, model_source=source,
+                      save_every=save_every)
+    sp.save_interval_s, sp.keep_versions, sp.retain_days = (float(save_interval_s), keep_versions,
+                                                            float(retain_days))
+    return sp
 
 
 __all__ = ["Response", "SonaPipeline", "SonaTextGenerationPipeline", "pipeline"]

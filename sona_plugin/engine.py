@@ -21,6 +21,7 @@ from .base_lora import BaseLoRA
 from .config import SonaConfig
 from .errors import InvalidValue, StateError, UnknownTrajectory
 from .ewc import EwcPlusPlus
+from .faults import failpoint
 from .loops.background import BackgroundLoop, BackgroundResult
 from .loops.coordinator import LoopCoordinator
 from .loops.deep import DeepLoop, DeepResult
@@ -35,6 +36,24 @@ logger = logging.getLogger(__name__)
 _F32 = np.dtype(np.float32)
 _FORMAT_VERSION = 1
 
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # directories cannot be opened on some platforms
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_saves(path: Path) -> None:
+    """Temp dirs of saves that crashed (``.NAME.tmp-*``); never ``.NAME.old``, which may be
+    the only complete copy."""
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 class SonaEngine:
     """Self-optimising adapter engine: record trajectories, learn from feedback, adapt.
@@ -458,7 +477,8 @@ class SonaEngine:
         with self._learn_lock, self._lock:
             arrays, meta = self._state()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        _remove_stale_saves(path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:
             save_file(arrays, str(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps(meta, sort_keys=True, indent=1))
@@ -471,7 +491,9 @@ class SonaEngine:
                 if old.exists():
                     shutil.rmtree(old)
                 path.rename(old)
+                failpoint("engine.save.swapped")
             tmp.rename(path)
+            _fsync_dir(path.parent)
             if old is not None:
                 shutil.rmtree(old)
         finally:

@@ -39,5 +39,37 @@ class StateError(SonaError, RuntimeError):
     """Saved state on disk is missing, corrupt, or from an incompatible version."""
 
 
+class SwapRefused(StateError):
+    """The engine did not serve a version's weights after loading it (canary mismatch,
+    or the engine refused the adapter); the swap was undone."""
+
+
 class DuplicateFeedback(InvalidValue):
     """Feedback for this response (and choice) was already given: one per response."""
+
+
+class UnknownResponse(UnknownTrajectory):
+    """A feedback names a response id this server never answered (or has evicted)."""
+
+
+class UnknownAdapterVersion(InvalidValue):
+    """No complete published adapter version has that number."""
+
+
+class UnknownRecord(InvalidValue):
+    """No stored feedback record has that id."""
+
+
+# HTTP status of each error class, for every route of both hosts (most specific first)
+HTTP_STATUS: tuple[tuple[type[SonaError], int], ...] = (
+    (UnknownResponse, 404), (UnknownTrajectory, 404), (UnknownAdapterVersion, 404),
+    (UnknownRecord, 404), (DuplicateFeedback, 409), (SonaError, 400),
+)
+
+
+def http_status(error: BaseException) -> int:
+    """The HTTP status a route answers ``error`` with (500: not one of ours)."""
+    for cls, status in HTTP_STATUS:
+        if isinstance(error, cls):
+            return status
+    return 500

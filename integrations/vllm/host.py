@@ -13,13 +13,15 @@ version what requests for the served model get (``server.py``, ``__init__.py``).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sona_plugin.config import SonaConfig
-from sona_plugin.errors import ConfigError, DuplicateFeedback, InvalidValue, UnknownTrajectory
+from sona_plugin.errors import ConfigError, DuplicateFeedback, InvalidValue, UnknownResponse
+from sona_plugin.faults import failpoint
 
 from .._host import LM_DEFAULTS, LearningHost, load_engine, parse_reward
 
@@ -32,8 +34,19 @@ HOST_OPTIONS = {
     "store_url": "feedback store: a SQLite path or sqlite:/// URL (default state_dir/sona.db)",
     "schedule": "'background' (loop B/C in a thread on the config's schedule, default) or "
                 "'manual' (only POST /sona/learn or learn())",
-    "admin_token": "bearer token the /sona/adapters* and /sona/learn routes require "
-                   "(default: $SONA_ADMIN_TOKEN; none = open)",
+    "admin_token_file": "file holding the bearer token the admin routes require (default: "
+                        "$SONA_ADMIN_TOKEN; never the token itself in the config: vLLM logs it)",
+    "open_admin": "true: admin routes answer without a token even when the server listens "
+                  "beyond loopback (default false: then they answer 403)",
+    "feedback_rate": "feedback requests a second per client (API key when vLLM checks keys, "
+                     "else address), token bucket; 0 = no limit (default 10)",
+    "feedback_burst": "feedback requests a client may send at once (default 50)",
+    "keep_versions": "adapter versions kept on disk; older ones are pruned after each cycle, "
+                     "never the served one (default 20)",
+    "retain_days": "feedback records older than this are deleted after each cycle; 0 = keep "
+                   "forever (default 90)",
+    "save_interval_s": "also save the MicroLoRA this many seconds after an unsaved feedback "
+                       "(default 60; 0 = only every save_every feedbacks)",
     "save_every": "save the workers' MicroLoRA every this many feedbacks (default 25): a "
                   "crash loses at most that many instant updates",
     "max_recordings": "requests a worker keeps recordings of, for feedback (default 1000; "
@@ -60,6 +73,23 @@ def split_settings(settings: dict | None) -> tuple[dict, dict]:
     max_rec = opts.get("max_recordings", 1000)
     if isinstance(max_rec, bool) or not isinstance(max_rec, int) or max_rec < 1:
         raise ConfigError(f"max_recordings must be an integer >= 1, got {max_rec!r}")
+    if "admin_token" in settings:
+        raise ConfigError("admin_token: give the admin token in $SONA_ADMIN_TOKEN or a file "
+                          "named by 'admin_token_file', not in the launch config (vLLM logs the "
+                          "config and the command line is visible to every user)")
+    for key, lo, default in (("feedback_rate", 0.0, 10.0), ("feedback_burst", 1.0, 50),
+                             ("retain_days", 0.0, 90), ("save_interval_s", 0.0, 60)):
+        v = opts.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= lo or v == float("inf"):
+            raise ConfigError(f"{key} must be a finite number >= {lo:g}, got {v!r}")
+    keep = opts.get("keep_versions", 20)
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ConfigError(f"keep_versions must be an integer >= 1, got {keep!r}")
+    if not isinstance(opts.get("open_admin", False), bool):
+        raise ConfigError(f"open_admin must be true or false, got {opts['open_admin']!r}")
+    tf = opts.get("admin_token_file")
+    if tf is not None and not isinstance(tf, str):
+        raise ConfigError(f"admin_token_file must be a path, got {tf!r}")
     targets = opts.get("lora_targets")
     if targets is not None and (not isinstance(targets, list) or not targets or
                                 "lm_head" in targets or "embed_tokens" in targets):
@@ -71,6 +101,20 @@ def split_settings(settings: dict | None) -> tuple[dict, dict]:
         raise ConfigError(f"{e} (sona options are SonaConfig fields or one of "
                           f"{sorted(HOST_OPTIONS)})") from None
     return engine, opts
+
+
+def admin_token(opts: dict) -> str | None:
+    """The admin token: the file named by ``admin_token_file``, else $SONA_ADMIN_TOKEN."""
+    path = opts.get("admin_token_file")
+    if path:
+        try:
+            token = Path(path).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"admin_token_file {path!r} cannot be read: {e}") from None
+        if not token:
+            raise ConfigError(f"admin_token_file {path!r} is empty")
+        return token
+    return os.environ.get("SONA_ADMIN_TOKEN") or None
 
 
 def _user_text(prompt: str) -> str:
@@ -116,10 +160,11 @@ class VllmHost(LearningHost):
         self.registry = AdapterRegistry(self.state_dir / "adapters")
         self._version: int | None = None
         self.save_every = opts.get("save_every", 25)
+        self.save_interval_s = float(opts.get("save_interval_s", 60))
+        self.keep_versions = opts.get("keep_versions", 20)
+        self.retain_days = float(opts.get("retain_days", 90))
         self._feedback_lock = threading.Lock()
-        cur = self.registry.current()
-        if cur is not None:
-            self._serve(cur.version)
+        self._serve_at_start()
         self._start_learner()
 
     # -- LearningHost ---------------------------------------------------------------------
@@ -128,10 +173,11 @@ class VllmHost(LearningHost):
         """The BaseLoRA version requests for the served model now get (None: none)."""
         return self._version
 
-    def _serve(self, version: int) -> None:
+    def _serve(self, version: int) -> float | None:
         v = self.registry.get(version)
-        self._serve_path(version, v.path)
+        err = self._serve_path(version, v.path)
         self._version = version
+        return err
 
     def _shrink_micro(self, factor: float) -> None:
         self._rpc("sona_decay", factor)
@@ -161,15 +207,18 @@ class VllmHost(LearningHost):
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise InvalidValue(f"index must be an integer >= 0, got {index!r}")
         key = store_id or (response_id if index == 0 else f"{response_id}:{index}")
+        from sona_plugin import metrics
         from sona_plugin.store import FeedbackRecord
 
         with self._feedback_lock:
             if self.store.has(key):
+                metrics.feedback("duplicate")
                 raise DuplicateFeedback(f"feedback for response {key} was already given; "
                                         f"one feedback per response")
             info = self._rpc("sona_lookup", response_id, index)
             if info is None:
-                raise UnknownTrajectory(
+                metrics.feedback("unknown")
+                raise UnknownResponse(
                     f"unknown response id {response_id!r} (index {index}): never generated by "
                     f"this server, or evicted after {self.options.get('max_recordings', 1000)} "
                     f"newer requests")
@@ -181,11 +230,17 @@ class VllmHost(LearningHost):
                 response_text=self.tokenizer.decode(info["response_ids"], skip_special_tokens=True),
                 reward=r, embedding=emb, adapter_version=info["adapter_version"])
             row = self.store.add(rec)  # durable from here on
+            failpoint("feedback.stored")
+            metrics.feedback("accepted", r)
             learned = self._rpc("sona_learn", response_id, index, r)
+            instant = (learned or {}).get("instant")
+            if instant is not None:
+                metrics.instant(bool(instant.get("accepted")))
+            if learned and "recordings_dropped" in learned:
+                metrics.evictions(learned["recordings_dropped"])
             self._saved_after_feedback()
         return {"id": response_id, "index": index, "stored_id": row, "reward": r,
-                "adapter_version": info["adapter_version"],
-                "instant": (learned or {}).get("instant")}
+                "adapter_version": info["adapter_version"], "instant": instant}
 
     # -- the rest -------------------------------------------------------------------------
     def micro_lora(self):
@@ -222,9 +277,7 @@ class VllmHost(LearningHost):
 
     def stats(self) -> dict:
         s = self._rpc("sona_stats")
-        s.update({"feedback_stored": self.store.count(), "adapter_version": self._version,
-                  "adapter_versions": len(self.registry.versions()),
-                  "background": self._coordinator is not None and self._coordinator.running})
+        s.update({"feedback_stored": self.store.count(), "adapter_version": self._version})
         return self._with_learner(s)
 
     def close(self) -> None:

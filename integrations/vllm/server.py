@@ -1,51 +1,77 @@
 """SONA's routes on vLLM's OpenAI-compatible server, and serving the newest adapter.
 
 Routes (added when the launch config has ``sona``, see ``plugin.py``; or by naming
-``sona_feedback`` in ``VLLM_PLUGINS``):
+``sona_feedback`` in ``VLLM_PLUGINS``); bodies are validated by the models in
+``guard.py`` (unknown fields refused, 16 KiB at most), errors map by class
+(``sona_plugin.errors.http_status``):
 
 * ``POST /v1/feedback {"id": ..., "reward": r}`` (or ``"liked": true|false``; ``"index"``
   picks a choice when ``n > 1``): ``id`` is the ``id`` of a completion or chat
   completion. The record is durable and the instant update applied before the answer.
-  400 malformed body / bad reward, 404 unknown id, 409 feedback already given.
-* ``GET /sona/stats``.
-* ``GET /sona/adapters``, ``POST /sona/adapters/rollback {"version": v}``,
-  ``POST /sona/learn [{"gate": false, "epochs": 1}]`` (run loop B now): admin routes; when an admin token is configured
-  (``admin_token`` or ``$SONA_ADMIN_TOKEN``) they need ``Authorization: Bearer TOKEN``.
+  400 malformed body / bad reward, 404 unknown id, 409 feedback already given, 413 body
+  too large, 429 past the client's feedback rate (``Retry-After`` says when to retry).
+* ``GET /sona/stats``: counters and in-memory state (never reads the version dirs).
+* Admin (``guard.AdminPolicy``: a bearer token, or loopback-only binding, or the explicit
+  ``open_admin`` opt-out; 401/403 otherwise): ``GET /sona/adapters``,
+  ``POST /sona/adapters/rollback {"version": v}``, ``POST /sona/learn [{"gate": false,
+  "epochs": 1}]`` (loop B now), ``GET /sona/feedback?since_id=0&limit=100`` (records,
+  text truncated), ``POST /sona/feedback/{id}/quarantine {"reason": ...}`` (never trained
+  on again), ``DELETE /sona/feedback/{id}``.
+
+Every response carries ``x-sona-adapter-version``: the BaseLoRA version that answered it
+(``0``: the base model), chosen when the request was admitted, so a client that names the
+base model still sees which weights answered; the feedback record stores the version the
+worker actually ran.
 
 Serving: each promoted BaseLoRA version is loaded under a new immutable name
-(``sona-v000007``, never reused for other weights, so no stale prefix-cache blocks), and
-requests that name the served base model get it; older versions are unloaded (engine
-slot freed) once a newer one and its predecessor are in place.
+(``sona-v000007``, never reused for other weights, so no stale prefix-cache blocks), a
+canary request checks that the engine serves that version's weights
+(``sona_plugin.learner.canary``; a mismatch unloads it and the previous version keeps
+serving), and only then do requests that name the served base model get it; older versions
+are unloaded once a newer one and its predecessor are in place. On shutdown (SIGTERM) the
+host saves the MicroLoRA and the learner's state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 # at module level: FastAPI resolves the (string) annotation `Request` in module globals
 from fastapi import APIRouter, Request
 
-from .worker import ADAPTER_PREFIX, adapter_name
+from . import guard
+from .worker import ADAPTER_PREFIX, adapter_name, adapter_version
 
 logger = logging.getLogger(__name__)
 
+VERSION_HEADER = "x-sona-adapter-version"
 _current: dict[str, Any] = {"lora": None}  # the LoRARequest base-model requests get
+# per request: which SONA version its adapter choice gave (read by the header middleware)
+_answered_by: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "sona_answered_by", default=None)
 
 
-def _error(status: int, message: str, kind: str):
+def _error(status: int, message: str, kind: str | None = None, headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}},
-                        status_code=status)
+    kinds = {400: "BadRequestError", 401: "Unauthorized", 403: "Forbidden", 404: "NotFoundError",
+             409: "Conflict", 413: "PayloadTooLarge", 429: "TooManyRequests",
+             503: "ServiceUnavailable"}
+    return JSONResponse({"error": {"message": message, "type": kind or kinds.get(status, "Error"),
+                                   "code": status}}, status_code=status, headers=headers)
 
 
 def _patch_serving() -> None:
-    """Requests for the served base model get the current SONA adapter."""
+    """Requests for the served base model get the current SONA adapter, and every request
+    notes the version it got (for the ``x-sona-adapter-version`` header)."""
     from vllm.entrypoints.serve.engine.serving import BaseServing
 
     if getattr(BaseServing._maybe_get_adapters, "_sona", False):
@@ -57,11 +83,63 @@ def _patch_serving() -> None:
         cur = _current["lora"]
         model = getattr(request, "model", None)
         if lora is None and cur is not None and (model is None or self.models.is_base_model(model)):
-            return cur
+            lora = cur
+        holder = _answered_by.get()
+        if holder is not None:
+            v = adapter_version(lora)
+            holder["version"] = v if v is not None else (0 if lora is None else None)
         return lora
 
     _maybe_get_adapters._sona = True
     BaseServing._maybe_get_adapters = _maybe_get_adapters
+
+
+class VersionHeader:
+    """ASGI middleware: adds ``x-sona-adapter-version`` to responses whose request got an
+    adapter choice (at response start, so streamed responses carry it too)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        holder: dict = {}
+        token = _answered_by.set(holder)
+
+        async def send_with_version(message):
+            if message["type"] == "http.response.start" and holder.get("version") is not None:
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (VERSION_HEADER.encode(),
+                                                   str(holder["version"]).encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_version)
+        finally:
+            _answered_by.reset(token)
+
+
+def _shutdown_hook(app) -> None:
+    """Save SONA's state when the server shuts down (SIGTERM, Ctrl-C): vLLM never calls a
+    plugin's close(), so the lifespan is wrapped."""
+    inner = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a):
+        async with inner(a) as state:
+            try:
+                yield state
+            finally:
+                h = getattr(getattr(a, "state", None), "sona", None)
+                if h is not None:
+                    try:
+                        await asyncio.wait_for(asyncio.to_thread(h.close), 120)
+                        logger.info("SONA state saved on shutdown")
+                    except Exception:  # noqa: BLE001 - shutdown goes on; the log says why
+                        logger.exception("SONA could not save its state on shutdown")
+
+    app.router.lifespan_context = lifespan
 
 
 class SonaEndpointPlugin:
@@ -71,122 +149,146 @@ class SonaEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app) -> None:
+        from sona_plugin import metrics
+        from sona_plugin.errors import SonaError, http_status
+
         router = APIRouter()
 
         def host(request: Request):
             return getattr(request.app.state, "sona", None)
 
         def admin_denied(request: Request):
-            import hmac
+            policy = getattr(request.app.state, "sona_admin", None)
+            if policy is None:
+                return _error(503, "SONA is not ready")
+            denied = policy.check(request.headers.get("authorization"))
+            return _error(*denied) if denied else None
 
-            token = getattr(request.app.state, "sona_admin_token", None)
-            given = request.headers.get("authorization") or ""
-            if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return _error(401, "this SONA admin route needs 'Authorization: Bearer <token>'",
-                              "Unauthorized")
-            return None
+        async def body(request: Request, model):
+            return guard.parse(model, await guard.read_body(request))
 
-        async def body_of(request: Request):
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-                return None, _error(400, "the body must be a JSON object", "BadRequestError")
-            if not isinstance(body, dict):
-                return None, _error(400, "the body must be a JSON object", "BadRequestError")
-            return body, None
+        def failure(e: Exception):
+            if isinstance(e, guard.BadRequest):
+                return _error(e.status, str(e))
+            if isinstance(e, SonaError):
+                return _error(http_status(e), str(e))
+            raise e
 
         @router.post("/v1/feedback")
         async def feedback(request: Request):
-            from sona_plugin.errors import DuplicateFeedback, SonaError, UnknownTrajectory
-
             h = host(request)
             if h is None:
-                return _error(503, "SONA is not ready", "ServiceUnavailable")
-            body, err = await body_of(request)
-            if err is not None:
-                return err
-            unknown = set(body) - {"id", "response_id", "reward", "liked", "index"}
-            if unknown:
-                return _error(400, f"unknown field(s) {sorted(unknown)}; expected id, reward or "
-                                   f"liked, and optionally index", "BadRequestError")
-            rid = body.get("id", body.get("response_id"))
-            if rid is None:
-                return _error(400, "missing field 'id' (the id of the completion)",
-                              "BadRequestError")
+                return _error(503, "SONA is not ready")
+            limiter = request.app.state.sona_limiter
+            wait = limiter.take(guard.client_key(
+                request.headers.get("authorization"),
+                request.client.host if request.client else None,
+                request.app.state.sona_keys_checked))
+            if wait > 0:
+                metrics.feedback("rate_limited")
+                return _error(429, f"feedback rate limit: {limiter.rate:g}/s per client (burst "
+                                   f"{limiter.burst:g}); retry in {wait:.1f} s",
+                              headers={"Retry-After": str(max(1, int(wait + 0.999)))})
             try:
-                out = await asyncio.to_thread(h.feedback, rid, body.get("reward"),
-                                              liked=body.get("liked"),
-                                              index=body.get("index", 0))
-            except UnknownTrajectory as e:
-                return _error(404, str(e).strip("'\""), "NotFoundError")
-            except DuplicateFeedback as e:
-                return _error(409, str(e), "Conflict")
+                b = await body(request, guard.FeedbackBody)
+                rid = b.target()
+            except guard.BadRequest as e:
+                metrics.feedback("too_large" if e.status == 413 else "invalid")
+                return failure(e)
+            except ValueError as e:
+                metrics.feedback("invalid")
+                return _error(400, str(e))
+            try:
+                return await asyncio.to_thread(h.feedback, rid, b.reward, liked=b.liked,
+                                               index=b.index)
             except SonaError as e:
-                return _error(400, str(e), "BadRequestError")
-            return out
+                return failure(e)
 
         @router.get("/sona/stats")
         async def stats(request: Request):
             h = host(request)
             if h is None:
-                return _error(503, "SONA is not ready", "ServiceUnavailable")
+                return _error(503, "SONA is not ready")
             out = await asyncio.to_thread(h.stats)
+            out["admin"] = request.app.state.sona_admin.mode
             models = getattr(request.app.state, "openai_serving_models", None)
             if models is not None:
                 out["loaded_adapters"] = sorted(n for n in models.lora_requests
                                                 if n.startswith(ADAPTER_PREFIX))
-            return out
+            return _jsonable(out)
 
         @router.get("/sona/adapters")
         async def adapters(request: Request):
-            denied = admin_denied(request)
-            if denied is not None:
+            if (denied := admin_denied(request)) is not None:
                 return denied
             h = host(request)
             return {"served": h.adapter_version, "versions": h.adapters()}
 
         @router.post("/sona/adapters/rollback")
         async def rollback(request: Request):
-            from sona_plugin.errors import SonaError
-
-            denied = admin_denied(request)
-            if denied is not None:
+            if (denied := admin_denied(request)) is not None:
                 return denied
-            body, err = await body_of(request)
-            if err is not None:
-                return err
-            v = body.get("version")
-            if isinstance(v, bool) or not isinstance(v, int):
-                return _error(400, f"'version' must be an integer, got {v!r}", "BadRequestError")
             h = host(request)
             try:
-                await asyncio.to_thread(h.rollback, v)
-            except SonaError as e:
-                return _error(404 if "not found" in str(e) else 400, str(e), "BadRequestError")
+                b = await body(request, guard.RollbackBody)
+                await asyncio.to_thread(h.rollback, b.version)
+            except (guard.BadRequest, SonaError) as e:
+                return failure(e)
             return {"served": h.adapter_version}
 
         @router.post("/sona/learn")
         async def learn(request: Request):
-            denied = admin_denied(request)
-            if denied is not None:
+            if (denied := admin_denied(request)) is not None:
                 return denied
-            body = {}
-            if await request.body():
-                body, err = await body_of(request)
-                if err is not None:
-                    return err
-            kw = {k: body[k] for k in ("gate", "epochs") if k in body}
-            if not isinstance(kw.get("gate", True), bool) or not (
-                    isinstance(kw.get("epochs", 1), int) and kw.get("epochs", 1) >= 1):
-                return _error(400, "'gate' must be true/false and 'epochs' an integer >= 1",
-                              "BadRequestError")
             h = host(request)
-            return _jsonable(await asyncio.to_thread(h.learn, **kw))
+            try:
+                b = await body(request, guard.LearnBody)
+                kw = {"gate": b.gate, **({"epochs": b.epochs} if b.epochs else {})}
+                return _jsonable(await asyncio.to_thread(h.learn, **kw))
+            except (guard.BadRequest, SonaError) as e:
+                return failure(e)
+
+        @router.get("/sona/feedback")
+        async def list_feedback(request: Request, since_id: int = 0, limit: int = 100,
+                                include_quarantined: bool = True):
+            if (denied := admin_denied(request)) is not None:
+                return denied
+            try:
+                rows = await asyncio.to_thread(host(request).store.list_records, since_id,
+                                               limit, include_quarantined)
+            except SonaError as e:
+                return failure(e)
+            return {"records": rows}
+
+        @router.post("/sona/feedback/{response_id}/quarantine")
+        async def quarantine(request: Request, response_id: str):
+            if (denied := admin_denied(request)) is not None:
+                return denied
+            try:
+                b = await body(request, guard.QuarantineBody)
+                await asyncio.to_thread(host(request).store.quarantine, response_id, b.reason)
+            except (guard.BadRequest, SonaError) as e:
+                return failure(e)
+            return {"quarantined": response_id}
+
+        @router.delete("/sona/feedback/{response_id}")
+        async def delete(request: Request, response_id: str):
+            if (denied := admin_denied(request)) is not None:
+                return denied
+            try:
+                await asyncio.to_thread(host(request).store.delete, response_id)
+            except SonaError as e:
+                return failure(e)
+            return {"deleted": response_id}
 
         app.include_router(router)
+        app.add_middleware(VersionHeader)
+        _shutdown_hook(app)
 
     async def init_state(self, engine_client, state, args) -> None:
-        from .host import VllmHost
+        from sona_plugin.learner import canary
+
+        from .host import VllmHost, admin_token
         from .plugin import sona_settings
 
         if engine_client is None:
@@ -205,17 +307,40 @@ class SonaEndpointPlugin:
 
         models = state.openai_serving_models
 
-        async def serve_async(version: int, path: Path) -> None:
+        async def canary_run(name: str, prompt_ids: list[int]) -> dict | None:
+            from vllm import SamplingParams
+
+            rid = f"sona-canary-{uuid.uuid4().hex}"
+            async for _ in engine_client.generate({"prompt_token_ids": prompt_ids},
+                                                  SamplingParams(max_tokens=1, temperature=0.0),
+                                                  rid, lora_request=models.lora_requests[name]):
+                pass
+            return (await engine_client.collective_rpc("sona_take_hidden", args=(rid,)))[0]
+
+        async def serve_async(version: int, path: Path) -> float | None:
             from vllm.entrypoints.serve.engine.protocol import ErrorResponse
             from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
 
             name = adapter_name(version)
-            if name not in models.lora_requests:
+            fresh = name not in models.lora_requests
+            if fresh:
                 res = await models.load_lora_adapter(
                     LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path)),
                     base_model_name=models.base_model_paths[0].name)
                 if isinstance(res, ErrorResponse):
-                    raise RuntimeError(f"vLLM refused adapter {name}: {res}")
+                    from sona_plugin.errors import SwapRefused
+
+                    raise SwapRefused(f"vLLM refused adapter {name}: {res}")
+            err = None
+            expected = canary.read(path)
+            if expected is not None:
+                try:
+                    err = canary.check(version, await canary_run(name, expected[0]), expected[1])
+                except Exception:
+                    if fresh and _current["lora"] is not models.lora_requests.get(name):
+                        old = models.lora_requests.pop(name)
+                        await engine_client.remove_lora(old.lora_int_id)
+                    raise
             previous = _current["lora"]
             _current["lora"] = models.lora_requests[name]
             keep = {name, getattr(previous, "lora_name", None)}
@@ -223,20 +348,27 @@ class SonaEndpointPlugin:
                 if old_name.startswith(ADAPTER_PREFIX) and old_name not in keep:
                     del models.lora_requests[old_name]
                     await engine_client.remove_lora(old.lora_int_id)
+            return err
 
-        def serve(version: int, path: Path) -> None:
-            asyncio.run_coroutine_threadsafe(serve_async(version, path), loop).result()
+        def serve(version: int, path: Path) -> float | None:
+            return asyncio.run_coroutine_threadsafe(serve_async(version, path), loop).result()
 
         _patch_serving()
         model_dir = getattr(args, "model", None) or models.base_model_paths[0].model_path
         h = await asyncio.to_thread(VllmHost, model_source=model_dir, settings=settings,
                                     rpc=rpc, serve=serve)
         state.sona = h
-        state.sona_admin_token = h.options.get("admin_token") or os.environ.get("SONA_ADMIN_TOKEN")
-        if h.options.get("schedule", "background") == "background":
+        opts = h.options
+        state.sona_admin = guard.AdminPolicy(admin_token(opts), getattr(args, "host", None),
+                                             opts.get("open_admin", False))
+        state.sona_limiter = guard.RateLimiter(opts.get("feedback_rate", 10.0),
+                                               opts.get("feedback_burst", 50))
+        state.sona_keys_checked = bool(getattr(args, "api_key", None)
+                                       or os.environ.get("VLLM_API_KEY"))
+        if opts.get("schedule", "background") == "background":
             h.start_background()
-        logger.info("SONA ready: state in %s, serving adapter version %s", h.state_dir,
-                    h.adapter_version)
+        logger.info("SONA ready: state in %s, serving adapter version %s, admin routes: %s",
+                    h.state_dir, h.adapter_version, state.sona_admin.mode)
 
 
 def _jsonable(x):

@@ -326,7 +326,20 @@ class SonaWorkerExtension:
         rec = st.find(response_id, index)
         if rec is None:
             return None
-        return {"instant": st.learn(rec, float(reward))}
+        return {"instant": st.learn(rec, float(reward)), "recordings_dropped": st.dropped}
+
+    def sona_take_hidden(self, response_id: str) -> dict | None:
+        """The first recorded hidden state of a request (before the MicroLoRA) and the
+        adapter version it ran with, then its recording is dropped: the swap canary."""
+        st = self._sona()
+        rec = st.find(response_id, 0)
+        if rec is None:
+            return None
+        with st.lock:
+            st.recordings.pop(rec.internal_id, None)
+        if not rec.hidden:
+            return None
+        return {"hidden": rec.hidden[0].tolist(), "adapter_version": rec.version}
 
     def sona_decay(self, factor: float) -> None:
         """Shrink the MicroLoRA (after a BaseLoRA swap has taken over its lesson)."""

@@ -46,7 +46,9 @@ import numpy as np
 
 from ..errors import InvalidValue, StateError
 from ..ewc import EwcPlusPlus
+from ..faults import failpoint
 from ..store.base import FeedbackRecord
+from . import canary
 from .heldout import PromptSplit
 from .host import Host
 from .shift import ShiftDetector
@@ -328,6 +330,7 @@ class Learner:
         trainer = self.ensure_trainer()
         start = self._lora()
         tr = trainer.train(selected, epochs=epochs or self.epochs, batch_size=batch_size)
+        failpoint("learner.trained")
         report["train"] = tr.to_dict()
         if tr.skipped:
             self.save()
@@ -349,13 +352,18 @@ class Learner:
             meta["kl_per_answer"] = self._answer_kl(heldout)
             report["kl_per_answer"] = meta["kl_per_answer"]
 
+        canary_ids = canary.canary_prompt_ids(host.tokenizer)
+        canary_hidden = canary.last_hidden(trainer.peft_model, canary_ids)
+
         def write(path: Path) -> None:
             trainer.save_adapter(path)
+            canary.write(path, canary_ids, canary_hidden)
             arrays, state = self._state()
             state["served_version"] = None  # filled by whoever serves it
             save_state(path / STATE_FILE, arrays, state)
 
-        v = host.registry.publish(write, meta)
+        # CURRENT names it only once the engine serves it and its canary matched
+        v = host.registry.publish(write, meta, make_current=False)
         t_pub = time.perf_counter()
         host.serve_version(v.version, micro_decay=0.5)
         self.save()
@@ -408,7 +416,7 @@ class Learner:
                                   reference=ModelView.base(peft),
                                   reference_cache=self._base_answers)
                 tried.append({kind: s, "passed": g.passed, "reasons": g.reasons,
-                              "metrics": g.metrics})
+                              "failed": g.failed, "metrics": g.metrics})
                 if g.passed:
                     break
             if not g.passed:  # back to the served weights, where the next cycle starts

@@ -35,8 +35,11 @@ class Host(Protocol):
         """The BaseLoRA version served now (None: the base model)."""
 
     def serve_version(self, version: int, micro_decay: float = 1.0) -> None:
-        """Serve published ``version`` from the next request on; ``micro_decay`` < 1
-        shrinks the MicroLoRA (a new version has absorbed the instant lesson)."""
+        """Serve published ``version`` from the next request on, then make the registry's
+        CURRENT name it (the learner publishes with ``make_current=False``: CURRENT only
+        ever names a version an engine served). Raises ``SwapRefused`` (nothing changed)
+        when the engine does not serve its weights. ``micro_decay`` < 1 shrinks the
+        MicroLoRA (a new version has absorbed the instant lesson)."""
 
     def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int
                        ) -> list[list[int]]:

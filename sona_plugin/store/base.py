@@ -17,7 +17,9 @@ class FeedbackRecord:
     ``prompt_ids``/``response_ids`` its exact tokens, so a trainer can score the response
     without re-tokenising. ``reward`` is in [-1, 1]; ``embedding`` is the prompt's
     sentence embedding (float32). ``adapter_version`` is the BaseLoRA version that
-    answered (None: the base model).
+    answered (None: the base model). ``quarantined_at`` (unix time, None: live) and
+    ``quarantine_reason`` are set by ``TrajectoryStore.quarantine``: such a record is kept
+    but never trained on again.
     """
 
     response_id: str
@@ -31,6 +33,8 @@ class FeedbackRecord:
     created_at: float = field(default_factory=time.time)
     task: str | None = None
     id: int | None = None
+    quarantined_at: float | None = None
+    quarantine_reason: str | None = None
 
 
 @runtime_checkable
@@ -45,9 +49,22 @@ class TrajectoryStore(Protocol):
     def has(self, response_id: str) -> bool: ...
 
     def records(self, since_id: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
-        """Records with row id > since_id, oldest first."""
+        """Live (not quarantined) records with row id > since_id, oldest first."""
 
     def count(self, since_id: int = 0) -> int:
-        """How many records have a row id above ``since_id`` (all by default)."""
+        """How many live records have a row id above ``since_id``; cheap enough to poll."""
+
+    def quarantine(self, response_id: str, reason: str = "") -> FeedbackRecord:
+        """Keep the record but never train on it again; UnknownRecord if none."""
+
+    def delete(self, response_id: str) -> None:
+        """Remove the record for good; UnknownRecord if none."""
+
+    def list_records(self, since_id: int = 0, limit: int = 100,
+                     include_quarantined: bool = True) -> list[dict]:
+        """An admin page of records as dicts, texts cut short, no embeddings or token ids."""
+
+    def prune(self, older_than: float) -> int:
+        """Delete records created before ``older_than`` (unix s) in short batches; how many."""
 
     def close(self) -> None: ...

@@ -137,6 +137,8 @@ class GateResult:
         metrics: the numbers behind the verdict (candidate and current, or reference, per
             check).
         reasons: one line per failed check (empty when passed).
+        failed: the failed checks' names, one per reason (``heldout_score``,
+            ``liked_answers``, ``anchor_nll``, ``on_topic``, ``kl_budget``): metric labels.
         samples: the probe answers, ``{"candidate": [...], "current" or "reference": [...]}``.
     """
 
@@ -144,6 +146,7 @@ class GateResult:
     metrics: dict[str, float]
     reasons: list[str]
     samples: dict[str, list[str]] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -357,6 +360,7 @@ class PromotionGate:
         heldout = list(heldout)
         metrics: dict[str, float] = {"heldout_records": float(len(heldout))}
         reasons: list[str] = []
+        failed: list[str] = []
         samples: dict[str, list[str]] = {}
 
         if heldout:
@@ -366,12 +370,14 @@ class PromotionGate:
                 hu, lu = heldout_scores(m, heldout, self.batch_size)
             metrics.update(heldout_candidate=hc, heldout_current=hu)
             if hc < hu - self.tolerance_heldout:
+                failed.append("heldout_score")
                 reasons.append(f"held-out feedback score fell: {hc:.4f} < {hu:.4f} - "
                                f"{self.tolerance_heldout}")
             if lc is not None and lu is not None:
                 metrics.update(heldout_liked_logprob_candidate=lc,
                                heldout_liked_logprob_current=lu)
                 if lc < lu - self.tolerance_liked:
+                    failed.append("liked_answers")
                     reasons.append(f"held-out liked answers became less likely: {lc:.4f} < "
                                    f"{lu:.4f} - {self.tolerance_liked} nats per token")
 
@@ -389,6 +395,7 @@ class PromotionGate:
         if nu > 0:  # ratios only where defined, so that the metrics stay valid JSON
             metrics["anchor_nll_ratio"] = nc / nu
         if nc > nu * (1.0 + self.tolerance_nll):
+            failed.append("anchor_nll")
             reasons.append(f"anchor-text NLL rose: {nc:.4f} > {ref_name} {nu:.4f} x "
                            f"(1 + {self.tolerance_nll})")
 
@@ -415,6 +422,7 @@ class PromotionGate:
                     metrics["on_topic_ratio"] = oc / ou
                 samples = {"candidate": ac, ref_name: au}
                 if oc < self.min_on_topic_ratio * ou:
+                    failed.append("on_topic")
                     reasons.append(f"answers drift off the question: on-topic {oc:.4f} < "
                                    f"{self.min_on_topic_ratio} x {ref_name} {ou:.4f}")
         if self.max_kl_per_answer > 0 and heldout:
@@ -424,9 +432,11 @@ class PromotionGate:
             kl = answer_kl(cand, ref, rows, tokenizer, self.max_new_tokens)
             metrics["kl_per_answer"] = kl
             if kl > self.max_kl_per_answer:
+                failed.append("kl_budget")
                 reasons.append(f"drift budget spent: KL {kl:.3f} nats per answer > "
                                f"{self.max_kl_per_answer}")
-        return GateResult(passed=not reasons, metrics=metrics, reasons=reasons, samples=samples)
+        return GateResult(passed=not reasons, metrics=metrics, reasons=reasons, samples=samples,
+                          failed=failed)
 
 
 __all__ = ["ANCHOR_TEXTS", "GateResult", "ModelView", "PromotionGate", "anchor_nll",

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +20,15 @@ import pytest
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from sona_plugin.adapters import CURRENT_FILE, VERSION_FILE, AdapterRegistry, AdapterVersion
-from sona_plugin.errors import InvalidValue
+from sona_plugin import adapters as adapters_mod
+from sona_plugin.adapters import (
+    CURRENT_FILE,
+    HIGH_WATER_FILE,
+    VERSION_FILE,
+    AdapterRegistry,
+    AdapterVersion,
+)
+from sona_plugin.errors import InvalidValue, StateError, UnknownAdapterVersion
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -297,3 +306,203 @@ def test_publish_without_serving_and_stale_tmp_cleanup(tmp_path, adapters):
     (tmp_path / ".tmp-crashed" / "adapter_config.json").write_text("{}")
     AdapterRegistry(tmp_path)
     assert not (tmp_path / ".tmp-crashed").exists()
+
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def truncate(path: Path, size: int | None = None) -> None:
+    """Cut ``path`` to ``size`` bytes (default: half), as a full disk or a killed copy does."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 if size is None else size])
+
+
+def test_numbers_are_never_reused_after_the_newest_dir_is_deleted(tmp_path, adapters):
+    reg = AdapterRegistry(tmp_path)
+    for m in ("m1", "m2", "m1"):
+        publish_model(reg, adapters[m])
+    assert (tmp_path / HIGH_WATER_FILE).read_text() == "3\n"
+    reg.set_current(1)  # so CURRENT no longer remembers 3 either
+    shutil.rmtree(tmp_path / "v000003")  # retention, or an operator
+    assert publish_model(reg, adapters["m2"]).version == 4
+    reg.set_current(1)
+    shutil.rmtree(tmp_path / "v000004")
+    assert publish_model(AdapterRegistry(tmp_path), adapters["m2"]).version == 5  # reopened
+
+    (tmp_path / HIGH_WATER_FILE).unlink()  # a registry from before HIGH_WATER: as before
+    assert publish_model(reg, adapters["m1"]).version == 6
+    assert (tmp_path / HIGH_WATER_FILE).read_text() == "6\n"
+
+    (tmp_path / HIGH_WATER_FILE).write_text("v7\n")
+    with pytest.raises(StateError, match=r"HIGH_WATER must hold a version number.*'v7'"):
+        publish_model(reg, adapters["m1"])
+    assert [v.version for v in reg.versions()] == [1, 2, 5, 6]
+
+
+def test_versions_with_missing_or_truncated_weights_are_not_listed(tmp_path, adapters, caplog):
+    reg = AdapterRegistry(tmp_path)
+    vs = [reg.publish(lambda d: adapters["m1"].save_pretrained(d), {}, make_current=False)
+          for _ in range(5)]
+    good_bytes = (vs[2].path / WEIGHTS).read_bytes()
+    (vs[0].path / "adapter_config.json").unlink()
+    truncate(vs[1].path / WEIGHTS, 0)
+    truncate(vs[2].path / WEIGHTS)  # header intact, tensor data cut off
+    truncate(vs[3].path / WEIGHTS, 50)  # header cut off
+    caplog.set_level(logging.WARNING, logger="sona_plugin.adapters")
+
+    assert [v.version for v in reg.versions()] == [5]
+    assert reg.latest() == vs[4]
+    assert [v.version for v in AdapterRegistry(tmp_path).versions()] == [5]
+    with pytest.raises(UnknownAdapterVersion, match=r"v000002 is incomplete.*empty.*"
+                                                    r"available: \[5\]"):
+        reg.get(2)
+    with pytest.raises(UnknownAdapterVersion, match=r"v000003 is incomplete.*unreadable"):
+        reg.set_current(3)
+    assert reg.current_version() is None
+
+    reg.versions()
+    warned = [r.getMessage() for r in caplog.records]
+    for name, why in [("v000001", "adapter_config.json is missing"),
+                      ("v000002", f"{WEIGHTS} is empty"), ("v000003", f"{WEIGHTS} is unreadable"),
+                      ("v000004", f"{WEIGHTS} is unreadable")]:
+        ours = [m for m in warned if m.startswith(f"ignoring {tmp_path / name}:")]
+        assert len(ours) == 2 and why in ours[0], (name, ours)  # once per registry object
+
+    (vs[2].path / WEIGHTS).write_bytes(good_bytes)  # restored by an operator: listed again
+    assert [v.version for v in reg.versions()] == [3, 5]
+    (vs[4].path / WEIGHTS).unlink()
+    assert [v.version for v in reg.versions()] == [3]
+
+
+def test_publish_refuses_an_empty_or_truncated_safetensors(tmp_path, adapters):
+    reg = AdapterRegistry(tmp_path)
+    v1 = publish_model(reg, adapters["m1"])
+
+    def writer(size):
+        def write(d: Path) -> None:
+            adapters["m2"].save_pretrained(d)
+            truncate(d / WEIGHTS, size)
+        return write
+
+    with pytest.raises(InvalidValue, match=f"{WEIGHTS} is empty"):
+        reg.publish(writer(0), {})
+    with pytest.raises(InvalidValue, match=f"{WEIGHTS} is unreadable"):
+        reg.publish(writer(None), {})
+    assert reg.current() == v1 and [v.version for v in reg.versions()] == [1]
+    assert list(tmp_path.glob(".tmp-*")) == []
+
+
+def test_servable_falls_back_when_current_is_broken(tmp_path, adapters, caplog):
+    reg = AdapterRegistry(tmp_path)
+    assert reg.servable() is None
+    v1 = publish_model(reg, adapters["m1"])
+    v2 = publish_model(reg, adapters["m2"])
+    v3 = reg.publish(lambda d: adapters["m1"].save_pretrained(d), {}, make_current=False)
+    assert reg.servable() == reg.current() == v2
+
+    caplog.set_level(logging.WARNING, logger="sona_plugin.adapters")
+    shutil.rmtree(v2.path)
+    assert reg.servable() == v3  # the newest complete one, here newer than CURRENT's
+    assert any("names v000002" in r.getMessage() and "v000003" in r.getMessage()
+               for r in caplog.records)
+    assert (tmp_path / CURRENT_FILE).read_text() == "v000002\n"  # the caller decides
+    with pytest.raises(StateError, match="names v000002, which is missing"):
+        reg.current()
+
+    truncate(v3.path / WEIGHTS)
+    assert reg.servable() == v1  # older this time
+    reg.set_current(1)
+    assert reg.servable() == reg.current() == v1
+
+    truncate(v1.path / WEIGHTS, 0)
+    assert reg.servable() is None
+
+
+def test_prune_keeps_the_newest_current_and_protected(tmp_path, adapters):
+    reg = AdapterRegistry(tmp_path)
+    for i in range(6):
+        publish_model(reg, adapters["m1" if i % 2 else "m2"])
+    (tmp_path / "v000099").mkdir()  # not a version: never pruned, but its number is taken
+    reg.set_current(2)
+    digest_v5 = tree_digest(tmp_path / "v000005")
+
+    assert reg.prune(keep=2, protect=[3]) == [1, 4]
+    assert [v.version for v in reg.versions()] == [2, 3, 5, 6]
+    assert not (tmp_path / "v000001").exists() and (tmp_path / "v000099").is_dir()
+    assert list(tmp_path.glob(".tmp-*")) == []
+    assert tree_digest(tmp_path / "v000005") == digest_v5
+    assert reg.current().version == 2
+    assert reg.prune(keep=2, protect=[3]) == []
+
+    shutil.rmtree(tmp_path / "v000099")
+    assert publish_model(reg, adapters["m1"]).version == 100  # one past every number taken
+
+
+def test_prune_is_crash_safe_and_records_the_high_water(tmp_path, adapters, monkeypatch):
+    reg = AdapterRegistry(tmp_path)
+    for m in ("m1", "m2", "m1"):
+        publish_model(reg, adapters[m])
+    (tmp_path / HIGH_WATER_FILE).unlink()  # a registry from before HIGH_WATER
+    reg.set_current(1)
+
+    def killed(path, *a, **k):
+        raise OSError("killed before the delete finished")
+
+    with monkeypatch.context() as mp:  # the rename happened; the delete did not
+        mp.setattr(adapters_mod.shutil, "rmtree", killed)
+        assert reg.prune(keep=1) == [2]
+    assert (tmp_path / HIGH_WATER_FILE).read_text() == "3\n"
+    assert [v.version for v in reg.versions()] == [1, 3]
+    assert len(list(tmp_path.glob(".tmp-*"))) == 1
+    reg = AdapterRegistry(tmp_path)  # opening removes the leftover
+    assert list(tmp_path.glob(".tmp-*")) == []
+
+    shutil.rmtree(tmp_path / "v000003")
+    assert publish_model(reg, adapters["m2"]).version == 4
+
+
+@pytest.mark.parametrize("keep", [0, -1, 1.5, True])
+def test_prune_rejects_a_bad_keep(tmp_path, adapters, keep):
+    reg = AdapterRegistry(tmp_path)
+    publish_model(reg, adapters["m1"])
+    publish_model(reg, adapters["m2"])
+    with pytest.raises(InvalidValue, match=rf"keep must be an int >= 1, got {keep!r}"):
+        reg.prune(keep)
+    with pytest.raises(InvalidValue, match=r"protect must hold version numbers.*'1'"):
+        reg.prune(1, protect=["1"])
+    assert [v.version for v in reg.versions()] == [1, 2]
+
+
+def test_versions_does_not_reread_unchanged_dirs(tmp_path, adapters, monkeypatch):
+    reg = AdapterRegistry(tmp_path)
+    for m in ("m1", "m2", "m1"):
+        publish_model(reg, adapters[m], tag=m)
+    reg = AdapterRegistry(tmp_path)
+    calls = {"info": 0, "header": 0}
+
+    def counted(name, fn):
+        def wrapper(path):
+            calls[name] += 1
+            return fn(path)
+        return wrapper
+
+    monkeypatch.setattr(adapters_mod, "_read_info", counted("info", adapters_mod._read_info))
+    monkeypatch.setattr(adapters_mod, "_safetensors_problem",
+                        counted("header", adapters_mod._safetensors_problem))
+    first = reg.versions()
+    assert calls == {"info": 3, "header": 3}
+    for _ in range(3):
+        assert reg.versions() == first and reg.latest() == first[-1]
+    assert reg.get(2) == first[1] and reg.current() == first[2]
+    assert calls == {"info": 3, "header": 3}
+
+    # an operator replaces v2 by a copy of v1: new files, so they are read again
+    shutil.rmtree(tmp_path / "v000002")
+    shutil.copytree(tmp_path / "v000001", tmp_path / "v000002")
+    info = json.loads((tmp_path / "v000002" / VERSION_FILE).read_text())
+    (tmp_path / "v000002" / VERSION_FILE).write_text(
+        json.dumps({**info, "version": 2, "metadata": {"restored": True}}))
+    assert reg.get(2).metadata == {"restored": True}
+    assert [v.metadata for v in reg.versions()] == [{"tag": "m1"}, {"restored": True},
+                                                    {"tag": "m1"}]
+    assert calls == {"info": 4, "header": 4}

@@ -131,6 +131,7 @@ class TinyHost:
 
     def serve_version(self, version: int, micro_decay: float = 1.0) -> None:
         self.served = version
+        self.registry.set_current(version)  # the host's job, once it serves the version
         self.swaps.append((version, micro_decay))
 
     def sample_answers(self, prompt_ids, max_new_tokens):
