@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -46,6 +46,17 @@ def load_engine(path: Path, config: Any) -> Any:
         except SonaError as e:
             logger.warning("ignoring saved engine state in %s: %s", path, e)
     return SonaEngine(config)
+
+
+class FeedbackResult(TypedDict):
+    """What ``feedback()`` answers, from every host (and ``POST /v1/feedback``)."""
+
+    id: str                      # the response id the feedback named
+    index: int                   # the choice (n > 1); 0 otherwise
+    stored_id: int               # the record's row in the store: durable
+    reward: float                # in [-1, 1] (liked: +1, disliked: -1)
+    adapter_version: int | None  # the BaseLoRA version that answered (None: the base model)
+    instant: dict | None         # the MicroLoRA's instant update (None: nothing to learn from)
 
 
 def parse_reward(reward: Any = None, liked: Any = None) -> float:
@@ -129,8 +140,8 @@ class LearningHost:
             self.last_swap = {"version": version, "ok": False, "error": str(e), "at": time.time()}
             logger.error("adapter version %s not served: %s", version, e)
             raise
-        failpoint("swap.loaded")
         if self.registry.current_version() != version:
+            failpoint("swap.loaded")
             self.registry.set_current(version)
         dt = time.perf_counter() - t0
         metrics.swap(dt, True, version)

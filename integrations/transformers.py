@@ -17,10 +17,12 @@ version and hot-swaps it in; each response says which adapter version answered i
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +41,7 @@ from sona_plugin.errors import ConfigError, DuplicateFeedback, UnknownResponse
 from sona_plugin.faults import failpoint
 from sona_plugin.types import Trajectory, TrajectoryStep
 
-from ._host import LM_DEFAULTS, LearningHost, load_engine, parse_reward
+from ._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, parse_reward
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +182,10 @@ class SonaPipeline(LearningHost):
         self.registry = AdapterRegistry(state_dir / "adapters")
         self._serve_at_start()
         self._start_learner()
+        # interpreter exit (end of script, Ctrl-C) saves the MicroLoRA even without close();
+        # a SIGTERM that the application does not handle skips this: save_every and
+        # save_interval_s bound what it loses
+        atexit.register(_save_at_exit, weakref.ref(self))
 
     # -- hooks ----------------------------------------------------------------------------
     def _pre_hook(self, module, args):
@@ -301,7 +307,7 @@ class SonaPipeline(LearningHost):
 
     # -- feedback -------------------------------------------------------------------------
     def feedback(self, response_id: str, reward: float | None = None, *,
-                 liked: bool | None = None) -> dict:
+                 liked: bool | None = None) -> FeedbackResult:
         """Judge a response: ``reward`` in [-1, 1], or ``liked=True/False`` (+1 / -1).
 
         The record is durable in the store when this returns, and the MicroLoRA has taken
@@ -333,12 +339,13 @@ class SonaPipeline(LearningHost):
                 for i in range(len(r.response_ids))], final_quality=(reward + 1.0) / 2.0)
             report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
             if report is not None:
-                metrics.instant(bool(report.accepted))
+                metrics.instant(bool(report.update.accepted))
         with self._meta_lock:
             self._responses.pop(response_id, None)
         self._saved_after_feedback()
-        return {"response_id": response_id, "stored_id": row, "reward": reward,
-                "instant": report.to_dict() if report is not None else None}
+        return FeedbackResult(id=response_id, index=0, stored_id=row, reward=reward,
+                              adapter_version=r.adapter_version,
+                              instant=report.to_dict() if report is not None else None)
 
     def _serve(self, version: int) -> float | None:
         """Load ``version`` under a fresh adapter name, check its canary, make it active;
@@ -427,6 +434,15 @@ class SonaPipeline(LearningHost):
             h.remove()
         self._hooks = []
         self.store.close()
+
+
+def _save_at_exit(ref) -> None:
+    p = ref()
+    if p is not None and p._hooks and p._unsaved_feedback:
+        try:
+            p.save_engine()
+        except Exception:  # noqa: BLE001 - at exit: log and go on
+            logging.getLogger(__name__).exception("saving SONA's engine at exit failed")
 
 
 def _prompt_texts(prompt_text, in_b: int) -> list[str]:

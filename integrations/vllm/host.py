@@ -23,7 +23,7 @@ from sona_plugin.config import SonaConfig
 from sona_plugin.errors import ConfigError, DuplicateFeedback, InvalidValue, UnknownResponse
 from sona_plugin.faults import failpoint
 
-from .._host import LM_DEFAULTS, LearningHost, load_engine, parse_reward
+from .._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, parse_reward
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,8 @@ class VllmHost(LearningHost):
 
     # -- feedback -------------------------------------------------------------------------
     def feedback(self, response_id: str, reward: float | None = None, *,
-                 liked: bool | None = None, index: int = 0, store_id: str | None = None) -> dict:
+                 liked: bool | None = None, index: int = 0, store_id: str | None = None
+                 ) -> FeedbackResult:
         """Judge choice ``index`` of the response vLLM returned as ``response_id``.
 
         The record is durable in the store when this returns, and every worker's
@@ -239,8 +240,8 @@ class VllmHost(LearningHost):
             if learned and "recordings_dropped" in learned:
                 metrics.evictions(learned["recordings_dropped"])
             self._saved_after_feedback()
-        return {"id": response_id, "index": index, "stored_id": row, "reward": r,
-                "adapter_version": info["adapter_version"], "instant": instant}
+        return FeedbackResult(id=response_id, index=index, stored_id=row, reward=r,
+                              adapter_version=info["adapter_version"], instant=instant)
 
     # -- the rest -------------------------------------------------------------------------
     def micro_lora(self):

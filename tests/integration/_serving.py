@@ -10,8 +10,10 @@ import urllib.request
 
 
 def http_call(base: str, method: str, path: str, body=None, token: str | None = None,
-              raw: bytes | None = None, timeout: float = 300) -> tuple[int, dict]:
-    """(status, JSON body) of one request; HTTP errors are returned, not raised."""
+              raw: bytes | None = None, timeout: float = 300,
+              headers: dict | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of one request; HTTP errors are returned, not raised. Pass a
+    dict as ``headers`` to get the response's headers (lower-case names) in it."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(base + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
@@ -19,8 +21,12 @@ def http_call(base: str, method: str, path: str, body=None, token: str | None = 
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
+            if headers is not None:
+                headers.update({k.lower(): v for k, v in r.headers.items()})
             return r.status, json.loads(r.read() or b"{}")
     except urllib.error.HTTPError as e:
+        if headers is not None:
+            headers.update({k.lower(): v for k, v in e.headers.items()})
         return e.code, json.loads(e.read() or b"{}")
 
 

