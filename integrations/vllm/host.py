@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 HOST_OPTIONS = {
     "state_dir": "where the feedback store, adapter versions and engine state live "
                  "(default $SONA_HOME/state)",
-    "store_url": "feedback store: a SQLite path or sqlite:/// URL (default state_dir/sona.db)",
+    "store_url": "feedback store: a SQLite path or sqlite:/// URL, or postgresql://... "
+                 "(pip install 'sona_plugin[postgres]'); default state_dir/sona.db",
     "schedule": "'background' (loop B/C in a thread on the config's schedule, default) or "
                 "'manual' (only POST /sona/learn or learn())",
     "admin_token_file": "file holding the bearer token the admin routes require (default: "

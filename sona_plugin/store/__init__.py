@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InvalidValue, StateError
+from ..errors import ConfigError, InvalidValue
 from .base import FeedbackRecord, TrajectoryStore
 from .sqlite import SCHEMA_VERSION, SqliteStore
 
@@ -17,12 +17,14 @@ def open_store(url_or_path: str | Path) -> TrajectoryStore:
     Args:
         url_or_path: ``sqlite:///abs/path.db`` (the path is everything after
             ``sqlite://``, so ``sqlite:////abs/path.db`` works too), a plain file path,
-            or ``postgresql://...`` for the shared multi-replica store.
+            or ``postgresql://user:password@host/db`` (also ``postgres://``, or
+            SQLAlchemy's ``postgresql+psycopg://``) for the shared multi-replica
+            :class:`~sona_plugin.store.postgres.PostgresStore`.
 
     Raises:
         InvalidValue: An empty path or a URL scheme other than sqlite/postgresql.
-        StateError: A PostgreSQL URL (not implemented yet), or a database file this code
-            cannot read.
+        ConfigError: A PostgreSQL URL without the ``postgres`` extra installed.
+        StateError: A database this code cannot reach or read.
     """
     if isinstance(url_or_path, Path):
         return SqliteStore(url_or_path)
@@ -40,7 +42,16 @@ def open_store(url_or_path: str | Path) -> TrajectoryStore:
         path = rest[1:] if rest == "/:memory:" else rest
         return SqliteStore(path)
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
-        raise StateError("PostgreSQL store is not implemented yet; use sqlite:///path.db "
-                         f"or a file path, got {url_or_path!r}")
+        try:  # psycopg is an optional extra: imported only when a URL asks for it
+            from .postgres import PostgresStore
+        except ImportError as e:
+            if e.name not in ("psycopg", "psycopg_pool"):
+                raise
+            raise ConfigError(f"store URL scheme {scheme!r} needs the postgres extra: "
+                              f"pip install 'sona_plugin[postgres]' (missing module "
+                              f"{e.name!r})") from e
+        # libpq reads only a lower-case postgresql:// or postgres://; a SQLAlchemy driver
+        # tag (postgresql+psycopg://) is dropped
+        return PostgresStore("postgresql://" + rest)
     raise InvalidValue(f"store URL scheme must be sqlite or postgresql, got {scheme!r} "
                        f"in {url_or_path!r}")

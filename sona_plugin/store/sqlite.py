@@ -171,6 +171,29 @@ def _unknown(response_id: object) -> UnknownRecord:
     return UnknownRecord(f"no feedback record for response {response_id!r}")
 
 
+# Argument checks shared with the PostgreSQL store (store/postgres.py), so both backends
+# refuse the same values with the same messages.
+def _check_records_limit(limit: object) -> None:
+    if limit is not None and limit < 0:  # type: ignore[operator]
+        raise InvalidValue(f"limit must be >= 0 or None, got {limit}")
+
+
+def _check_list_limit(limit: object) -> None:
+    if (not isinstance(limit, numbers.Integral) or isinstance(limit, bool)
+            or not 1 <= limit <= LIST_LIMIT_MAX):
+        raise InvalidValue(f"limit must be an int in 1..{LIST_LIMIT_MAX}, got {limit!r}")
+
+
+def _check_prune_args(older_than: object, batch_size: object) -> None:
+    if (not isinstance(older_than, numbers.Real) or isinstance(older_than, bool)
+            or not math.isfinite(float(older_than))):
+        raise InvalidValue(f"older_than must be a finite unix time in seconds, "
+                           f"got {older_than!r}")
+    if (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
+            or batch_size < 1):
+        raise InvalidValue(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
 class SqliteStore:
     """A :class:`~sona_plugin.store.base.TrajectoryStore` in one SQLite file.
 
@@ -303,8 +326,7 @@ class SqliteStore:
 
         Quarantined records are left out: this is what the trainer reads.
         """
-        if limit is not None and limit < 0:
-            raise InvalidValue(f"limit must be >= 0 or None, got {limit}")
+        _check_records_limit(limit)
         with self._lock:
             rows = self._connection().execute(
                 f"SELECT {_COLUMNS} FROM feedback WHERE id > ? AND quarantined_at IS NULL "
@@ -394,9 +416,7 @@ class SqliteStore:
         Raises:
             InvalidValue: ``limit`` is not an int in 1..:data:`LIST_LIMIT_MAX`.
         """
-        if (not isinstance(limit, numbers.Integral) or isinstance(limit, bool)
-                or not 1 <= limit <= LIST_LIMIT_MAX):
-            raise InvalidValue(f"limit must be an int in 1..{LIST_LIMIT_MAX}, got {limit!r}")
+        _check_list_limit(limit)
         live_only = "" if include_quarantined else "AND quarantined_at IS NULL "
         with self._lock:
             rows = self._connection().execute(
@@ -428,13 +448,7 @@ class SqliteStore:
         Raises:
             InvalidValue: ``older_than`` is not a finite number, or ``batch_size`` < 1.
         """
-        if (not isinstance(older_than, numbers.Real) or isinstance(older_than, bool)
-                or not math.isfinite(float(older_than))):
-            raise InvalidValue(f"older_than must be a finite unix time in seconds, "
-                               f"got {older_than!r}")
-        if (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
-                or batch_size < 1):
-            raise InvalidValue(f"batch_size must be an int >= 1, got {batch_size!r}")
+        _check_prune_args(older_than, batch_size)
         total = 0
         while True:
             with self._lock:

@@ -275,8 +275,8 @@ def test_open_store_urls(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.db")) == ["a.db", "b.db", "c.db"]
     with SqliteStore(tmp_path / "a.db") as s:
         assert s.has("resp-0")
-    with pytest.raises(StateError, match="PostgreSQL store is not implemented yet"):
-        open_store("postgresql://user@host/db")
+    with pytest.raises(StateError, match="cannot open trajectory store"):
+        open_store("postgresql://user@127.0.0.1:1/db")  # nothing listens on port 1
     with pytest.raises(InvalidValue, match="mysql"):
         open_store("mysql://host/db")
     with pytest.raises(InvalidValue, match="names no file"):
