@@ -52,7 +52,9 @@ def make_clusters(seed: int, d: int = D, k: int = K_TRUE):
             act = (q + 0.1 * rng.standard_normal(d)).astype(np.float32)
             z = rng.standard_normal(d)
             attn = np.exp(z - z.max())
-            steps.append((act, (attn / attn.sum()).astype(np.float32), float(0.8 + 0.2 * rng.uniform())))
+            steps.append(
+                (act, (attn / attn.sum()).astype(np.float32), float(0.8 + 0.2 * rng.uniform()))
+            )
         return {"q": q, "steps": steps, "quality": float(0.8 + 0.2 * rng.uniform())}
 
     return means, sample, trajectory
@@ -83,8 +85,13 @@ def bench_loop(fn, repeats: int, target_s: float = 0.1) -> dict:
 
 
 def summarize(samples: list[float], **extra) -> dict:
-    return {"median_ns": statistics.median(samples), "min_ns": min(samples),
-            "max_ns": max(samples), "repeats": len(samples), **extra}
+    return {
+        "median_ns": statistics.median(samples),
+        "min_ns": min(samples),
+        "max_ns": max(samples),
+        "repeats": len(samples),
+        **extra,
+    }
 
 
 def run_python(repeats: int) -> dict:
@@ -160,27 +167,48 @@ def memory_child(n: int) -> None:
     m1 = rss()
     for i in range(n):
         t = pool[i & 63]
-        fresh = {"q": t["q"].copy(), "quality": t["quality"],
-                 "steps": [(a.copy(), w.copy(), r) for a, w, r in t["steps"]]}
+        fresh = {
+            "q": t["q"].copy(),
+            "quality": t["quality"],
+            "steps": [(a.copy(), w.copy(), r) for a, w, r in t["steps"]],
+        }
         record(eng, fresh)
     m2 = rss()
-    print("MEM_RESULT " + json.dumps({"n": n, "engine_create_rss_bytes": m1 - m0,
-                                      "rss_per_traj_bytes": (m2 - m1) / n,
-                                      "buffered": eng.stats()["trajectories_buffered"]}))
+    print(
+        "MEM_RESULT "
+        + json.dumps(
+            {
+                "n": n,
+                "engine_create_rss_bytes": m1 - m0,
+                "rss_per_traj_bytes": (m2 - m1) / n,
+                "buffered": eng.stats()["trajectories_buffered"],
+            }
+        )
+    )
 
 
 def run_memory() -> dict:
     runs = []
     for _ in range(3):
-        p = subprocess.run([sys.executable, __file__, "--mem-child", "10000"], capture_output=True,
-                           text=True, timeout=300)
+        p = subprocess.run(
+            [sys.executable, __file__, "--mem-child", "10000"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         line = next((x for x in p.stdout.splitlines() if x.startswith("MEM_RESULT ")), None)
         if line:
             runs.append(json.loads(line[11:]))
     per = [r["rss_per_traj_bytes"] for r in runs]
-    return {"rss_per_trajectory_bytes": {"median": statistics.median(per), "min": min(per),
-                                         "max": max(per)}, "runs": runs,
-            "payload_f32_bytes_per_trajectory": (D + 3 * 2 * D) * 4}
+    return {
+        "rss_per_trajectory_bytes": {
+            "median": statistics.median(per),
+            "min": min(per),
+            "max": max(per),
+        },
+        "runs": runs,
+        "payload_f32_bytes_per_trajectory": (D + 3 * 2 * D) * 4,
+    }
 
 
 # ----------------------------------------------------------------------------- node
@@ -191,11 +219,19 @@ def run_node(repeats: int) -> dict | None:
         return None
     if not (PEER_DIR / "node_modules" / "@ruvector" / "sona").exists():
         PEER_DIR.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-save", "--prefix", str(PEER_DIR),
-                        "@ruvector/sona@0.1.8"], check=True, capture_output=True)
+        subprocess.run(
+            ["npm", "install", "--no-save", "--prefix", str(PEER_DIR), "@ruvector/sona@0.1.8"],
+            check=True,
+            capture_output=True,
+        )
     env = {**os.environ, "SONA_DIR": str(PEER_DIR)}
-    p = subprocess.run([node, "--expose-gc", str(HARNESS), "--skip-behaviour", "--repeats",
-                        str(repeats)], capture_output=True, text=True, env=env, timeout=1800)
+    p = subprocess.run(
+        [node, "--expose-gc", str(HARNESS), "--skip-behaviour", "--repeats", str(repeats)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     if p.returncode != 0:
         print(p.stderr[-2000:], file=sys.stderr)
         return None
@@ -245,13 +281,26 @@ def main() -> None:
     a = py_mem["rss_per_trajectory_bytes"]["median"]
     b = nd["memory"]["rss_per_trajectory_bytes"]["median"] if nd else None
     ratio = f"{b / a:7.1f}x" if b else "   n/a"
-    print(f"{'memory per trajectory (RSS)':<44} {a:>10.0f} B {(f'{b:.0f} B' if b else 'n/a'):>15} {ratio:>8}")
-    print(f"(payload: {py_mem['payload_f32_bytes_per_trajectory']} B of float32 per trajectory; "
-          f"ratio = Node / Python, > 1 means sona_plugin is faster or smaller)")
+    print(
+        f"{'memory per trajectory (RSS)':<44} {a:>10.0f} B {(f'{b:.0f} B' if b else 'n/a'):>15} {ratio:>8}"
+    )
+    print(
+        f"(payload: {py_mem['payload_f32_bytes_per_trajectory']} B of float32 per trajectory; "
+        f"ratio = Node / Python, > 1 means sona_plugin is faster or smaller)"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"python": py, "python_memory": py_mem, "node": nd,
-                                              "backend": kernels.BACKEND.describe()}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "python": py,
+                    "python_memory": py_mem,
+                    "node": nd,
+                    "backend": kernels.BACKEND.describe(),
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

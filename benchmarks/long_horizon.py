@@ -58,8 +58,11 @@ def taste(name: str) -> Rule:
 
 
 def either(a: Rule, b: Rule) -> Rule:
-    return Rule(f"{a.name}|{b.name}", f"likes what {a.name} or {b.name} likes",
-                lambda t: a.check(t) or b.check(t))
+    return Rule(
+        f"{a.name}|{b.name}",
+        f"likes what {a.name} or {b.name} likes",
+        lambda t: a.check(t) or b.check(t),
+    )
 
 
 def new_pipe(state_dir: Path, seed: int):
@@ -95,19 +98,27 @@ def served_kl(pipe) -> float | None:
     return None if v is None else pipe.registry.get(v).metadata.get("kl_per_answer")
 
 
-def evaluate(pipe, rules: dict[str, Rule], held: list[str], trained: list[str], seed: int,
-             base: dict | None) -> dict:
+def evaluate(
+    pipe, rules: dict[str, Rule], held: list[str], trained: list[str], seed: int, base: dict | None
+) -> dict:
     greedy = [o["text"] for o in answers(pipe, held, sample=False, max_new_tokens=MAX_NEW)]
-    sampled = [o["text"] for o in answers(pipe, held, sample=True, max_new_tokens=MAX_NEW,
-                                          seed=seed)]
-    train_s = [o["text"] for o in answers(pipe, trained, sample=True, max_new_tokens=MAX_NEW,
-                                          seed=seed + 1)]
-    out = {"on_topic": on_topic_score(held, greedy, pipe.embed),
-           "anchor_nll": anchor_nll(pipe.model, ANCHOR_TEXTS, pipe.tokenizer)}
+    sampled = [
+        o["text"] for o in answers(pipe, held, sample=True, max_new_tokens=MAX_NEW, seed=seed)
+    ]
+    train_s = [
+        o["text"]
+        for o in answers(pipe, trained, sample=True, max_new_tokens=MAX_NEW, seed=seed + 1)
+    ]
+    out = {
+        "on_topic": on_topic_score(held, greedy, pipe.embed),
+        "anchor_nll": anchor_nll(pipe.model, ANCHOR_TEXTS, pipe.tokenizer),
+    }
     for name, rule in rules.items():
-        out[name] = {"heldout_greedy": sum(map(rule.check, greedy)) / len(greedy),
-                     "heldout_sampled": sum(map(rule.check, sampled)) / len(sampled),
-                     "trained_sampled": sum(map(rule.check, train_s)) / len(train_s)}
+        out[name] = {
+            "heldout_greedy": sum(map(rule.check, greedy)) / len(greedy),
+            "heldout_sampled": sum(map(rule.check, sampled)) / len(sampled),
+            "trained_sampled": sum(map(rule.check, train_s)) / len(train_s),
+        }
     if base is not None:
         out["on_topic_ratio"] = out["on_topic"] / base["on_topic"]
         out["anchor_nll_ratio"] = out["anchor_nll"] / base["anchor_nll"]
@@ -117,20 +128,32 @@ def evaluate(pipe, rules: dict[str, Rule], held: list[str], trained: list[str], 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--phases", nargs=3, type=int, default=[400, 400, 400],
-                    help="feedbacks in phase A, phase B, phase A+B")
+    ap.add_argument(
+        "--phases",
+        nargs=3,
+        type=int,
+        default=[400, 400, 400],
+        help="feedbacks in phase A, phase B, phase A+B",
+    )
     ap.add_argument("--tastes", nargs=2, default=["warm", "plain"])
     ap.add_argument("--per-round", type=int, default=50)
     ap.add_argument("--restart-at", type=int, default=600)
     ap.add_argument("--rollback-at", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS,
-                    help="held-out and trained-on prompts answered at every checkpoint")
+    ap.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=EVAL_PROMPTS,
+        help="held-out and trained-on prompts answered at every checkpoint",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/long_horizon.json")
     ap.add_argument("--plot", default="docs/long_horizon.png")
-    ap.add_argument("--table", metavar="JSON", help="print a saved run as a Markdown table "
-                                                   "(and plot it with --plot), then exit")
+    ap.add_argument(
+        "--table",
+        metavar="JSON",
+        help="print a saved run as a Markdown table (and plot it with --plot), then exit",
+    )
     args = ap.parse_args()
     if args.table:
         result = json.loads(Path(args.table).read_text())
@@ -142,11 +165,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     a, b = taste(args.tastes[0]), taste(args.tastes[1])
     rules = {a.name: a, b.name: b}
-    phases = [("A", a, args.phases[0]), ("B", b, args.phases[1]),
-              ("A+B", either(a, b), args.phases[2])]
+    phases = [
+        ("A", a, args.phases[0]),
+        ("B", b, args.phases[1]),
+        ("A+B", either(a, b), args.phases[2]),
+    ]
     stream = STREAM_PROMPTS[:]
     random.Random(args.seed).shuffle(stream)
-    held = HELDOUT_PROMPTS[:args.eval_prompts]
+    held = HELDOUT_PROMPTS[: args.eval_prompts]
     state = Path(tempfile.mkdtemp(prefix="sona-long-"))
     pipe = new_pipe(state, args.seed)
     trained = trained_prompts(pipe, stream, args.eval_prompts)
@@ -162,8 +188,9 @@ def main() -> None:
         end = n + count
         while n < end:
             prompts = [stream[(n + i) % len(stream)] for i in range(args.per_round)]
-            outs = answers(pipe, prompts, sample=True, max_new_tokens=MAX_NEW,
-                           seed=args.seed * 100_003 + k)
+            outs = answers(
+                pipe, prompts, sample=True, max_new_tokens=MAX_NEW, seed=args.seed * 100_003 + k
+            )
             liked = 0
             for o in outs:
                 like = rule.check(o["text"])
@@ -177,35 +204,55 @@ def main() -> None:
             ev = evaluate(pipe, rules, held, trained, args.seed + k, base)
             target = rule.name if rule.name in rules else None
             p = ev[target]["heldout_sampled"] if target else None
-            row = {"feedback": n, "phase": phase, "stream_liked": liked / len(outs),
-                   "published": bool(rep.get("published")), "version": pipe.adapter_version,
-                   "step": rep.get("step"), "kl_per_answer": kl,
-                   "efficiency": (kl_floor(p, p0[target]) / kl
-                                  if target and kl and p > p0[target] else None),
-                   "gate_reasons": gate.get("reasons"),
-                   "gate_tried": [{x: v for x, v in t.items() if x != "metrics"}
-                                  for t in gate.get("tried", [])],
-                   "boundaries": rep.get("boundaries"),
-                   "train_kl": (rep.get("train") or {}).get("kl"),
-                   "seconds": time.time() - t0, **ev}
+            row = {
+                "feedback": n,
+                "phase": phase,
+                "stream_liked": liked / len(outs),
+                "published": bool(rep.get("published")),
+                "version": pipe.adapter_version,
+                "step": rep.get("step"),
+                "kl_per_answer": kl,
+                "efficiency": (
+                    kl_floor(p, p0[target]) / kl if target and kl and p > p0[target] else None
+                ),
+                "gate_reasons": gate.get("reasons"),
+                "gate_tried": [
+                    {x: v for x, v in t.items() if x != "metrics"} for t in gate.get("tried", [])
+                ],
+                "boundaries": rep.get("boundaries"),
+                "train_kl": (rep.get("train") or {}).get("kl"),
+                "seconds": time.time() - t0,
+                **ev,
+            }
             rows.append(row)
-            print(f"[{n:>5} {phase:>3}] stream {row['stream_liked']:.0%} | " +
-                  " | ".join(f"{t}: held {ev[t]['heldout_greedy']:.0%}/{ev[t]['heldout_sampled']:.0%}"
-                             f" trained {ev[t]['trained_sampled']:.0%}" for t in rules) +
-                  f" | on-topic x{ev['on_topic_ratio']:.2f} NLL x{ev['anchor_nll_ratio']:.3f}"
-                  f" | v{row['version']} {'published' if row['published'] else 'refused'}"
-                  f" KL {kl} eff {row['efficiency']} | boundaries {row['boundaries']}"
-                  f" | {row['seconds']:.0f} s", flush=True)
+            print(
+                f"[{n:>5} {phase:>3}] stream {row['stream_liked']:.0%} | "
+                + " | ".join(
+                    f"{t}: held {ev[t]['heldout_greedy']:.0%}/{ev[t]['heldout_sampled']:.0%}"
+                    f" trained {ev[t]['trained_sampled']:.0%}"
+                    for t in rules
+                )
+                + f" | on-topic x{ev['on_topic_ratio']:.2f} NLL x{ev['anchor_nll_ratio']:.3f}"
+                f" | v{row['version']} {'published' if row['published'] else 'refused'}"
+                f" KL {kl} eff {row['efficiency']} | boundaries {row['boundaries']}"
+                f" | {row['seconds']:.0f} s",
+                flush=True,
+            )
             if not row["published"]:
                 print(f"        gate: {row['gate_reasons']}", flush=True)
             if args.restart_at and n == args.restart_at:
                 used = pipe.learner.last_id
                 pipe.close()
                 pipe = new_pipe(state, args.seed)
-                result["events"].append({"feedback": n, "event": "restart",
-                                         "records_used_before": used,
-                                         "records_used_after": pipe.learner.last_id,
-                                         "pending_after": pipe.learner.pending()})
+                result["events"].append(
+                    {
+                        "feedback": n,
+                        "event": "restart",
+                        "records_used_before": used,
+                        "records_used_after": pipe.learner.last_id,
+                        "pending_after": pipe.learner.pending(),
+                    }
+                )
                 print(f"        restart: {result['events'][-1]}", flush=True)
             if args.rollback_at and n == args.rollback_at:
                 versions = [v["version"] for v in pipe.adapters()]
@@ -226,13 +273,18 @@ def main() -> None:
 def table(result: dict, names: list[str]) -> str:
     """One Markdown row per checkpoint: liked-rates (held-out greedy / held-out sampled /
     trained-on sampled) per taste, drift, KL, efficiency, what the cycle did."""
-    head = ("| feedback | phase | " + " | ".join(f"{n}: held-out greedy / sampled / trained"
-                                                 for n in names) +
-            " | on-topic × base | anchor NLL × base | KL/answer | efficiency | cycle |")
+    head = (
+        "| feedback | phase | "
+        + " | ".join(f"{n}: held-out greedy / sampled / trained" for n in names)
+        + " | on-topic × base | anchor NLL × base | KL/answer | efficiency | cycle |"
+    )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in result["rows"]:
-        rates = " | ".join(f"{r[n]['heldout_greedy']:.0%} / {r[n]['heldout_sampled']:.0%} / "
-                           f"{r[n]['trained_sampled']:.0%}" for n in names)
+        rates = " | ".join(
+            f"{r[n]['heldout_greedy']:.0%} / {r[n]['heldout_sampled']:.0%} / "
+            f"{r[n]['trained_sampled']:.0%}"
+            for n in names
+        )
         if r["phase"] == "base":
             cycle = "base model"
         elif r.get("published"):
@@ -242,10 +294,12 @@ def table(result: dict, names: list[str]) -> str:
         if r.get("boundaries"):
             cycle += f"; shift detected ({r['boundaries'][0]['direction']})"
         kl, eff = r.get("kl_per_answer"), r.get("efficiency")
-        lines.append(f"| {r['feedback']} | {r['phase']} | {rates} | "
-                     f"{r.get('on_topic_ratio', 1.0):.2f} | {r.get('anchor_nll_ratio', 1.0):.3f} | "
-                     f"{'' if kl is None else f'{kl:.2f}'} | {'' if eff is None else f'{eff:.2f}'} | "
-                     f"{cycle} |")
+        lines.append(
+            f"| {r['feedback']} | {r['phase']} | {rates} | "
+            f"{r.get('on_topic_ratio', 1.0):.2f} | {r.get('anchor_nll_ratio', 1.0):.3f} | "
+            f"{'' if kl is None else f'{kl:.2f}'} | {'' if eff is None else f'{eff:.2f}'} | "
+            f"{cycle} |"
+        )
     for e in result.get("events", []):
         lines.append(f"\n{e['event']} after {e['feedback']} feedbacks: {e}")
     return "\n".join(lines)
@@ -261,18 +315,31 @@ def plot(result: dict, rules: dict, path: Path) -> None:
     x = [r["feedback"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for name in rules:
-        ax1.plot(x, [r[name]["heldout_sampled"] for r in rows], "-o", ms=3,
-                 label=f"{name}: held-out, sampled")
-        ax1.plot(x, [r[name]["heldout_greedy"] for r in rows], "--", label=f"{name}: held-out, greedy")
-        ax1.plot(x, [r[name]["trained_sampled"] for r in rows], ":",
-                 label=f"{name}: trained prompts, sampled")
+        ax1.plot(
+            x,
+            [r[name]["heldout_sampled"] for r in rows],
+            "-o",
+            ms=3,
+            label=f"{name}: held-out, sampled",
+        )
+        ax1.plot(
+            x, [r[name]["heldout_greedy"] for r in rows], "--", label=f"{name}: held-out, greedy"
+        )
+        ax1.plot(
+            x,
+            [r[name]["trained_sampled"] for r in rows],
+            ":",
+            label=f"{name}: trained prompts, sampled",
+        )
     ax1.set_ylabel("liked-rate")
     ax1.legend(fontsize=7, ncol=2)
     ax2.plot(x, [r.get("on_topic_ratio", 1.0) for r in rows], "-o", ms=3, label="on-topic / base")
-    ax2.plot(x, [r.get("anchor_nll_ratio", 1.0) for r in rows], "-s", ms=3,
-             label="anchor NLL / base")
-    ax2.plot(x, [r.get("kl_per_answer") or 0.0 for r in rows], "-^", ms=3,
-             label="KL per answer (nats)")
+    ax2.plot(
+        x, [r.get("anchor_nll_ratio", 1.0) for r in rows], "-s", ms=3, label="anchor NLL / base"
+    )
+    ax2.plot(
+        x, [r.get("kl_per_answer") or 0.0 for r in rows], "-^", ms=3, label="KL per answer (nats)"
+    )
     ax2.axhline(0.9, color="grey", lw=0.5)
     ax2.axhline(1.05, color="grey", lw=0.5)
     for r in rows:
@@ -283,8 +350,11 @@ def plot(result: dict, rules: dict, path: Path) -> None:
             ax.axvline(e["feedback"], color="black", lw=0.8, ls="--")
     ax2.set_xlabel("feedback events")
     ax2.legend(fontsize=7)
-    fig.suptitle("long-horizon deployment: phases A, B, A+B; restart and rollback dashed; "
-                 "detected shifts red", fontsize=9)
+    fig.suptitle(
+        "long-horizon deployment: phases A, B, A+B; restart and rollback dashed; "
+        "detected shifts red",
+        fontsize=9,
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

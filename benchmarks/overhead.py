@@ -48,16 +48,23 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     tok.pad_token = tok.pad_token or tok.eos_token
     tok.padding_side = "left"
-    plain = hf_pipeline("text-generation", model=AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32).eval(), tokenizer=tok)
+    plain = hf_pipeline(
+        "text-generation",
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+        tokenizer=tok,
+    )
     sona = pipeline(state_dir=tempfile.mkdtemp(prefix="sona-overhead-"))
     # give the MicroLoRA something to apply: a few feedbacks
     warm = sona([chat(p) for p in STREAM_PROMPTS[:4]], max_new_tokens=8, do_sample=False)
     for i, o in enumerate(warm):
         sona.feedback(o[0]["response_id"], 1.0 if i % 2 else -1.0)
     prompts = [chat(p) for p in HELDOUT_PROMPTS[: args.prompts]]
-    kw = {"max_new_tokens": args.tokens, "min_new_tokens": args.tokens, "do_sample": False,
-          "batch_size": args.batch_size}
+    kw = {
+        "max_new_tokens": args.tokens,
+        "min_new_tokens": args.tokens,
+        "do_sample": False,
+        "batch_size": args.batch_size,
+    }
 
     def run(p) -> float:
         t0 = time.perf_counter()
@@ -77,8 +84,11 @@ def main() -> None:
     def full_run() -> float:
         return run(sona)
 
-    configs = {"plain transformers": plain_run, "SONA recording only": recording_run,
-               "SONA recording + MicroLoRA": full_run}
+    configs = {
+        "plain transformers": plain_run,
+        "SONA recording only": recording_run,
+        "SONA recording + MicroLoRA": full_run,
+    }
     for f in configs.values():  # warm-up
         f()
     rates: dict[str, list[float]] = {k: [] for k in configs}
@@ -86,12 +96,16 @@ def main() -> None:
         for k, f in configs.items():
             rates[k].append(f())
     base = statistics.median(rates["plain transformers"])
-    print(f"{len(prompts)} prompts x {args.tokens} new tokens, batch {args.batch_size}, "
-          f"{args.threads} threads, {args.repeats} interleaved repeats (median tokens/s)")
+    print(
+        f"{len(prompts)} prompts x {args.tokens} new tokens, batch {args.batch_size}, "
+        f"{args.threads} threads, {args.repeats} interleaved repeats (median tokens/s)"
+    )
     for k, v in rates.items():
         m = statistics.median(v)
-        print(f"  {k:<28} {m:8.1f} tok/s   ratio {m / base:.3f}   "
-              f"(runs: {', '.join(f'{x:.1f}' for x in v)})")
+        print(
+            f"  {k:<28} {m:8.1f} tok/s   ratio {m / base:.3f}   "
+            f"(runs: {', '.join(f'{x:.1f}' for x in v)})"
+        )
     sona.close()
 
 

@@ -37,9 +37,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
 from _serving import http_call, stop, wait_healthy  # noqa: E402
 
-QUESTIONS = ["Name a colour.", "What is 2+2?", "How do I make tea?", "Name a fruit.",
-             "What is rain?", "Name a tool.", "Why is the sea salty?", "Name a bird.",
-             "What is a verb?", "How do plants grow?"]
+QUESTIONS = [
+    "Name a colour.",
+    "What is 2+2?",
+    "How do I make tea?",
+    "Name a fruit.",
+    "What is rain?",
+    "Name a tool.",
+    "Why is the sea salty?",
+    "Name a bird.",
+    "What is a verb?",
+    "How do plants grow?",
+]
 
 
 def hostile_bodies(rid: str, replay: str | None) -> list[tuple[str, object]]:
@@ -53,7 +62,7 @@ def hostile_bodies(rid: str, replay: str | None) -> list[tuple[str, object]]:
         ("types", {"id": [rid], "reward": {"a": 1}, "index": "0"}),
         ("bool_reward", {"id": rid, "reward": True}),
         ("long_id", {"id": "x" * 5000, "reward": 1}),
-        ("not_json", b"{\"id\": "),
+        ("not_json", b'{"id": '),
         ("replayed_id", {"id": replay or rid, "reward": 1}),
     ]
 
@@ -106,12 +115,32 @@ def main() -> None:
     (state / "token").write_text(admin)
     log = open(state / "server.log", "w")  # noqa: SIM115 - closed by stop()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sona_plugin.cli", "serve", "--port", str(port),
-         "--state-dir", str(state), "--schedule", "manual", "--admin-token-file",
-         str(state / "token"), "--max-model-len", "1024", "--max-loras", "2",
-         "--sona-config", json.dumps({"feedback_rate": 5, "feedback_burst": 20}),
-         "--api-key", *keys],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "sona_plugin.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--state-dir",
+            str(state),
+            "--schedule",
+            "manual",
+            "--admin-token-file",
+            str(state / "token"),
+            "--max-model-len",
+            "1024",
+            "--max-loras",
+            "2",
+            "--sona-config",
+            json.dumps({"feedback_rate": 5, "feedback_burst": 20}),
+            "--api-key",
+            *keys,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     if not wait_healthy(base, proc):
         proc.kill()
         sys.exit("server did not start: " + (state / "server.log").read_text()[-3000:])
@@ -119,19 +148,35 @@ def main() -> None:
     model = http_call(base, "GET", "/v1/models", token=keys[0])[1]["data"][0]["id"]
 
     def chat(key: str, q: str, headers: dict | None = None) -> tuple[int, dict]:
-        return http_call(base, "POST", "/v1/chat/completions", {
-            "model": model, "max_tokens": args.max_tokens, "temperature": 1.0,
-            "messages": [{"role": "user", "content": q}]}, token=key, headers=headers)
+        return http_call(
+            base,
+            "POST",
+            "/v1/chat/completions",
+            {
+                "model": model,
+                "max_tokens": args.max_tokens,
+                "temperature": 1.0,
+                "messages": [{"role": "user", "content": q}],
+            },
+            token=key,
+            headers=headers,
+        )
 
     # two published versions to swap between
     versions = []
     for k in range(2):
         for i, q in enumerate(QUESTIONS[:6]):
             _, out = chat(keys[0], q)
-            http_call(base, "POST", "/v1/feedback", {"id": out["id"], "reward": (-1) ** (i + k)},
-                      token=keys[0])
-        code, rep = http_call(base, "POST", "/sona/learn", {"gate": False, "epochs": 1},
-                              token=admin)
+            http_call(
+                base,
+                "POST",
+                "/v1/feedback",
+                {"id": out["id"], "reward": (-1) ** (i + k)},
+                token=keys[0],
+            )
+        code, rep = http_call(
+            base, "POST", "/sona/learn", {"gate": False, "epochs": 1}, token=admin
+        )
         assert code == 200 and rep["published"], rep
         versions.append(rep["version"])
     time.sleep(5)  # client 0's feedback bucket refills
@@ -167,13 +212,18 @@ def main() -> None:
                     replay = given[-1] if given else None
                 kind, body = rng.choice(hostile_bodies(out["id"], replay))
                 raw = body if isinstance(body, bytes) else None
-                hc, _ = http_call(base, "POST", "/v1/feedback", None if raw else body,
-                                  token=key, raw=raw)
+                hc, _ = http_call(
+                    base, "POST", "/v1/feedback", None if raw else body, token=key, raw=raw
+                )
                 with lock:
                     hostile[kind, hc] += 1
-            code, fb = http_call(base, "POST", "/v1/feedback",
-                                 {"id": out["id"], "reward": rng.choice([1.0, -1.0, 0.5])},
-                                 token=key)
+            code, fb = http_call(
+                base,
+                "POST",
+                "/v1/feedback",
+                {"id": out["id"], "reward": rng.choice([1.0, -1.0, 0.5])},
+                token=key,
+            )
             with lock:
                 counts["feedback", code] += 1
                 if code == 429:
@@ -191,8 +241,9 @@ def main() -> None:
         while time.time() < deadline:
             with lock:
                 rid = random.choice(given) if given else "chatcmpl-none"
-            code, _ = http_call(base, "POST", "/v1/feedback", {"id": rid, "reward": -1.0},
-                                token=key)
+            code, _ = http_call(
+                base, "POST", "/v1/feedback", {"id": rid, "reward": -1.0}, token=key
+            )
             with lock:
                 hostile["others_ids_flood", code] += 1
 
@@ -201,8 +252,9 @@ def main() -> None:
         while time.time() < deadline:
             time.sleep(args.swap_every)
             t0 = time.time()
-            code, out = http_call(base, "POST", "/sona/adapters/rollback",
-                                  {"version": versions[k % 2]}, token=admin)
+            code, out = http_call(
+                base, "POST", "/sona/adapters/rollback", {"version": versions[k % 2]}, token=admin
+            )
             with lock:
                 swaps.append((t0, time.time(), code == 200))
                 if code != 200:
@@ -226,15 +278,23 @@ def main() -> None:
     during = [t1 - t0 for t0, t1 in latencies if overlaps(t0, t1)]
     without = [t1 - t0 for t0, t1 in latencies if not overlaps(t0, t1)]
     result = {
-        "clients": args.clients, "minutes": args.minutes, "swap_every_s": args.swap_every,
+        "clients": args.clients,
+        "minutes": args.minutes,
+        "swap_every_s": args.swap_every,
         "requests": {f"{k[0]} {k[1]}": v for k, v in sorted(counts.items())},
-        "failed_well_formed": len(failures), "failures": failures[:20],
-        "stale_responses": len(stale), "swaps": len(swaps),
+        "failed_well_formed": len(failures),
+        "failures": failures[:20],
+        "stale_responses": len(stale),
+        "swaps": len(swaps),
         "swaps_ok": sum(ok for *_, ok in swaps),
-        "latency_s": {"during_swaps": {"n": len(during), "p50": pct(during, .5),
-                                       "p99": pct(during, .99)},
-                      "without_swaps": {"n": len(without), "p50": pct(without, .5),
-                                        "p99": pct(without, .99)}},
+        "latency_s": {
+            "during_swaps": {"n": len(during), "p50": pct(during, 0.5), "p99": pct(during, 0.99)},
+            "without_swaps": {
+                "n": len(without),
+                "p50": pct(without, 0.5),
+                "p99": pct(without, 0.99),
+            },
+        },
         "rss_mb": {"start": rss_start / 1024, "end": rss_end / 1024},
         "recordings_dropped": st.get("recordings_dropped"),
         "hostile": {f"{k[0]} -> {k[1]}": v for k, v in sorted(hostile.items())},

@@ -44,8 +44,9 @@ def reading_ease(text: str) -> float:
     if not sentences:
         return 0.0
     tokenised = "\n".join(" ".join(re.findall(r"\w+|[^\w\s]", s)) for s in sentences)
-    return float(readability.getmeasures(tokenised, lang="en")["readability grades"]
-                 ["FleschReadingEase"])
+    return float(
+        readability.getmeasures(tokenised, lang="en")["readability grades"]["FleschReadingEase"]
+    )
 
 
 def _warm(text: str) -> bool:
@@ -57,8 +58,15 @@ def _plain(text: str) -> bool:
 
 
 TASTES = {
-    "warm": Rule("warm", f"likes answers with a warm, positive tone (VADER compound >= "
-                         f"{WARM_MIN_COMPOUND})", _warm),
-    "plain": Rule("plain", f"likes answers that read easily (Flesch reading ease >= "
-                           f"{PLAIN_MIN_READING_EASE:g}, readability)", _plain),
+    "warm": Rule(
+        "warm",
+        f"likes answers with a warm, positive tone (VADER compound >= {WARM_MIN_COMPOUND})",
+        _warm,
+    ),
+    "plain": Rule(
+        "plain",
+        f"likes answers that read easily (Flesch reading ease >= "
+        f"{PLAIN_MIN_READING_EASE:g}, readability)",
+        _plain,
+    ),
 }

@@ -34,8 +34,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-QUESTIONS = ["Name a colour.", "What is 2+2?", "How do I make tea?", "Name a fruit.",
-             "What is rain?", "Name a tool.", "Why is the sky blue?", "What does a CPU do?"]
+QUESTIONS = [
+    "Name a colour.",
+    "What is 2+2?",
+    "How do I make tea?",
+    "Name a fruit.",
+    "What is rain?",
+    "Name a tool.",
+    "Why is the sky blue?",
+    "What does a CPU do?",
+]
 TOKEN = "bench"
 
 
@@ -46,8 +54,9 @@ def free_port() -> int:
 
 
 def call(base: str, method: str, path: str, body=None, timeout: float = 600):
-    req = urllib.request.Request(base + path, method=method,
-                                 data=json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(
+        base + path, method=method, data=json.dumps(body).encode() if body is not None else None
+    )
     req.add_header("Content-Type", "application/json")
     req.add_header("Authorization", f"Bearer {TOKEN}")
     try:
@@ -60,8 +69,12 @@ def call(base: str, method: str, path: str, body=None, timeout: float = 600):
 def start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [*cmd, "--port", str(port), "--host", "127.0.0.1"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=open(log, "w"),  # noqa: SIM115 - the server's log, open for its lifetime
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -88,10 +101,19 @@ def load(base: str, model: str, clients: int, requests: int, tokens: int) -> dic
     def client(c: int) -> None:
         for i in range(requests):
             t = time.perf_counter()
-            code, _ = call(base, "POST", "/v1/chat/completions", {
-                "model": model, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.8,
-                "seed": c * 1000 + i,
-                "messages": [{"role": "user", "content": QUESTIONS[(c + i) % len(QUESTIONS)]}]})
+            code, _ = call(
+                base,
+                "POST",
+                "/v1/chat/completions",
+                {
+                    "model": model,
+                    "max_tokens": tokens,
+                    "min_tokens": tokens,
+                    "temperature": 0.8,
+                    "seed": c * 1000 + i,
+                    "messages": [{"role": "user", "content": QUESTIONS[(c + i) % len(QUESTIONS)]}],
+                },
+            )
             with lock:
                 lat.append(time.perf_counter() - t)
                 codes.append(code)
@@ -104,8 +126,12 @@ def load(base: str, model: str, clients: int, requests: int, tokens: int) -> dic
         t.join()
     wall = time.perf_counter() - t0
     ok = codes.count(200)
-    return {"tok_s": ok * tokens / wall, "p50": statistics.median(lat),
-            "p99": sorted(lat)[min(len(lat) - 1, int(0.99 * len(lat)))], "failed": len(codes) - ok}
+    return {
+        "tok_s": ok * tokens / wall,
+        "p50": statistics.median(lat),
+        "p99": sorted(lat)[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "failed": len(codes) - ok,
+    }
 
 
 def main() -> None:
@@ -122,24 +148,61 @@ def main() -> None:
     model = str(default_llm_path())
     tmp = Path(tempfile.mkdtemp(prefix="sona-vllm-bench-"))
     common = ["--max-model-len", "1024", "--max-loras", "2"]
-    plain_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                 "--dtype", "float32", "--kv-cache-memory-bytes", str(2 << 30), "--enable-lora",
-                 "--max-lora-rank", "8", *common]
-    sona_cmd = [sys.executable, "-m", "sona_plugin.cli", "serve", model, "--state-dir",
-                str(tmp / "state"), "--schedule", "manual", "--admin-token", TOKEN,
-                "--kv-cache-memory-bytes", str(2 << 30), *common]
-    servers = {"plain vLLM + LoRA": start(plain_cmd, tmp / "plain.log"),
-               "SONA": start(sona_cmd, tmp / "sona.log")}
+    plain_cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--dtype",
+        "float32",
+        "--kv-cache-memory-bytes",
+        str(2 << 30),
+        "--enable-lora",
+        "--max-lora-rank",
+        "8",
+        *common,
+    ]
+    sona_cmd = [
+        sys.executable,
+        "-m",
+        "sona_plugin.cli",
+        "serve",
+        model,
+        "--state-dir",
+        str(tmp / "state"),
+        "--schedule",
+        "manual",
+        "--admin-token",
+        TOKEN,
+        "--kv-cache-memory-bytes",
+        str(2 << 30),
+        *common,
+    ]
+    servers = {
+        "plain vLLM + LoRA": start(plain_cmd, tmp / "plain.log"),
+        "SONA": start(sona_cmd, tmp / "sona.log"),
+    }
     results: dict = {"args": vars(args), "load": {}}
     try:
-        names = {k: wait_ready(p, b, tmp / ("plain.log" if k.startswith("plain") else "sona.log"))
-                 for k, (p, b) in servers.items()}
+        names = {
+            k: wait_ready(p, b, tmp / ("plain.log" if k.startswith("plain") else "sona.log"))
+            for k, (p, b) in servers.items()
+        }
         sona_base = servers["SONA"][1]
         # give the MicroLoRA something to apply
         for i, q in enumerate(QUESTIONS[:4]):
-            _, out = call(sona_base, "POST", "/v1/chat/completions", {
-                "model": names["SONA"], "max_tokens": 16, "temperature": 0.8,
-                "messages": [{"role": "user", "content": q}]})
+            _, out = call(
+                sona_base,
+                "POST",
+                "/v1/chat/completions",
+                {
+                    "model": names["SONA"],
+                    "max_tokens": 16,
+                    "temperature": 0.8,
+                    "messages": [{"role": "user", "content": q}],
+                },
+            )
             call(sona_base, "POST", "/v1/feedback", {"id": out["id"], "reward": 1 - 2 * (i % 2)})
         for k, (_, base) in servers.items():  # warm-up
             load(base, names[k], args.clients, 1, 8)
@@ -149,8 +212,9 @@ def main() -> None:
                 runs[k].append(load(base, names[k], args.clients, args.requests, args.tokens))
                 print(f"round {r + 1} {k}: {runs[k][-1]}", flush=True)
         for k, v in runs.items():
-            results["load"][k] = {m: statistics.median(x[m] for x in v)
-                                  for m in ("tok_s", "p50", "p99")}
+            results["load"][k] = {
+                m: statistics.median(x[m] for x in v) for m in ("tok_s", "p50", "p99")
+            }
             results["load"][k]["failed"] = sum(x["failed"] for x in v)
         p, s = results["load"]["plain vLLM + LoRA"], results["load"]["SONA"]
         results["ratio_tok_s"] = s["tok_s"] / p["tok_s"]
@@ -160,11 +224,23 @@ def main() -> None:
         versions, publish_to_serve = [], []
         for k in range(2):
             for i, q in enumerate(QUESTIONS):
-                _, out = call(sona_base, "POST", "/v1/chat/completions", {
-                    "model": names["SONA"], "max_tokens": 16, "temperature": 1.0,
-                    "messages": [{"role": "user", "content": q}]})
-                call(sona_base, "POST", "/v1/feedback",
-                     {"id": out["id"], "reward": 1 - 2 * ((i + k) % 2)})
+                _, out = call(
+                    sona_base,
+                    "POST",
+                    "/v1/chat/completions",
+                    {
+                        "model": names["SONA"],
+                        "max_tokens": 16,
+                        "temperature": 1.0,
+                        "messages": [{"role": "user", "content": q}],
+                    },
+                )
+                call(
+                    sona_base,
+                    "POST",
+                    "/v1/feedback",
+                    {"id": out["id"], "reward": 1 - 2 * ((i + k) % 2)},
+                )
             code, rep = call(sona_base, "POST", "/sona/learn", {"gate": False, "epochs": 1})
             assert code == 200 and rep.get("published"), rep
             versions.append(rep["version"])
@@ -182,18 +258,22 @@ def main() -> None:
         n = 0
         while not done.is_set() or n < 5:
             t = time.perf_counter()
-            code, out = call(sona_base, "POST", "/sona/adapters/rollback",
-                             {"version": versions[n % 2]})
+            code, out = call(
+                sona_base, "POST", "/sona/adapters/rollback", {"version": versions[n % 2]}
+            )
             swap_s.append(time.perf_counter() - t)
             assert code == 200, out
             n += 1
             time.sleep(0.2)
         th.join()
-        results["hot_swap"] = {"swaps": n, "requests": args.clients * args.requests,
-                               "failed": box["r"]["failed"],
-                               "swap_s_median": statistics.median(swap_s),
-                               "swap_s_max": max(swap_s),
-                               "publish_to_serve_s": publish_to_serve}
+        results["hot_swap"] = {
+            "swaps": n,
+            "requests": args.clients * args.requests,
+            "failed": box["r"]["failed"],
+            "swap_s_median": statistics.median(swap_s),
+            "swap_s_max": max(swap_s),
+            "publish_to_serve_s": publish_to_serve,
+        }
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -205,31 +285,40 @@ def main() -> None:
     if args.no_lora_baseline:
         nolora = [a for a in plain_cmd if a not in ("--enable-lora",)]
         i = nolora.index("--max-lora-rank")
-        del nolora[i:i + 2]
+        del nolora[i : i + 2]
         i = nolora.index("--max-loras")
-        del nolora[i:i + 2]
+        del nolora[i : i + 2]
         proc, base = start(nolora, tmp / "nolora.log")
         try:
             name = wait_ready(proc, base, tmp / "nolora.log")
             load(base, name, args.clients, 1, 8)
-            v = [load(base, name, args.clients, args.requests, args.tokens)
-                 for _ in range(args.rounds)]
+            v = [
+                load(base, name, args.clients, args.requests, args.tokens)
+                for _ in range(args.rounds)
+            ]
             results["load"]["plain vLLM, no LoRA (run after)"] = {
-                m: statistics.median(x[m] for x in v) for m in ("tok_s", "p50", "p99")}
+                m: statistics.median(x[m] for x in v) for m in ("tok_s", "p50", "p99")
+            }
         finally:
             proc.terminate()
             proc.wait(60)
-    print(f"\n{args.clients} clients x {args.requests} requests x {args.tokens} tokens, "
-          f"{args.rounds} interleaved rounds (medians)")
+    print(
+        f"\n{args.clients} clients x {args.requests} requests x {args.tokens} tokens, "
+        f"{args.rounds} interleaved rounds (medians)"
+    )
     for k, v in results["load"].items():
         print(f"  {k:<34} {v['tok_s']:7.1f} tok/s  p50 {v['p50']:.2f} s  p99 {v['p99']:.2f} s")
-    print(f"  SONA / plain+LoRA: tokens/s {results['ratio_tok_s']:.3f}, "
-          f"p50 {results['ratio_p50']:.3f}, p99 {results['ratio_p99']:.3f}")
+    print(
+        f"  SONA / plain+LoRA: tokens/s {results['ratio_tok_s']:.3f}, "
+        f"p50 {results['ratio_p50']:.3f}, p99 {results['ratio_p99']:.3f}"
+    )
     hs = results["hot_swap"]
-    print(f"  hot-swaps under load: {hs['swaps']} swaps, {hs['failed']} of {hs['requests']} "
-          f"requests failed; swap {hs['swap_s_median'] * 1000:.0f} ms median "
-          f"({hs['swap_s_max'] * 1000:.0f} ms max); publish -> served "
-          f"{', '.join(f'{x:.2f} s' for x in hs['publish_to_serve_s'])}")
+    print(
+        f"  hot-swaps under load: {hs['swaps']} swaps, {hs['failed']} of {hs['requests']} "
+        f"requests failed; swap {hs['swap_s_median'] * 1000:.0f} ms median "
+        f"({hs['swap_s_max'] * 1000:.0f} ms max); publish -> served "
+        f"{', '.join(f'{x:.2f} s' for x in hs['publish_to_serve_s'])}"
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=1))

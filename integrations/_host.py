@@ -39,8 +39,9 @@ def load_engine(path: Path, config: Any) -> Any:
     does not fit that config (logged)."""
     from sona_plugin.engine import SonaEngine
 
-    if (path / "state.json").exists() or (path.with_name(f".{path.name}.old") /
-                                          "state.json").exists():
+    if (path / "state.json").exists() or (
+        path.with_name(f".{path.name}.old") / "state.json"
+    ).exists():
         try:
             return SonaEngine.load(path, config=config)
         except SonaError as e:
@@ -51,12 +52,12 @@ def load_engine(path: Path, config: Any) -> Any:
 class FeedbackResult(TypedDict):
     """What ``feedback()`` answers, from every host (and ``POST /v1/feedback``)."""
 
-    id: str                      # the response id the feedback named
-    index: int                   # the choice (n > 1); 0 otherwise
-    stored_id: int               # the record's row in the store: durable
-    reward: float                # in [-1, 1] (liked: +1, disliked: -1)
+    id: str  # the response id the feedback named
+    index: int  # the choice (n > 1); 0 otherwise
+    stored_id: int  # the record's row in the store: durable
+    reward: float  # in [-1, 1] (liked: +1, disliked: -1)
     adapter_version: int | None  # the BaseLoRA version that answered (None: the base model)
-    instant: dict | None         # the MicroLoRA's instant update (None: nothing to learn from)
+    instant: dict | None  # the MicroLoRA's instant update (None: nothing to learn from)
 
 
 def parse_reward(reward: Any = None, liked: Any = None) -> float:
@@ -118,8 +119,7 @@ class LearningHost:
     def _shrink_micro(self, factor: float) -> None:
         self.engine.micro_lora.shrink(factor)
 
-    def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int
-                       ) -> list[list[int]]:
+    def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Sampled answers (token ids, stop token included) from the served model."""
         raise NotImplementedError
 
@@ -145,8 +145,13 @@ class LearningHost:
             self.registry.set_current(version)
         dt = time.perf_counter() - t0
         metrics.swap(dt, True, version)
-        self.last_swap = {"version": version, "ok": True, "canary_error": err, "seconds": dt,
-                          "at": time.time()}
+        self.last_swap = {
+            "version": version,
+            "ok": True,
+            "canary_error": err,
+            "seconds": dt,
+            "at": time.time(),
+        }
         if micro_decay != 1.0:
             self._shrink_micro(micro_decay)
 
@@ -182,8 +187,10 @@ class LearningHost:
         if self.learner is not None:
             with self.learner.lock:
                 self.learner.save()
-        info = {"model_source": str(self.model_source) if self.model_source else None,
-                "adapter_version": self.adapter_version}
+        info = {
+            "model_source": str(self.model_source) if self.model_source else None,
+            "adapter_version": self.adapter_version,
+        }
         tmp = self.state_dir / "pipeline.json.tmp"
         tmp.write_text(json.dumps(info))
         tmp.replace(self.state_dir / "pipeline.json")
@@ -223,8 +230,10 @@ class LearningHost:
             from sona_plugin.models import default_embedder
 
             self._embedder = default_embedder()
-        return np.asarray(self._embedder.encode(list(texts), normalize_embeddings=True,
-                                                show_progress_bar=False), np.float32)
+        return np.asarray(
+            self._embedder.encode(list(texts), normalize_embeddings=True, show_progress_bar=False),
+            np.float32,
+        )
 
     def learn(self, **kwargs) -> dict:
         """Run loop B now: train, gate, publish, hot-swap; then retention. Returns the
@@ -268,10 +277,14 @@ class LearningHost:
         if self._coordinator is None:
             c = self.engine.config
             self._coordinator = LoopCoordinator(
-                pending=self.learner.pending, run_background=self.learn,
-                run_deep=self.deep_cycle, trigger_count=c.background_trigger_count,
+                pending=self.learner.pending,
+                run_background=self.learn,
+                run_deep=self.deep_cycle,
+                trigger_count=c.background_trigger_count,
                 interval_s=c.background_interval_ms / 1000.0,
-                deep_every=c.consolidation_interval, poll_s=poll_s)
+                deep_every=c.consolidation_interval,
+                poll_s=poll_s,
+            )
         self._coordinator.poll_s = poll_s
         self._coordinator.start()
 
@@ -292,10 +305,16 @@ class LearningHost:
     def learner_stats(self) -> dict:
         """Loop B's progress: records used, cycles, EWC++ tasks and detected boundaries."""
         lr = self.learner
-        return {"records_used": lr.last_id, "cycles": lr.cycles, "pending": lr.pending(),
-                "ewc": lr.ewc.stats(), "boundaries": list(lr.boundaries),
-                "shift_detector": lr.detector.state_dict(), "dreams": len(lr.dreams),
-                "heldout_prompt_groups": lr.split.groups}
+        return {
+            "records_used": lr.last_id,
+            "cycles": lr.cycles,
+            "pending": lr.pending(),
+            "ewc": lr.ewc.stats(),
+            "boundaries": list(lr.boundaries),
+            "shift_detector": lr.detector.state_dict(),
+            "dreams": len(lr.dreams),
+            "heldout_prompt_groups": lr.split.groups,
+        }
 
     def _with_learner(self, s: dict) -> dict:
         """Engine stats with loop B's: the EWC++ that trains the BaseLoRA is the learner's
@@ -308,17 +327,25 @@ class LearningHost:
 
         s["adapter_versions"] = len(self.registry.versions())  # cached per directory
         s["last_swap"] = self.last_swap
-        s["background"] = (self._coordinator.stats() if self._coordinator is not None
-                           else {"running": False})
+        s["background"] = (
+            self._coordinator.stats() if self._coordinator is not None else {"running": False}
+        )
         s["counters"] = metrics.snapshot()
         return s
 
     def adapters(self) -> list[dict]:
         """Published BaseLoRA versions, oldest first, with which one is served."""
         cur = self.adapter_version
-        return [{"version": v.version, "path": str(v.path), "metadata": v.metadata,
-                 "created_at": v.created_at, "served": v.version == cur}
-                for v in self.registry.versions()]
+        return [
+            {
+                "version": v.version,
+                "path": str(v.path),
+                "metadata": v.metadata,
+                "created_at": v.created_at,
+                "served": v.version == cur,
+            }
+            for v in self.registry.versions()
+        ]
 
     def rollback(self, version: int) -> None:
         """Serve an earlier (or later) published version (checked by its canary; CURRENT
@@ -347,7 +374,8 @@ class LearningHost:
         with self.learner.lock:
             served = self.adapter_version
             out["versions_removed"] = self.registry.prune(
-                self.keep_versions, protect=[served] if served else [])
+                self.keep_versions, protect=[served] if served else []
+            )
             if self.retain_days > 0:
                 out["records_removed"] = self.store.prune(time.time() - self.retain_days * 86400)
         if out["versions_removed"] or out["records_removed"]:

@@ -92,9 +92,9 @@ class _RWLock:
 class _Recorder:
     """Per-generation capture: one entry per forward pass of the model."""
 
-    hidden: list[np.ndarray] = field(default_factory=list)     # [rows, d] last position
-    topk_ids: list[np.ndarray] = field(default_factory=list)   # [rows, k]
-    topk_lp: list[np.ndarray] = field(default_factory=list)    # [rows, k]
+    hidden: list[np.ndarray] = field(default_factory=list)  # [rows, d] last position
+    topk_ids: list[np.ndarray] = field(default_factory=list)  # [rows, k]
+    topk_lp: list[np.ndarray] = field(default_factory=list)  # [rows, k]
 
 
 @dataclass
@@ -107,9 +107,9 @@ class Response:
     prompt_ids: list[int]
     response_ids: list[int]
     response_text: str
-    hidden: np.ndarray          # [T, d] final hidden states h_t (before the MicroLoRA)
-    topk_ids: np.ndarray        # [T, k]
-    topk_logprobs: np.ndarray   # [T, k]
+    hidden: np.ndarray  # [T, d] final hidden states h_t (before the MicroLoRA)
+    topk_ids: np.ndarray  # [T, k]
+    topk_logprobs: np.ndarray  # [T, k]
     adapter_version: int | None
     created_at: float = field(default_factory=time.time)
 
@@ -124,8 +124,9 @@ class SonaTextGenerationPipeline(TextGenerationPipeline):
         prompt_text = model_inputs.get("prompt_text")
         with self.sona._generation() as (rec, version):
             out = super()._forward(model_inputs, **generate_kwargs)
-        handles = self.sona._register(out["generated_sequence"], out["input_ids"], prompt_text,
-                                      rec, version)
+        handles = self.sona._register(
+            out["generated_sequence"], out["input_ids"], prompt_text, rec, version
+        )
         out["sona_response_handle"] = handles
         return out
 
@@ -137,7 +138,7 @@ class SonaTextGenerationPipeline(TextGenerationPipeline):
             kwargs.setdefault("clean_up_tokenization_spaces", False)
         records = super().postprocess(model_outputs, *args, **kwargs)
         if handles is not None:
-            row = handles[0] if handles.dim() > 1 else handles   # one prompt: [n]
+            row = handles[0] if handles.dim() > 1 else handles  # one prompt: [n]
             for r, h in zip(records, row.tolist()):
                 r["response_id"] = self.sona._handle_to_id.pop(int(h))
         return records
@@ -150,9 +151,17 @@ class SonaPipeline(LearningHost):
     SonaEngine holding the MicroLoRA and the pattern bank), ``store``, ``registry``.
     """
 
-    def __init__(self, hf_pipeline: SonaTextGenerationPipeline, engine: SonaEngine, *,
-                 state_dir: Path, store, model_source: Any, max_responses: int = 1000,
-                 save_every: int = 25):
+    def __init__(
+        self,
+        hf_pipeline: SonaTextGenerationPipeline,
+        engine: SonaEngine,
+        *,
+        state_dir: Path,
+        store,
+        model_source: Any,
+        max_responses: int = 1000,
+        save_every: int = 25,
+    ):
         self._pipe = hf_pipeline
         hf_pipeline.sona = self
         self.engine = engine
@@ -167,11 +176,11 @@ class SonaPipeline(LearningHost):
         self._local = threading.local()
         self._swap = _RWLock()
         self._meta_lock = threading.Lock()
-        self._peft = None                 # PeftModel once a BaseLoRA version is served
+        self._peft = None  # PeftModel once a BaseLoRA version is served
         self._served_version: int | None = None
         self._served_name: str | None = None
         self._embedder = None
-        self._coordinator = None          # start_background()
+        self._coordinator = None  # start_background()
         self.save_every = save_every
         self.responses_evicted = 0
         model = hf_pipeline.model
@@ -229,8 +238,14 @@ class SonaPipeline(LearningHost):
             finally:
                 self._local.rec = None
 
-    def _register(self, generated: torch.Tensor, input_ids: torch.Tensor | None, prompt_text,
-                  rec: _Recorder, version: int | None) -> torch.Tensor:
+    def _register(
+        self,
+        generated: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        prompt_text,
+        rec: _Recorder,
+        version: int | None,
+    ) -> torch.Tensor:
         """Turn one generate call's capture into Responses; returns handles [in_b, n]."""
         in_b, n, _ = generated.shape
         P = 0 if input_ids is None else input_ids.shape[1]
@@ -264,13 +279,17 @@ class SonaPipeline(LearningHost):
                 T = min(T, H.shape[1])
                 rid = uuid.uuid4().hex
                 r = Response(
-                    response_id=rid, prompt=prompt_str, embed_text=texts[i] or prompt_str,
-                    prompt_ids=prompt_ids, response_ids=seq[:T],
+                    response_id=rid,
+                    prompt=prompt_str,
+                    embed_text=texts[i] or prompt_str,
+                    prompt_ids=prompt_ids,
+                    response_ids=seq[:T],
                     response_text=tok.decode(seq[:T], skip_special_tokens=True),
                     hidden=np.ascontiguousarray(H[row, :T], np.float32),
                     topk_ids=Ki[row, :T] if Ki is not None else np.zeros((T, 0), np.int64),
                     topk_logprobs=Kl[row, :T] if Kl is not None else np.zeros((T, 0), np.float32),
-                    adapter_version=version)
+                    adapter_version=version,
+                )
                 with self._meta_lock:
                     self._responses[rid] = r
                     while len(self._responses) > self._max_responses:
@@ -304,13 +323,16 @@ class SonaPipeline(LearningHost):
     def response(self, response_id: str) -> Response:
         r = self._responses.get(response_id)
         if r is None:
-            raise UnknownResponse(f"unknown response_id {response_id!r} (never generated here, "
-                                    f"or evicted after {self._max_responses} newer responses)")
+            raise UnknownResponse(
+                f"unknown response_id {response_id!r} (never generated here, "
+                f"or evicted after {self._max_responses} newer responses)"
+            )
         return r
 
     # -- feedback -------------------------------------------------------------------------
-    def feedback(self, response_id: str, reward: float | None = None, *,
-                 liked: bool | None = None) -> FeedbackResult:
+    def feedback(
+        self, response_id: str, reward: float | None = None, *, liked: bool | None = None
+    ) -> FeedbackResult:
         """Judge a response: ``reward`` in [-1, 1], or ``liked=True/False`` (+1 / -1).
 
         The record is durable in the store when this returns, and the MicroLoRA has taken
@@ -322,33 +344,59 @@ class SonaPipeline(LearningHost):
         reward = parse_reward(reward, liked)
         if self.store.has(response_id):
             metrics.feedback("duplicate")
-            raise DuplicateFeedback(f"feedback for response {response_id} was already given; "
-                                    f"one feedback per response")
+            raise DuplicateFeedback(
+                f"feedback for response {response_id} was already given; one feedback per response"
+            )
         r = self.response(response_id)
         from sona_plugin.store import FeedbackRecord
 
         emb = self.embed([r.embed_text])[0]
-        rec = FeedbackRecord(response_id=r.response_id, prompt=r.prompt, prompt_ids=r.prompt_ids,
-                             response_ids=r.response_ids, response_text=r.response_text,
-                             reward=reward, embedding=emb, adapter_version=r.adapter_version)
+        rec = FeedbackRecord(
+            response_id=r.response_id,
+            prompt=r.prompt,
+            prompt_ids=r.prompt_ids,
+            response_ids=r.response_ids,
+            response_text=r.response_text,
+            reward=reward,
+            embedding=emb,
+            adapter_version=r.adapter_version,
+        )
         row = self.store.add(rec)  # durable from here on
         failpoint("feedback.stored")
         metrics.feedback("accepted", reward)
         report = None
         if len(r.response_ids):
-            t = Trajectory(id=row, query_embedding=emb, steps=[
-                TrajectoryStep(r.hidden[i], np.zeros(0, np.float32), reward,
-                               int(r.response_ids[i]), 0, r.topk_ids[i], r.topk_logprobs[i])
-                for i in range(len(r.response_ids))], final_quality=(reward + 1.0) / 2.0)
+            t = Trajectory(
+                id=row,
+                query_embedding=emb,
+                steps=[
+                    TrajectoryStep(
+                        r.hidden[i],
+                        np.zeros(0, np.float32),
+                        reward,
+                        int(r.response_ids[i]),
+                        0,
+                        r.topk_ids[i],
+                        r.topk_logprobs[i],
+                    )
+                    for i in range(len(r.response_ids))
+                ],
+                final_quality=(reward + 1.0) / 2.0,
+            )
             report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
             if report is not None:
                 metrics.instant(bool(report.update.accepted))
         with self._meta_lock:
             self._responses.pop(response_id, None)
         self._saved_after_feedback()
-        return FeedbackResult(id=response_id, index=0, stored_id=row, reward=reward,
-                              adapter_version=r.adapter_version,
-                              instant=report.to_dict() if report is not None else None)
+        return FeedbackResult(
+            id=response_id,
+            index=0,
+            stored_id=row,
+            reward=reward,
+            adapter_version=r.adapter_version,
+            instant=report.to_dict() if report is not None else None,
+        )
 
     def _serve(self, version: int) -> float | None:
         """Load ``version`` under a fresh adapter name, check its canary, make it active;
@@ -379,9 +427,14 @@ class SonaPipeline(LearningHost):
             err = None
             if expected is not None:
                 try:
-                    err = canary.check(version, {
-                        "hidden": canary.last_hidden(self._peft, expected[0]),
-                        "adapter_version": version}, expected[1])
+                    err = canary.check(
+                        version,
+                        {
+                            "hidden": canary.last_hidden(self._peft, expected[0]),
+                            "adapter_version": version,
+                        },
+                        expected[1],
+                    )
                 except Exception:
                     if name != old:
                         self._unload(name, old)
@@ -406,12 +459,17 @@ class SonaPipeline(LearningHost):
         with self._swap.read(), torch.no_grad():
             for p in prompt_ids:
                 ids = torch.tensor([p])
-                out = self._pipe.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                max_new_tokens=max_new_tokens, do_sample=True,
-                                                top_p=0.95, pad_token_id=tok.pad_token_id)
-                resp = out[0, ids.shape[1]:].tolist()
+                out = self._pipe.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=True,
+                    top_p=0.95,
+                    pad_token_id=tok.pad_token_id,
+                )
+                resp = out[0, ids.shape[1] :].tolist()
                 if tok.eos_token_id in resp:
-                    resp = resp[:resp.index(tok.eos_token_id) + 1]
+                    resp = resp[: resp.index(tok.eos_token_id) + 1]
                 out_all.append(resp)
         return out_all
 
@@ -421,13 +479,24 @@ class SonaPipeline(LearningHost):
         from sona_plugin.export import write_peft_export
 
         base = self.registry.get(self._served_version).path if self._served_version else None
-        return write_peft_export(Path(path), self.engine.micro_lora, self._lm_head.weight, base,
-                                 str(self.model_source) if self.model_source else None)
+        return write_peft_export(
+            Path(path),
+            self.engine.micro_lora,
+            self._lm_head.weight,
+            base,
+            str(self.model_source) if self.model_source else None,
+        )
 
     def stats(self) -> dict:
         s = self.engine.stats()
-        s.update({"responses_held": len(self._responses), "responses_evicted": self.responses_evicted,
-                  "feedback_stored": self.store.count(), "adapter_version": self._served_version})
+        s.update(
+            {
+                "responses_held": len(self._responses),
+                "responses_evicted": self.responses_evicted,
+                "feedback_stored": self.store.count(),
+                "adapter_version": self._served_version,
+            }
+        )
         return self._with_learner(s)
 
     def close(self) -> None:
@@ -470,8 +539,11 @@ def _save_at_exit(ref) -> None:
 
 def _prompt_texts(prompt_text, in_b: int) -> list[str]:
     """The user's own words per batch row (the last user message for chats)."""
-    items = prompt_text if isinstance(prompt_text, (list, tuple)) and len(prompt_text) == in_b \
-        and in_b > 1 else [prompt_text] * in_b
+    items = (
+        prompt_text
+        if isinstance(prompt_text, (list, tuple)) and len(prompt_text) == in_b and in_b > 1
+        else [prompt_text] * in_b
+    )
     out = []
     for p in items:
         msgs = getattr(p, "messages", None)
@@ -485,11 +557,20 @@ def _prompt_texts(prompt_text, in_b: int) -> list[str]:
     return out
 
 
-def pipeline(task: str = "text-generation", model=None, tokenizer=None,
-             sona_config: SonaConfig | dict | None = None, *, state_dir: str | Path | None = None,
-             store=None, save_every: int = 25, save_interval_s: float = 60.0,
-             keep_versions: int = 20, retain_days: float = 90.0,
-             **pipeline_kwargs) -> SonaPipeline:
+def pipeline(
+    task: str = "text-generation",
+    model=None,
+    tokenizer=None,
+    sona_config: SonaConfig | dict | None = None,
+    *,
+    state_dir: str | Path | None = None,
+    store=None,
+    save_every: int = 25,
+    save_interval_s: float = 60.0,
+    keep_versions: int = 20,
+    retain_days: float = 90.0,
+    **pipeline_kwargs,
+) -> SonaPipeline:
     """A transformers text-generation pipeline with SONA on.
 
     Args:
@@ -522,38 +603,56 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
     if task != "text-generation":
         raise ConfigError(f"task must be 'text-generation', got {task!r}")
     if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
-        raise ConfigError(f"save_every must be an integer >= 0 (0: only on close), got "
-                          f"{save_every!r}")
-    for name, v, lo in (("save_interval_s", save_interval_s, 0.0),
-                        ("retain_days", retain_days, 0.0), ("keep_versions", keep_versions, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v < float("inf") \
-                or (name == "keep_versions" and not isinstance(v, int)):
+        raise ConfigError(
+            f"save_every must be an integer >= 0 (0: only on close), got {save_every!r}"
+        )
+    for name, v, lo in (
+        ("save_interval_s", save_interval_s, 0.0),
+        ("retain_days", retain_days, 0.0),
+        ("keep_versions", keep_versions, 1),
+    ):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not lo <= v < float("inf")
+            or (name == "keep_versions" and not isinstance(v, int))
+        ):
             raise ConfigError(f"{name} must be a finite number >= {lo}, got {v!r}")
     source: Any = None
     if model is None or isinstance(model, (str, Path)):
         source = Path(model) if model is not None else default_llm_path()
         # the embedded default is on disk: never ask a hub (the process's settings stay)
         local = {"local_files_only": True} if model is None else {}
-        tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
-            AutoTokenizer.from_pretrained(tokenizer or source, **local)
+        tok = (
+            tokenizer
+            if tokenizer is not None and not isinstance(tokenizer, (str, Path))
+            else AutoTokenizer.from_pretrained(tokenizer or source, **local)
+        )
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **local)
     else:
         source = getattr(model, "name_or_path", None) or None
-        tok = tokenizer if tokenizer is not None and not isinstance(tokenizer, (str, Path)) else \
-            AutoTokenizer.from_pretrained(tokenizer or model.name_or_path)
+        tok = (
+            tokenizer
+            if tokenizer is not None and not isinstance(tokenizer, (str, Path))
+            else AutoTokenizer.from_pretrained(tokenizer or model.name_or_path)
+        )
     model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     hidden = int(model.get_output_embeddings().weight.shape[1])
-    d = {} if sona_config is None else (
-        sona_config.to_dict() if isinstance(sona_config, SonaConfig) else dict(sona_config))
+    d = (
+        {}
+        if sona_config is None
+        else (sona_config.to_dict() if isinstance(sona_config, SonaConfig) else dict(sona_config))
+    )
     d.setdefault("embedding_dim", 384)
     for k, v in LM_DEFAULTS.items():
         d.setdefault(k, v)
     if d.get("hidden_dim", hidden) != hidden:
-        raise ConfigError(f"hidden_dim must equal the model's hidden size {hidden}, got "
-                          f"{d['hidden_dim']}")
+        raise ConfigError(
+            f"hidden_dim must equal the model's hidden size {hidden}, got {d['hidden_dim']}"
+        )
     d["hidden_dim"] = hidden
     cfg = SonaConfig.from_dict(d)
     sd = Path(state_dir) if state_dir is not None else sona_home() / "state"
@@ -561,12 +660,21 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None,
     engine = load_engine(sd / "engine", cfg)  # a restart keeps what the engine learned
     engine.set_output_head(model.get_output_embeddings().weight)
     st = store if store is not None else open_store(cfg.database_url or sd / "sona.db")
-    pipe = hf_pipeline("text-generation", model=model, tokenizer=tok,
-                       pipeline_class=SonaTextGenerationPipeline, **pipeline_kwargs)
-    sp = SonaPipeline(pipe, engine, state_dir=sd, store=st, model_source=source,
-                      save_every=save_every)
-    sp.save_interval_s, sp.keep_versions, sp.retain_days = (float(save_interval_s), keep_versions,
-                                                            float(retain_days))
+    pipe = hf_pipeline(
+        "text-generation",
+        model=model,
+        tokenizer=tok,
+        pipeline_class=SonaTextGenerationPipeline,
+        **pipeline_kwargs,
+    )
+    sp = SonaPipeline(
+        pipe, engine, state_dir=sd, store=st, model_source=source, save_every=save_every
+    )
+    sp.save_interval_s, sp.keep_versions, sp.retain_days = (
+        float(save_interval_s),
+        keep_versions,
+        float(retain_days),
+    )
     return sp
 
 

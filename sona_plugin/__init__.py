@@ -25,8 +25,7 @@ from .types import LearnedPattern, LearningSignal, PatternType, Trajectory, Traj
 __version__ = "0.1.0"
 
 
-def pipeline(task: str = "text-generation", model=None, tokenizer=None, sona_config=None,
-             **kwargs):
+def pipeline(task: str = "text-generation", model=None, tokenizer=None, sona_config=None, **kwargs):
     """A transformers text-generation pipeline that learns from feedback.
 
     See :func:`sona_plugin.integrations.transformers.pipeline` (imported on first call, so
@@ -38,8 +37,26 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None, sona_con
 
 
 __all__ = [
-    "BaseLoRA", "ConfigError", "DimensionMismatch", "DuplicateFeedback", "EwcPlusPlus", "InvalidValue",
-    "LearnedPattern", "LearningSignal", "MicroLoRA", "PatternType", "ReasoningBank",
-    "SonaConfig", "SonaEngine", "SonaError", "StateError", "Trajectory", "TrajectoryBuffer",
-    "TrajectoryBuilder", "TrajectoryStep", "UnknownTrajectory", "__version__", "pipeline",
+    "BaseLoRA",
+    "ConfigError",
+    "DimensionMismatch",
+    "DuplicateFeedback",
+    "EwcPlusPlus",
+    "InvalidValue",
+    "LearnedPattern",
+    "LearningSignal",
+    "MicroLoRA",
+    "PatternType",
+    "ReasoningBank",
+    "SonaConfig",
+    "SonaEngine",
+    "SonaError",
+    "StateError",
+    "Trajectory",
+    "TrajectoryBuffer",
+    "TrajectoryBuilder",
+    "TrajectoryStep",
+    "UnknownTrajectory",
+    "__version__",
+    "pipeline",
 ]

@@ -376,8 +376,13 @@ def micro_update(
     grad_clip, norm_cap, trust_region = float(grad_clip), float(norm_cap), float(trust_region)
     if not 0.0 <= beta2 < 1.0:
         raise InvalidValue(f"beta2 must be in [0, 1), got {beta2:g}")
-    for name, val in (("lr", lr), ("decay", decay), ("grad_clip", grad_clip),
-                      ("norm_cap", norm_cap), ("trust_region", trust_region)):
+    for name, val in (
+        ("lr", lr),
+        ("decay", decay),
+        ("grad_clip", grad_clip),
+        ("norm_cap", norm_cap),
+        ("trust_region", trust_region),
+    ):
         if math.isnan(val):
             raise InvalidValue(f"{name} must not be NaN")
     outs = []

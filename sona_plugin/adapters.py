@@ -269,10 +269,13 @@ class AdapterRegistry:
                 return None, f"unreadable {VERSION_FILE} ({e})"
             if not isinstance(meta, dict) or meta.get("version") != int(m.group(1)):
                 return None, f"{VERSION_FILE} names another version"
-            v = AdapterVersion(version=meta["version"], path=path,
-                               metadata=meta.get("metadata") or {},
-                               created_at=float(meta.get("created_at", 0.0)),
-                               parent=meta.get("parent"))
+            v = AdapterVersion(
+                version=meta["version"],
+                path=path,
+                metadata=meta.get("metadata") or {},
+                created_at=float(meta.get("created_at", 0.0)),
+                parent=meta.get("parent"),
+            )
             self._info_cache[path.name] = (key, v)
         problem = self._weights_problem(path)
         if problem is not None:
@@ -286,8 +289,7 @@ class AdapterRegistry:
         return v
 
     def _numbers_taken(self) -> list[int]:
-        return [int(m.group(1)) for p in self.root.iterdir()
-                if (m := _VERSION_DIR.match(p.name))]
+        return [int(m.group(1)) for p in self.root.iterdir() if (m := _VERSION_DIR.match(p.name))]
 
     def _high_water(self) -> int:
         """The number HIGH_WATER holds, or 0 if there is none (a registry from before it).
@@ -340,8 +342,9 @@ class AdapterRegistry:
         if v is None:
             why = f" ({version_name(version)} is incomplete: {problem})" if problem else ""
             available = [x.version for x in self.versions()]
-            raise UnknownAdapterVersion(f"adapter version {version!r} not found in "
-                                        f"{self.root}{why}; available: {available}")
+            raise UnknownAdapterVersion(
+                f"adapter version {version!r} not found in {self.root}{why}; available: {available}"
+            )
         return v
 
     def current_version(self) -> int | None:
@@ -352,8 +355,9 @@ class AdapterRegistry:
             return None
         m = _VERSION_DIR.match(text)
         if m is None:
-            raise StateError(f"{self.root / CURRENT_FILE} must name a version like v000001, "
-                             f"got {text!r}")
+            raise StateError(
+                f"{self.root / CURRENT_FILE} must name a version like v000001, got {text!r}"
+            )
         return int(m.group(1))
 
     def current(self) -> AdapterVersion | None:
@@ -368,8 +372,7 @@ class AdapterRegistry:
         v, problem = self._inspect(self.root / version_name(n))
         if v is None:
             why = f"incomplete ({problem})" if problem else "missing"
-            raise StateError(f"{self.root / CURRENT_FILE} names {version_name(n)}, which is "
-                             f"{why}")
+            raise StateError(f"{self.root / CURRENT_FILE} names {version_name(n)}, which is {why}")
         return v
 
     def servable(self) -> AdapterVersion | None:
@@ -400,11 +403,16 @@ class AdapterRegistry:
             named, problem = version_name(n), problem or "its directory is missing"
         vs = self.versions()
         fallback = vs[-1] if vs else None
-        reason = (f"{self.root / CURRENT_FILE} names {named}, which cannot be served "
-                  f"({problem}); ")
-        self._warn_once(self.root / CURRENT_FILE,
-                        reason + (f"the newest complete version is {fallback.name}"
-                                  if fallback else "no complete version exists"))
+        reason = f"{self.root / CURRENT_FILE} names {named}, which cannot be served ({problem}); "
+        self._warn_once(
+            self.root / CURRENT_FILE,
+            reason
+            + (
+                f"the newest complete version is {fallback.name}"
+                if fallback
+                else "no complete version exists"
+            ),
+        )
         return fallback
 
     # -- writing ------------------------------------------------------------------------
@@ -422,8 +430,13 @@ class AdapterRegistry:
     def _write_current(self, version: int) -> None:
         self._write_atomic(CURRENT_FILE, version_name(version) + "\n")
 
-    def publish(self, write: Callable[[Path], None], metadata: dict[str, Any] | None = None,
-                *, make_current: bool = True) -> AdapterVersion:
+    def publish(
+        self,
+        write: Callable[[Path], None],
+        metadata: dict[str, Any] | None = None,
+        *,
+        make_current: bool = True,
+    ) -> AdapterVersion:
         """Publish a new adapter version, atomically.
 
         Args:
@@ -446,16 +459,17 @@ class AdapterRegistry:
         try:
             json.dumps(metadata, allow_nan=False)
         except (TypeError, ValueError) as e:
-            raise InvalidValue(f"metadata must be JSON-serialisable, got {metadata!r}: "
-                               f"{e}") from e
+            raise InvalidValue(f"metadata must be JSON-serialisable, got {metadata!r}: {e}") from e
         with self._locked():
             tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=self.root))
             try:
                 write(tmp)
                 missing = [f for f in _REQUIRED_FILES if not (tmp / f).is_file()]
                 if missing:
-                    raise InvalidValue(f"the adapter writer must produce {list(_REQUIRED_FILES)}"
-                                       f", missing {missing}")
+                    raise InvalidValue(
+                        f"the adapter writer must produce {list(_REQUIRED_FILES)}"
+                        f", missing {missing}"
+                    )
                 # the same rule _load applies, so CURRENT never names a version it skips
                 try:
                     problem = self._weights_problem(tmp)
@@ -467,8 +481,13 @@ class AdapterRegistry:
                 taken = self._numbers_taken()
                 version = max([*taken, parent or 0, self._high_water()]) + 1
                 created_at = time.time()
-                info = {"format": _FORMAT, "version": version, "metadata": metadata,
-                        "created_at": created_at, "parent": parent}
+                info = {
+                    "format": _FORMAT,
+                    "version": version,
+                    "metadata": metadata,
+                    "created_at": created_at,
+                    "parent": parent,
+                }
                 (tmp / VERSION_FILE).write_text(json.dumps(info, indent=2, allow_nan=False))
                 _fsync_tree(tmp)
                 final = self.root / version_name(version)
@@ -484,10 +503,15 @@ class AdapterRegistry:
             failpoint("publish.renamed")
             if make_current:
                 self._write_current(version)
-            logger.info("published adapter %s (parent %s)%s", version_name(version), parent,
-                        " and made it current" if make_current else "")
-            return AdapterVersion(version=version, path=final, metadata=metadata,
-                                  created_at=created_at, parent=parent)
+            logger.info(
+                "published adapter %s (parent %s)%s",
+                version_name(version),
+                parent,
+                " and made it current" if make_current else "",
+            )
+            return AdapterVersion(
+                version=version, path=final, metadata=metadata, created_at=created_at, parent=parent
+            )
 
     def set_current(self, version: int) -> AdapterVersion:
         """Serve ``version`` (roll back or forward); atomic like :meth:`publish`.
@@ -533,8 +557,11 @@ class AdapterRegistry:
         with self._locked():
             current = self.current_version()
             high_water = self._high_water()
-            doomed = [v for v in self.versions()[:-keep]
-                      if v.version != current and v.version not in protected]
+            doomed = [
+                v
+                for v in self.versions()[:-keep]
+                if v.version != current and v.version not in protected
+            ]
             if not doomed:
                 return []
             top = max([*self._numbers_taken(), current or 0, high_water])
@@ -550,11 +577,20 @@ class AdapterRegistry:
                 try:
                     shutil.rmtree(trash)
                 except OSError as e:
-                    logger.warning("pruned %s but could not delete %s (%s); it is removed "
-                                   "when the registry is next opened", v.name, trash, e)
-        logger.info("pruned adapter versions %s (keep %d, current %s, protected %s)",
-                    [version_name(n) for n in removed], keep,
-                    version_name(current) if current else None, sorted(protected))
+                    logger.warning(
+                        "pruned %s but could not delete %s (%s); it is removed "
+                        "when the registry is next opened",
+                        v.name,
+                        trash,
+                        e,
+                    )
+        logger.info(
+            "pruned adapter versions %s (keep %d, current %s, protected %s)",
+            [version_name(n) for n in removed],
+            keep,
+            version_name(current) if current else None,
+            sorted(protected),
+        )
         return removed
 
     def __repr__(self) -> str:

@@ -20,16 +20,28 @@ from .errors import ConfigError, DimensionMismatch, InvalidValue, StateError
 class BaseLoRA:
     """Per-layer LoRA pairs ``A_l`` [r, d] (small random) and ``B_l`` [d, r] (zero)."""
 
-    def __init__(self, hidden_dim: int, rank: int = 8, num_layers: int = 12, alpha: float | None = None,
-                 seed: int = 0):
-        for name, v in (("hidden_dim", hidden_dim), ("base_lora_rank", rank), ("num_layers", num_layers)):
+    def __init__(
+        self,
+        hidden_dim: int,
+        rank: int = 8,
+        num_layers: int = 12,
+        alpha: float | None = None,
+        seed: int = 0,
+    ):
+        for name, v in (
+            ("hidden_dim", hidden_dim),
+            ("base_lora_rank", rank),
+            ("num_layers", num_layers),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be an integer > 0, got {v!r}")
         self.hidden_dim, self.rank, self.num_layers = hidden_dim, rank, num_layers
         self._alpha = float(alpha if alpha is not None else rank)
         rng = np.random.default_rng(seed + 1)
-        self.A = [(rng.standard_normal((rank, hidden_dim)) / math.sqrt(hidden_dim)).astype(np.float32)
-                  for _ in range(num_layers)]
+        self.A = [
+            (rng.standard_normal((rank, hidden_dim)) / math.sqrt(hidden_dim)).astype(np.float32)
+            for _ in range(num_layers)
+        ]
         self.B = [np.zeros((hidden_dim, rank), np.float32) for _ in range(num_layers)]
 
     @property
@@ -46,9 +58,14 @@ class BaseLoRA:
         return self._alpha / self.rank
 
     def _check_layer(self, layer_idx: int) -> int:
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, (int, np.integer)) or \
-                not 0 <= layer_idx < self.num_layers:
-            raise InvalidValue(f"layer index must be in [0, {self.num_layers - 1}], got {layer_idx!r}")
+        if (
+            isinstance(layer_idx, bool)
+            or not isinstance(layer_idx, (int, np.integer))
+            or not 0 <= layer_idx < self.num_layers
+        ):
+            raise InvalidValue(
+                f"layer index must be in [0, {self.num_layers - 1}], got {layer_idx!r}"
+            )
         return int(layer_idx)
 
     def forward_layer(self, layer_idx: int, x, out=None):
@@ -70,8 +87,11 @@ class BaseLoRA:
         d = self.delta(layer_idx)
         shape = tuple(model_weights.shape)
         if shape != d.shape:
-            raise DimensionMismatch(f"model_weights must have shape {d.shape}, got {shape}",
-                                    d.shape[0], shape[0] if shape else 0)
+            raise DimensionMismatch(
+                f"model_weights must have shape {d.shape}, got {shape}",
+                d.shape[0],
+                shape[0] if shape else 0,
+            )
         if hasattr(model_weights, "detach"):
             import torch
 
@@ -87,20 +107,33 @@ class BaseLoRA:
         for l in range(self.num_layers):
             arrays[f"layers.{l}.lora_A"] = self.A[l]
             arrays[f"layers.{l}.lora_B"] = self.B[l]
-        meta = {"hidden_dim": self.hidden_dim, "rank": self.rank, "num_layers": self.num_layers,
-                "alpha": self._alpha}
+        meta = {
+            "hidden_dim": self.hidden_dim,
+            "rank": self.rank,
+            "num_layers": self.num_layers,
+            "alpha": self._alpha,
+        }
         return arrays, meta
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        if (meta["hidden_dim"], meta["rank"], meta["num_layers"]) != \
-                (self.hidden_dim, self.rank, self.num_layers):
-            raise DimensionMismatch(f"BaseLoRA state is {meta['num_layers']} layers of rank "
-                                    f"{meta['rank']} at {meta['hidden_dim']}-d, expected "
-                                    f"{self.num_layers} x rank {self.rank} at {self.hidden_dim}-d")
-        self.A = [np.ascontiguousarray(arrays[f"layers.{l}.lora_A"], np.float32)
-                  for l in range(self.num_layers)]
-        self.B = [np.ascontiguousarray(arrays[f"layers.{l}.lora_B"], np.float32)
-                  for l in range(self.num_layers)]
+        if (meta["hidden_dim"], meta["rank"], meta["num_layers"]) != (
+            self.hidden_dim,
+            self.rank,
+            self.num_layers,
+        ):
+            raise DimensionMismatch(
+                f"BaseLoRA state is {meta['num_layers']} layers of rank "
+                f"{meta['rank']} at {meta['hidden_dim']}-d, expected "
+                f"{self.num_layers} x rank {self.rank} at {self.hidden_dim}-d"
+            )
+        self.A = [
+            np.ascontiguousarray(arrays[f"layers.{l}.lora_A"], np.float32)
+            for l in range(self.num_layers)
+        ]
+        self.B = [
+            np.ascontiguousarray(arrays[f"layers.{l}.lora_B"], np.float32)
+            for l in range(self.num_layers)
+        ]
         self._alpha = float(meta["alpha"])
 
     def save(self, path: str | Path) -> None:
@@ -116,8 +149,12 @@ class BaseLoRA:
             with safe_open(str(path), "np") as f:
                 m = f.metadata() or {}
             arrays = load_file(str(path))
-            meta = {"hidden_dim": int(m["hidden_dim"]), "rank": int(m["rank"]),
-                    "num_layers": int(m["num_layers"]), "alpha": float(m["alpha"])}
+            meta = {
+                "hidden_dim": int(m["hidden_dim"]),
+                "rank": int(m["rank"]),
+                "num_layers": int(m["num_layers"]),
+                "alpha": float(m["alpha"]),
+            }
         except (OSError, KeyError, ValueError) as e:
             raise StateError(f"cannot load BaseLoRA from {path}: {e}") from e
         obj = cls(meta["hidden_dim"], meta["rank"], meta["num_layers"], meta["alpha"])

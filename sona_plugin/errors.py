@@ -62,8 +62,12 @@ class UnknownRecord(InvalidValue):
 
 # HTTP status of each error class, for every route of both hosts (most specific first)
 HTTP_STATUS: tuple[tuple[type[SonaError], int], ...] = (
-    (UnknownResponse, 404), (UnknownTrajectory, 404), (UnknownAdapterVersion, 404),
-    (UnknownRecord, 404), (DuplicateFeedback, 409), (SonaError, 400),
+    (UnknownResponse, 404),
+    (UnknownTrajectory, 404),
+    (UnknownAdapterVersion, 404),
+    (UnknownRecord, 404),
+    (DuplicateFeedback, 409),
+    (SonaError, 400),
 )
 
 

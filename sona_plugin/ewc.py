@@ -125,8 +125,10 @@ class EwcPlusPlus:
         state exists raises DimensionMismatch (call :meth:`reset` first).
         """
         if not isinstance(params, dict) or not params:
-            raise InvalidValue(f"params must be a non-empty dict of name -> array, got "
-                               f"{type(params).__name__} {params!r:.80}")
+            raise InvalidValue(
+                f"params must be a non-empty dict of name -> array, got "
+                f"{type(params).__name__} {params!r:.80}"
+            )
         shapes = {str(n): _shape(v) for n, v in params.items()}
         if self._shapes is not None:
             self._check(params, "params")
@@ -142,15 +144,22 @@ class EwcPlusPlus:
             raise InvalidValue(f"{what} must be a dict of name -> array, got {type(d).__name__}")
         missing = [n for n in self._shapes if n not in d]
         if missing:
-            raise DimensionMismatch(f"{what} lacks parameter {missing[0]!r} (expected shape "
-                                    f"{self._shapes[missing[0]]}); registered: "
-                                    f"{sorted(self._shapes)}", self._shapes[missing[0]], None)
+            raise DimensionMismatch(
+                f"{what} lacks parameter {missing[0]!r} (expected shape "
+                f"{self._shapes[missing[0]]}); registered: "
+                f"{sorted(self._shapes)}",
+                self._shapes[missing[0]],
+                None,
+            )
         extra = [n for n in d if n not in self._shapes]
         if extra:
-            raise DimensionMismatch(f"{what} has unknown parameter {extra[0]!r} (shape "
-                                    f"{_shape(d[extra[0]])}); "
-                                    f"registered: {sorted(self._shapes)}",
-                                    None, _shape(d[extra[0]]))
+            raise DimensionMismatch(
+                f"{what} has unknown parameter {extra[0]!r} (shape "
+                f"{_shape(d[extra[0]])}); "
+                f"registered: {sorted(self._shapes)}",
+                None,
+                _shape(d[extra[0]]),
+            )
         for n, exp in self._shapes.items():
             got = _shape(d[n])
             if got != exp:
@@ -214,8 +223,9 @@ class EwcPlusPlus:
         return self._fisher_updates
 
     # ---------------------------------------------------------------- boundaries
-    def detect_task_boundary(self, grads: dict[str, Any] | None = None,
-                             loss: float | None = None) -> bool:
+    def detect_task_boundary(
+        self, grads: dict[str, Any] | None = None, loss: float | None = None
+    ) -> bool:
         """Whether the training signal has shifted enough to call it a new task.
 
         The statistic is the loss if given, else the global L2 norm of ``grads``. It is
@@ -308,11 +318,18 @@ class EwcPlusPlus:
         """
         theta = self._numpy(params, "params")
         if self._fisher_updates == 0:
-            logger.warning("EWC++ start_new_task skipped: no update_fisher since the last task, "
-                           "so there is nothing to protect")
+            logger.warning(
+                "EWC++ start_new_task skipped: no update_fisher since the last task, "
+                "so there is nothing to protect"
+            )
             return False
-        self._tasks.append(_Task({n: f.copy() for n, f in self._fisher.items()},
-                                 {n: t.copy() for n, t in theta.items()}, 1))
+        self._tasks.append(
+            _Task(
+                {n: f.copy() for n, f in self._fisher.items()},
+                {n: t.copy() for n, t in theta.items()},
+                1,
+            )
+        )
         if len(self._tasks) > self.config.ewc_max_tasks:
             self._tasks[:2] = [_Task.combine(self._tasks[0], self._tasks[1])]
         for f in self._fisher.values():
@@ -440,8 +457,10 @@ class EwcPlusPlus:
         self._check(grads, "grads")
         self._check(params, "params")
         if self._kind(grads) != self._kind(params):
-            raise InvalidValue(f"grads are {self._kind(grads)} but params are "
-                               f"{self._kind(params)}; pass both as NumPy or both as torch")
+            raise InvalidValue(
+                f"grads are {self._kind(grads)} but params are "
+                f"{self._kind(params)}; pass both as NumPy or both as torch"
+            )
         pg = self.penalty_grad(params)
         return {n: grads[n] + pg[n] for n in self._shapes}  # type: ignore[union-attr]
 
@@ -459,11 +478,19 @@ class EwcPlusPlus:
         key = (str(like.device), str(like.dtype))
         if self._torch_cache_key.get(key) != self._version:
             self._torch_cache[key] = [
-                _Task({n: torch.as_tensor(f, device=like.device).to(like.dtype)
-                       for n, f in t.fisher.items()},
-                      {n: torch.as_tensor(v, device=like.device).to(like.dtype)
-                       for n, v in t.theta.items()}, t.merged)
-                for t in self._tasks]
+                _Task(
+                    {
+                        n: torch.as_tensor(f, device=like.device).to(like.dtype)
+                        for n, f in t.fisher.items()
+                    },
+                    {
+                        n: torch.as_tensor(v, device=like.device).to(like.dtype)
+                        for n, v in t.theta.items()
+                    },
+                    t.merged,
+                )
+                for t in self._tasks
+            ]
             self._torch_cache_key[key] = self._version
         return self._torch_cache[key]
 
@@ -481,9 +508,11 @@ class EwcPlusPlus:
             "fisher_updates": self._fisher_updates,
             "boundaries_detected": self._boundaries,
             "last_z": self._last_z,
-            "fisher_mean": (float(np.mean(np.concatenate([f.ravel() for f in
-                                                          self._fisher.values()])))
-                            if self._fisher else 0.0),
+            "fisher_mean": (
+                float(np.mean(np.concatenate([f.ravel() for f in self._fisher.values()])))
+                if self._fisher
+                else 0.0
+            ),
             "parameters": sum(int(np.prod(s)) for s in (self._shapes or {}).values()),
         }
 
@@ -523,30 +552,39 @@ class EwcPlusPlus:
         """
         try:
             if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-                raise StateError(f"not a {_FORMAT} v{_VERSION} state: format "
-                                 f"{meta.get('format')!r} version {meta.get('version')!r}")
+                raise StateError(
+                    f"not a {_FORMAT} v{_VERSION} state: format "
+                    f"{meta.get('format')!r} version {meta.get('version')!r}"
+                )
             names = meta["names"]
             shapes = None
             fisher: dict[str, np.ndarray] = {}
             tasks: list[_Task] = []
             if names is not None:
-                shapes = {str(n): tuple(int(x) for x in s)
-                          for n, s in zip(names, meta["shapes"], strict=True)}
+                shapes = {
+                    str(n): tuple(int(x) for x in s)
+                    for n, s in zip(names, meta["shapes"], strict=True)
+                }
 
                 def get(key: str, shape: tuple[int, ...]) -> np.ndarray:
                     if key not in arrays:
                         raise StateError(f"EWC++ state lacks array {key!r}")
                     a = np.array(_to_numpy(key, arrays[key]), dtype=np.float32, copy=True)
                     if a.shape != shape:
-                        raise StateError(f"EWC++ state array {key!r} has shape {a.shape}, "
-                                         f"expected {shape}")
+                        raise StateError(
+                            f"EWC++ state array {key!r} has shape {a.shape}, expected {shape}"
+                        )
                     return a
 
                 fisher = {n: get(f"fisher.{n}", s) for n, s in shapes.items()}
                 for i, merged in enumerate(meta["tasks_merged"]):
-                    tasks.append(_Task({n: get(f"task{i}.fisher.{n}", s) for n, s in shapes.items()},
-                                       {n: get(f"task{i}.theta.{n}", s) for n, s in shapes.items()},
-                                       int(merged)))
+                    tasks.append(
+                        _Task(
+                            {n: get(f"task{i}.fisher.{n}", s) for n, s in shapes.items()},
+                            {n: get(f"task{i}.theta.{n}", s) for n, s in shapes.items()},
+                            int(merged),
+                        )
+                    )
             elif meta["tasks_merged"]:
                 raise StateError("EWC++ state has tasks but no parameter names")
             lam = float(meta["lambda"])

@@ -10,8 +10,13 @@ from .errors import StateError
 from .micro_lora import MicroLoRA
 
 
-def write_peft_export(path: Path, micro: MicroLoRA, lm_head_weight: Any,
-                      base_adapter_dir: Path | None, base_model: str | None) -> Path:
+def write_peft_export(
+    path: Path,
+    micro: MicroLoRA,
+    lm_head_weight: Any,
+    base_adapter_dir: Path | None,
+    base_model: str | None,
+) -> Path:
     """A PEFT adapter directory: the BaseLoRA (if any) plus the MicroLoRA folded into ``lm_head``.
 
     ``W (h + s B A h) = W h + (s W B)(A h)``: ``lora_A = A``, ``lora_B = s W B`` with PEFT
@@ -31,14 +36,25 @@ def write_peft_export(path: Path, micro: MicroLoRA, lm_head_weight: Any,
         base_cfg = json.loads((Path(base_adapter_dir) / "adapter_config.json").read_text())
         tensors.update(load_file(str(Path(base_adapter_dir) / "adapter_model.safetensors")))
         targets = sorted(set(base_cfg["target_modules"]) | {"lm_head"})
-        cfg = LoraConfig(r=base_cfg["r"], lora_alpha=base_cfg["lora_alpha"], target_modules=targets,
-                         bias="none", task_type="CAUSAL_LM", rank_pattern={"lm_head": r},
-                         alpha_pattern={"lm_head": r})
+        cfg = LoraConfig(
+            r=base_cfg["r"],
+            lora_alpha=base_cfg["lora_alpha"],
+            target_modules=targets,
+            bias="none",
+            task_type="CAUSAL_LM",
+            rank_pattern={"lm_head": r},
+            alpha_pattern={"lm_head": r},
+        )
     else:
-        cfg = LoraConfig(r=r, lora_alpha=r, target_modules=["lm_head"], bias="none",
-                         task_type="CAUSAL_LM")
-    tensors["base_model.model.lm_head.lora_A.weight"] = torch.from_numpy(fold["lora_A"]).contiguous()
-    tensors["base_model.model.lm_head.lora_B.weight"] = torch.from_numpy(fold["lora_B"]).contiguous()
+        cfg = LoraConfig(
+            r=r, lora_alpha=r, target_modules=["lm_head"], bias="none", task_type="CAUSAL_LM"
+        )
+    tensors["base_model.model.lm_head.lora_A.weight"] = torch.from_numpy(
+        fold["lora_A"]
+    ).contiguous()
+    tensors["base_model.model.lm_head.lora_B.weight"] = torch.from_numpy(
+        fold["lora_B"]
+    ).contiguous()
     cfg.base_model_name_or_path = base_model
     cfg.save_pretrained(str(path))
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -50,8 +66,10 @@ def _load_state(state_dir: Path) -> tuple[Any, dict]:
 
     info_path = Path(state_dir) / "pipeline.json"
     if not info_path.exists():
-        raise StateError(f"{state_dir} holds no saved pipeline state (pipeline.json); run the "
-                         f"pipeline (it saves on learn() and close()) or pass the right --state-dir")
+        raise StateError(
+            f"{state_dir} holds no saved pipeline state (pipeline.json); run the "
+            f"pipeline (it saves on learn() and close()) or pass the right --state-dir"
+        )
     info = json.loads(info_path.read_text())
     return SonaEngine.load(Path(state_dir) / "engine"), info
 
@@ -66,12 +84,19 @@ def export_peft_from_state(state_dir: Path, path: Path) -> Path:
     engine, info = _load_state(state_dir)
     source = info.get("model_source")
     if not source:
-        raise StateError("the saved pipeline did not record its model's path; export from the "
-                         "live pipeline with pipe.export_peft(path)")
+        raise StateError(
+            "the saved pipeline did not record its model's path; export from the "
+            "live pipeline with pipe.export_peft(path)"
+        )
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     cur = AdapterRegistry(Path(state_dir) / "adapters").current()
-    return write_peft_export(path, engine.micro_lora, model.get_output_embeddings().weight,
-                             cur.path if cur else None, source)
+    return write_peft_export(
+        path,
+        engine.micro_lora,
+        model.get_output_embeddings().weight,
+        cur.path if cur else None,
+        source,
+    )
 
 
 def export_patterns(state_dir: Path, out: Path) -> int:
@@ -96,9 +121,18 @@ def export_preferences(state_dir: Path, out: Path) -> int:
             for r in store.records():
                 if r.reward == 0:
                     continue
-                f.write(json.dumps({"prompt": r.prompt, "completion": r.response_text,
-                                    "label": bool(r.reward > 0), "reward": r.reward,
-                                    "response_id": r.response_id}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": r.prompt,
+                            "completion": r.response_text,
+                            "label": bool(r.reward > 0),
+                            "reward": r.reward,
+                            "response_id": r.response_id,
+                        }
+                    )
+                    + "\n"
+                )
                 n += 1
     finally:
         store.close()

@@ -49,20 +49,23 @@ class _Series:
             self.prom = None
             return
         self.prom = {
-            "feedback": _prom.Counter("sona_feedback", "feedback requests by outcome",
-                                      ["outcome"]),
+            "feedback": _prom.Counter("sona_feedback", "feedback requests by outcome", ["outcome"]),
             "liked": _prom.Counter("sona_feedback_liked", "accepted feedback with reward > 0"),
-            "instant": _prom.Counter("sona_instant_updates", "instant (MicroLoRA) updates",
-                                     ["outcome"]),
+            "instant": _prom.Counter(
+                "sona_instant_updates", "instant (MicroLoRA) updates", ["outcome"]
+            ),
             "cycles": _prom.Counter("sona_cycles", "loop-B cycles by outcome", ["outcome"]),
             "gate": _prom.Counter("sona_gate_refusals", "failed gate checks", ["check"]),
             "swaps": _prom.Counter("sona_swaps", "adapter swaps by outcome", ["outcome"]),
             "served": _prom.Gauge("sona_served_version", "BaseLoRA version served (0: none)"),
-            "evictions": _prom.Gauge("sona_recorder_evictions",
-                                     "recordings evicted before feedback"),
-            "swap_s": _prom.Histogram("sona_swap_seconds", "load, verify and switch one "
-                                      "adapter version",
-                                      buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30)),
+            "evictions": _prom.Gauge(
+                "sona_recorder_evictions", "recordings evicted before feedback"
+            ),
+            "swap_s": _prom.Histogram(
+                "sona_swap_seconds",
+                "load, verify and switch one adapter version",
+                buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            ),
         }
 
     def inc(self, name: str, label: str | None = None, n: float = 1.0) -> None:

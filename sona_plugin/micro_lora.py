@@ -66,10 +66,21 @@ class MicroLoRA:
         seed: seed of ``A``'s initialisation.
     """
 
-    def __init__(self, hidden_dim: int, rank: int = 2, alpha: float = 1.0, *, lr: float = 3e-3,
-                 beta2: float = 0.99, norm_cap: float = 0.3, trust_region: float = 0.05,
-                 decay: float = 0.01, grad_clip: float = 1.0, seed: int = 0,
-                 init: str = "zero_a"):
+    def __init__(
+        self,
+        hidden_dim: int,
+        rank: int = 2,
+        alpha: float = 1.0,
+        *,
+        lr: float = 3e-3,
+        beta2: float = 0.99,
+        norm_cap: float = 0.3,
+        trust_region: float = 0.05,
+        decay: float = 0.01,
+        grad_clip: float = 1.0,
+        seed: int = 0,
+        init: str = "zero_a",
+    ):
         if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim <= 0:
             raise ConfigError(f"hidden_dim must be an integer > 0, got {hidden_dim!r}")
         if isinstance(rank, bool) or rank not in (1, 2):
@@ -85,10 +96,14 @@ class MicroLoRA:
             raise ConfigError(f"micro_lora_init must be 'zero_a' or 'zero_b', got {init!r}")
         self.init = init
         if init == "zero_a":
-            self.B0 = (rng.standard_normal((hidden_dim, rank)) / math.sqrt(hidden_dim)).astype(np.float32)
+            self.B0 = (rng.standard_normal((hidden_dim, rank)) / math.sqrt(hidden_dim)).astype(
+                np.float32
+            )
             self.A0 = np.zeros((rank, hidden_dim), np.float32)
         else:
-            self.A0 = (rng.standard_normal((rank, hidden_dim)) / math.sqrt(hidden_dim)).astype(np.float32)
+            self.A0 = (rng.standard_normal((rank, hidden_dim)) / math.sqrt(hidden_dim)).astype(
+                np.float32
+            )
             self.B0 = np.zeros((hidden_dim, rank), np.float32)
         self._A = self.A0.copy()
         self._B = self.B0.copy()
@@ -110,8 +125,10 @@ class MicroLoRA:
         A = np.ascontiguousarray(A, np.float32)
         B = np.ascontiguousarray(B, np.float32)
         if A.shape != self._A.shape or B.shape != self._B.shape:
-            raise DimensionMismatch(f"MicroLoRA params must have shapes {self._A.shape} and "
-                                    f"{self._B.shape}, got {A.shape} and {B.shape}")
+            raise DimensionMismatch(
+                f"MicroLoRA params must have shapes {self._A.shape} and "
+                f"{self._B.shape}, got {A.shape} and {B.shape}"
+            )
         if not (np.isfinite(A).all() and np.isfinite(B).all()):
             raise InvalidValue("MicroLoRA params contain non-finite values")
         self._A, self._B = A, B
@@ -135,9 +152,14 @@ class MicroLoRA:
         return kernels.micro_lora_forward(H, A, B, self.scale, None)
 
     # -- learning ---------------------------------------------------------------------
-    def gradient(self, H: np.ndarray, G: np.ndarray, adv: np.ndarray,
-                 A: np.ndarray | None = None, B: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def gradient(
+        self,
+        H: np.ndarray,
+        G: np.ndarray,
+        adv: np.ndarray,
+        A: np.ndarray | None = None,
+        B: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(dJ/dA, dJ/dB) for steps H [T, d], upstream gradients G [T, d], advantages [T]."""
         A = self._A if A is None else A
         B = self._B if B is None else B
@@ -146,9 +168,13 @@ class MicroLoRA:
         kernels.reinforce_accumulate(H, G, adv, A, B, self.scale, gA, gB)
         return gA, gB
 
-    def update(self, H: np.ndarray, grad_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
-               adv: np.ndarray,
-               divergence: Callable[[np.ndarray, np.ndarray], float]) -> UpdateReport:
+    def update(
+        self,
+        H: np.ndarray,
+        grad_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        adv: np.ndarray,
+        divergence: Callable[[np.ndarray, np.ndarray], float],
+    ) -> UpdateReport:
         """One stabilised ascent step on ``J = sum_t a_t J_t(y_t)``.
 
         Args:
@@ -167,8 +193,9 @@ class MicroLoRA:
         np.add(self._B * (1.0 - self.decay), self.decay * self.B0, out=B)
         G = grad_fn(A, B)
         g = np.zeros_like(theta)
-        kernels.reinforce_accumulate(H, G, adv, A, B, self.scale, g[:n_a].reshape(r, d),
-                                     g[n_a:].reshape(d, r))
+        kernels.reinforce_accumulate(
+            H, G, adv, A, B, self.scale, g[:n_a].reshape(r, d), g[n_a:].reshape(d, r)
+        )
         gnorm = math.sqrt(float(g.dot(g)))
         if not math.isfinite(gnorm):
             raise InvalidValue("instant-loop gradient is not finite; update refused")
@@ -222,9 +249,26 @@ class MicroLoRA:
         v_out = np.empty_like(self._v)
         t = self.steps + 1
         accepted, frac, div, gnorm, dn = kernels.micro_update(
-            H, G, adv, self._A, self._B, self.B0, self._v, t, self.scale, self.lr, self.beta2,
-            self.decay, self.grad_clip, self.norm_cap, self.trust_region, _MAX_HALVINGS,
-            A_out, B_out, v_out)
+            H,
+            G,
+            adv,
+            self._A,
+            self._B,
+            self.B0,
+            self._v,
+            t,
+            self.scale,
+            self.lr,
+            self.beta2,
+            self.decay,
+            self.grad_clip,
+            self.norm_cap,
+            self.trust_region,
+            _MAX_HALVINGS,
+            A_out,
+            B_out,
+            v_out,
+        )
         self._A, self._B, self._v = A_out, B_out, v_out
         self.steps = t
         self.rejected += int(not accepted)
@@ -243,16 +287,27 @@ class MicroLoRA:
         """
         Wn = W.detach().cpu().float().numpy() if hasattr(W, "detach") else np.asarray(W, np.float32)
         if Wn.ndim != 2 or Wn.shape[1] != self.hidden_dim:
-            raise DimensionMismatch(f"lm_head weight must be [vocab, {self.hidden_dim}], got "
-                                    f"{Wn.shape}", self.hidden_dim, Wn.shape[-1] if Wn.ndim else 0)
-        return {"lora_A": self._A.copy(), "lora_B": (self.scale * (Wn @ self._B)).astype(np.float32),
-                "r": self.rank, "lora_alpha": self.rank}
+            raise DimensionMismatch(
+                f"lm_head weight must be [vocab, {self.hidden_dim}], got {Wn.shape}",
+                self.hidden_dim,
+                Wn.shape[-1] if Wn.ndim else 0,
+            )
+        return {
+            "lora_A": self._A.copy(),
+            "lora_B": (self.scale * (Wn @ self._B)).astype(np.float32),
+            "r": self.rank,
+            "lora_alpha": self.rank,
+        }
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {"A": self._A, "B": self._B, "A0": self.A0, "B0": self.B0, "v": self._v}
-        meta = {"steps": self.steps, "rejected": self.rejected, "scale": self.scale,
-                "init": self.init}
+        meta = {
+            "steps": self.steps,
+            "rejected": self.rejected,
+            "scale": self.scale,
+            "init": self.init,
+        }
         return arrays, meta
 
     def load_state_dict(self, arrays: dict[str, np.ndarray], meta: dict) -> None:

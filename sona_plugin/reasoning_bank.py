@@ -35,8 +35,9 @@ _SAME_POINT_RTOL = 1e-5
 _MIN_WEIGHT = 1e-3
 
 
-def _weighted_kmeans(X: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator,
-                     max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+def _weighted_kmeans(
+    X: np.ndarray, w: np.ndarray, k: int, rng: np.random.Generator, max_iter: int, tol: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Quality-weighted k-means++ seeding followed by weighted Lloyd iterations.
 
     Seeding (Arthur & Vassilvitskii 2007, greedy variant as in scikit-learn): the first
@@ -124,8 +125,9 @@ def _weighted_kmeans(X: np.ndarray, w: np.ndarray, k: int, rng: np.random.Genera
         new = C.copy()
         new[live] = sums[live] / wsum[live, None].astype(np.float32)
         diff = new - C
-        shift = np.sqrt(np.einsum("ij,ij->i", diff, diff) /
-                        np.maximum(np.einsum("ij,ij->i", C, C), 1e-30))
+        shift = np.sqrt(
+            np.einsum("ij,ij->i", diff, diff) / np.maximum(np.einsum("ij,ij->i", C, C), 1e-30)
+        )
         C, prev = new, labels
         if float(shift.max()) < tol:
             break
@@ -174,8 +176,9 @@ class ReasoningBank:
         self._pruned = 0
         self._evicted = 0
 
-    def add_trajectory(self, embedding: Any, quality: float, route: str | None = None,
-                       weight: float | None = None) -> None:
+    def add_trajectory(
+        self, embedding: Any, quality: float, route: str | None = None, weight: float | None = None
+    ) -> None:
         """Queue one trajectory summary for the next :meth:`extract_patterns`.
 
         Args:
@@ -204,8 +207,9 @@ class ReasoningBank:
             if not (math.isfinite(wt) and wt > 0):
                 raise InvalidValue(f"weight must be a finite number > 0, got {weight!r}")
         if route is not None and not isinstance(route, str):
-            raise InvalidValue(f"route must be a string or None, got {type(route).__name__} "
-                               f"{route!r}")
+            raise InvalidValue(
+                f"route must be a string or None, got {type(route).__name__} {route!r}"
+            )
         if self._p_len < self._cap:
             if self._p_len == self._p_emb.shape[0]:
                 self._grow_pending(min(self._cap, max(64, 2 * self._p_len)))
@@ -221,9 +225,13 @@ class ReasoningBank:
         self._p_q[i] = q
         self._p_w[i] = wt
 
-    def add_trajectories(self, embeddings: np.ndarray, qualities: np.ndarray,
-                         routes: list[str | None] | None = None,
-                         weights: np.ndarray | None = None) -> None:
+    def add_trajectories(
+        self,
+        embeddings: np.ndarray,
+        qualities: np.ndarray,
+        routes: list[str | None] | None = None,
+        weights: np.ndarray | None = None,
+    ) -> None:
         """Queue many summaries at once (one check for the whole batch).
 
         ``embeddings`` [n, embed_dim], ``qualities`` [n] in [0, 1], weights [n] > 0
@@ -233,17 +241,21 @@ class ReasoningBank:
         E = np.ascontiguousarray(embeddings, dtype=np.float32)
         Q = np.asarray(qualities, dtype=np.float64)
         if E.ndim != 2 or E.shape[1] != self._dim or Q.shape != (E.shape[0],):
-            raise DimensionMismatch(f"embeddings must be [n, {self._dim}] with n qualities, got "
-                                    f"{E.shape} and {Q.shape}", self._dim,
-                                    E.shape[-1] if E.ndim else 0)
+            raise DimensionMismatch(
+                f"embeddings must be [n, {self._dim}] with n qualities, got "
+                f"{E.shape} and {Q.shape}",
+                self._dim,
+                E.shape[-1] if E.ndim else 0,
+            )
         if not np.isfinite(E).all():
             raise InvalidValue("embeddings contain a non-finite value")
         if not (np.isfinite(Q).all() and (Q >= 0).all() and (Q <= 1).all()):
             raise InvalidValue("qualities must be finite numbers in [0, 1]")
         routes = [None] * len(E) if routes is None else list(routes)
         if len(routes) != len(E):
-            raise DimensionMismatch(f"{len(routes)} routes for {len(E)} embeddings",
-                                    len(E), len(routes))
+            raise DimensionMismatch(
+                f"{len(routes)} routes for {len(E)} embeddings", len(E), len(routes)
+            )
         if any(r is not None and not isinstance(r, str) for r in routes):
             raise InvalidValue("routes must be strings or None")
         W = np.maximum(Q, _MIN_WEIGHT) if weights is None else np.asarray(weights, np.float64)
@@ -254,9 +266,9 @@ class ReasoningBank:
             if self._p_len + n > self._p_emb.shape[0]:
                 self._grow_pending(min(self._cap, max(64, 2 * (self._p_len + n))))
             i = self._p_len
-            self._p_emb[i:i + n] = E
-            self._p_q[i:i + n] = Q
-            self._p_w[i:i + n] = W
+            self._p_emb[i : i + n] = E
+            self._p_q[i : i + n] = Q
+            self._p_w[i : i + n] = W
             self._p_route.extend(routes)
             self._p_len += n
             return
@@ -279,8 +291,12 @@ class ReasoningBank:
         if s == 0:
             return self._p_emb[:n], self._p_q[:n], self._p_w[:n], self._p_route[:n]
         order = np.r_[s:n, 0:s]
-        return (self._p_emb[order], self._p_q[order], self._p_w[order],
-                self._p_route[s:n] + self._p_route[:s])
+        return (
+            self._p_emb[order],
+            self._p_q[order],
+            self._p_w[order],
+            self._p_route[s:n] + self._p_route[:s],
+        )
 
     # ------------------------------------------------------------------ extraction
     def extract_patterns(self, k: int | None = None) -> list[LearnedPattern]:
@@ -307,10 +323,14 @@ class ReasoningBank:
             return []
         X, q, w, routes = self._pending()
         rng = np.random.default_rng([self.config.seed, self._extractions])
-        C, labels = _weighted_kmeans(X, w, min(k or self.config.pattern_clusters,
-                                               self.config.pattern_clusters), rng,
-                                     self.config.pattern_max_iterations,
-                                     self.config.pattern_convergence_threshold)
+        C, labels = _weighted_kmeans(
+            X,
+            w,
+            min(k or self.config.pattern_clusters, self.config.pattern_clusters),
+            rng,
+            self.config.pattern_max_iterations,
+            self.config.pattern_convergence_threshold,
+        )
         k = C.shape[0]
         counts = np.bincount(labels, minlength=k)
         tw = np.bincount(labels, weights=w, minlength=k)
@@ -330,28 +350,45 @@ class ReasoningBank:
             if c < min_size:
                 self._clusters_dropped += 1
                 continue
-            p = LearnedPattern(id=-1, centroid=C[j].copy(), cluster_size=c,
-                               total_weight=float(tw[j]),
-                               avg_quality=min(max(float(qs[j] / tw[j]), 0.0), 1.0),
-                               created_at=now, last_accessed=now,
-                               quality_sq_sum=float(qss[j]), route_stats=route_stats[j])
+            p = LearnedPattern(
+                id=-1,
+                centroid=C[j].copy(),
+                cluster_size=c,
+                total_weight=float(tw[j]),
+                avg_quality=min(max(float(qs[j] / tw[j]), 0.0), 1.0),
+                created_at=now,
+                last_accessed=now,
+                quality_sq_sum=float(qss[j]),
+                route_stats=route_stats[j],
+            )
             stored = self._insert(p)
             touched[id(stored)] = stored
         self._enforce_max()
-        logger.debug("extracted %d clusters from %d trajectories; bank holds %d patterns",
-                     k, n, len(self._patterns))
-        return [p for p in touched.values() if p.id in self._row
-                and self._patterns[self._row[p.id]] is p]
+        logger.debug(
+            "extracted %d clusters from %d trajectories; bank holds %d patterns",
+            k,
+            n,
+            len(self._patterns),
+        )
+        return [
+            p
+            for p in touched.values()
+            if p.id in self._row and self._patterns[self._row[p.id]] is p
+        ]
 
     @staticmethod
-    def _route_stats(labels: np.ndarray, q: np.ndarray, routes: list[str | None],
-                     k: int) -> list[dict[str, list[float]]]:
+    def _route_stats(
+        labels: np.ndarray, q: np.ndarray, routes: list[str | None], k: int
+    ) -> list[dict[str, list[float]]]:
         out: list[dict[str, list[float]]] = [{} for _ in range(k)]
         if all(r is None for r in routes):
             return out
         names: dict[str, int] = {}
-        codes = np.fromiter((-1 if r is None else names.setdefault(r, len(names))
-                             for r in routes), dtype=np.int64, count=len(routes))
+        codes = np.fromiter(
+            (-1 if r is None else names.setdefault(r, len(names)) for r in routes),
+            dtype=np.int64,
+            count=len(routes),
+        )
         has = codes >= 0
         key = labels[has] * len(names) + codes[has]
         size = k * len(names)
@@ -443,12 +480,14 @@ class ReasoningBank:
         check_unit("pattern avg_quality", pattern.avg_quality)
         tw = float(pattern.total_weight)
         if not (math.isfinite(tw) and tw >= 0):
-            raise InvalidValue(f"pattern total_weight must be a finite number >= 0, got "
-                               f"{pattern.total_weight!r}")
+            raise InvalidValue(
+                f"pattern total_weight must be a finite number >= 0, got {pattern.total_weight!r}"
+            )
         if int(pattern.cluster_size) < 0:
             raise InvalidValue(f"pattern cluster_size must be >= 0, got {pattern.cluster_size}")
-        p = dataclasses.replace(pattern, centroid=c,
-                                route_stats={r: list(v) for r, v in pattern.route_stats.items()})
+        p = dataclasses.replace(
+            pattern, centroid=c, route_stats={r: list(v) for r, v in pattern.route_stats.items()}
+        )
         stored = self._insert(p)
         self._enforce_max()
         return stored
@@ -556,7 +595,7 @@ class ReasoningBank:
             cn = self._cent[:n] / np.maximum(self._norms[:n], 1e-30)[:, None]
             best: dict[tuple[int, int], float] = {}  # each pattern's nearest partner
             for s in range(0, n, 1024):
-                sims = cn[s:s + 1024] @ cn.T
+                sims = cn[s : s + 1024] @ cn.T
                 rows = np.arange(sims.shape[0])
                 sims[rows, rows + s] = -np.inf
                 jj = sims.argmax(axis=1)
@@ -654,8 +693,11 @@ class ReasoningBank:
             "patterns_evicted": self._evicted,
             "strong_patterns": len(self.strong_patterns()),
             "total_weight": tw,
-            "mean_quality": (float(sum(p.total_weight * p.avg_quality for p in self._patterns)
-                                   / tw) if tw > 0 else 0.0),
+            "mean_quality": (
+                float(sum(p.total_weight * p.avg_quality for p in self._patterns) / tw)
+                if tw > 0
+                else 0.0
+            ),
             "total_accesses": int(sum(p.access_count for p in self._patterns)),
             "next_id": self._next_id,
         }
@@ -681,20 +723,34 @@ class ReasoningBank:
             "format": _FORMAT,
             "version": _VERSION,
             "embed_dim": self._dim,
-            "patterns": [{
-                "id": p.id, "cluster_size": int(p.cluster_size),
-                "total_weight": float(p.total_weight), "avg_quality": float(p.avg_quality),
-                "created_at": float(p.created_at), "last_accessed": float(p.last_accessed),
-                "access_count": int(p.access_count), "pattern_type": p.pattern_type.value,
-                "quality_sq_sum": float(p.quality_sq_sum),
-                "route_stats": {r: [float(v[0]), float(v[1])] for r, v in p.route_stats.items()},
-            } for p in self._patterns],
+            "patterns": [
+                {
+                    "id": p.id,
+                    "cluster_size": int(p.cluster_size),
+                    "total_weight": float(p.total_weight),
+                    "avg_quality": float(p.avg_quality),
+                    "created_at": float(p.created_at),
+                    "last_accessed": float(p.last_accessed),
+                    "access_count": int(p.access_count),
+                    "pattern_type": p.pattern_type.value,
+                    "quality_sq_sum": float(p.quality_sq_sum),
+                    "route_stats": {
+                        r: [float(v[0]), float(v[1])] for r, v in p.route_stats.items()
+                    },
+                }
+                for p in self._patterns
+            ],
             "pending_routes": routes,
             "next_id": self._next_id,
             "extractions": self._extractions,
-            "counters": {"dropped": self._dropped, "clusters_dropped": self._clusters_dropped,
-                         "created": self._created, "merged": self._merged,
-                         "pruned": self._pruned, "evicted": self._evicted},
+            "counters": {
+                "dropped": self._dropped,
+                "clusters_dropped": self._clusters_dropped,
+                "created": self._created,
+                "merged": self._merged,
+                "pruned": self._pruned,
+                "evicted": self._evicted,
+            },
         }
         return arrays, meta
 
@@ -707,39 +763,59 @@ class ReasoningBank:
         """
         try:
             if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-                raise StateError(f"not a {_FORMAT} v{_VERSION} state: format "
-                                 f"{meta.get('format')!r} version {meta.get('version')!r}")
+                raise StateError(
+                    f"not a {_FORMAT} v{_VERSION} state: format "
+                    f"{meta.get('format')!r} version {meta.get('version')!r}"
+                )
             if meta["embed_dim"] != self._dim:
-                raise DimensionMismatch(f"saved ReasoningBank has embed_dim {meta['embed_dim']}, "
-                                        f"this one {self._dim}", self._dim, meta["embed_dim"])
+                raise DimensionMismatch(
+                    f"saved ReasoningBank has embed_dim {meta['embed_dim']}, this one {self._dim}",
+                    self._dim,
+                    meta["embed_dim"],
+                )
             cent = np.asarray(arrays["centroids"], dtype=np.float32)
             X = np.asarray(arrays["pending_embeddings"], dtype=np.float32)
             q = np.asarray(arrays["pending_quality"], dtype=np.float64)
             w = np.asarray(arrays["pending_weight"], dtype=np.float64)
             pmeta, routes = meta["patterns"], list(meta["pending_routes"])
             if cent.shape != (len(pmeta), self._dim):
-                raise StateError(f"centroids have shape {cent.shape}, expected "
-                                 f"({len(pmeta)}, {self._dim})")
+                raise StateError(
+                    f"centroids have shape {cent.shape}, expected ({len(pmeta)}, {self._dim})"
+                )
             m = X.shape[0]
             if X.shape != (m, self._dim) or q.shape != (m,) or w.shape != (m,) or len(routes) != m:
-                raise StateError(f"pending arrays disagree: embeddings {X.shape}, quality "
-                                 f"{q.shape}, weight {w.shape}, routes {len(routes)}")
-            patterns = [LearnedPattern(
-                id=int(d["id"]), centroid=cent[i].copy(), cluster_size=int(d["cluster_size"]),
-                total_weight=float(d["total_weight"]), avg_quality=float(d["avg_quality"]),
-                created_at=float(d["created_at"]), last_accessed=float(d["last_accessed"]),
-                access_count=int(d["access_count"]), pattern_type=PatternType(d["pattern_type"]),
-                quality_sq_sum=float(d["quality_sq_sum"]),
-                route_stats={r: [float(v[0]), float(v[1])] for r, v in d["route_stats"].items()},
-            ) for i, d in enumerate(pmeta)]
+                raise StateError(
+                    f"pending arrays disagree: embeddings {X.shape}, quality "
+                    f"{q.shape}, weight {w.shape}, routes {len(routes)}"
+                )
+            patterns = [
+                LearnedPattern(
+                    id=int(d["id"]),
+                    centroid=cent[i].copy(),
+                    cluster_size=int(d["cluster_size"]),
+                    total_weight=float(d["total_weight"]),
+                    avg_quality=float(d["avg_quality"]),
+                    created_at=float(d["created_at"]),
+                    last_accessed=float(d["last_accessed"]),
+                    access_count=int(d["access_count"]),
+                    pattern_type=PatternType(d["pattern_type"]),
+                    quality_sq_sum=float(d["quality_sq_sum"]),
+                    route_stats={
+                        r: [float(v[0]), float(v[1])] for r, v in d["route_stats"].items()
+                    },
+                )
+                for i, d in enumerate(pmeta)
+            ]
             if any(r is not None and not isinstance(r, str) for r in routes):
                 raise StateError("pending routes must be strings or null")
             if len({p.id for p in patterns}) != len(patterns):
                 raise StateError("saved patterns have duplicate ids")
             counters = meta["counters"]
             next_id, extractions = int(meta["next_id"]), int(meta["extractions"])
-            c = {k: int(counters[k]) for k in ("dropped", "clusters_dropped", "created",
-                                                "merged", "pruned", "evicted")}
+            c = {
+                k: int(counters[k])
+                for k in ("dropped", "clusters_dropped", "created", "merged", "pruned", "evicted")
+            }
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, (StateError, DimensionMismatch)):
                 raise

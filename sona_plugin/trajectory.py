@@ -16,8 +16,9 @@ _EMPTY = np.zeros(0, np.float32)
 _EMPTY.flags.writeable = False
 
 
-def as_vector(name: str, x: Any, dim: int | None = None, *, allow_empty: bool = False,
-              copy: bool = False) -> np.ndarray:
+def as_vector(
+    name: str, x: Any, dim: int | None = None, *, allow_empty: bool = False, copy: bool = False
+) -> np.ndarray:
     """``x`` as a 1-D float32 array, checked: length ``dim`` (if given), non-empty, finite.
 
     A float32 NumPy array is used as is unless ``copy`` (what the engine keeps, it owns:
@@ -116,26 +117,48 @@ class TrajectoryBuilder:
     steps already added are kept.
     """
 
-    def __init__(self, id: int, query_embedding: Any, hidden_dim: int | None = None,
-                 embedding_dim: int | None = None, max_steps: int = 50):
+    def __init__(
+        self,
+        id: int,
+        query_embedding: Any,
+        hidden_dim: int | None = None,
+        embedding_dim: int | None = None,
+        max_steps: int = 50,
+    ):
         self.hidden_dim = hidden_dim
         self.max_steps = max_steps
         self._t0 = time.perf_counter()
         self.trajectory = Trajectory(
-            id=id, query_embedding=as_vector("query_embedding", query_embedding, embedding_dim,
-                                             copy=True))
+            id=id,
+            query_embedding=as_vector("query_embedding", query_embedding, embedding_dim, copy=True),
+        )
 
     @property
     def id(self) -> int:
         return self.trajectory.id
 
-    def add_step(self, activations: Any, attention_weights: Any = (), reward: float = 0.0,
-                 *, action: int | None = None, latency_us: int = 0,
-                 topk_ids: np.ndarray | None = None,
-                 topk_logprobs: np.ndarray | None = None) -> None:
+    def add_step(
+        self,
+        activations: Any,
+        attention_weights: Any = (),
+        reward: float = 0.0,
+        *,
+        action: int | None = None,
+        latency_us: int = 0,
+        topk_ids: np.ndarray | None = None,
+        topk_logprobs: np.ndarray | None = None,
+    ) -> None:
         """Add a step; ``reward`` in [-1, 1]."""
-        step = make_step(activations, attention_weights, reward, self.hidden_dim, action=action,
-                         latency_us=latency_us, topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+        step = make_step(
+            activations,
+            attention_weights,
+            reward,
+            self.hidden_dim,
+            action=action,
+            latency_us=latency_us,
+            topk_ids=topk_ids,
+            topk_logprobs=topk_logprobs,
+        )
         self.append(step)
 
     def append(self, step: TrajectoryStep) -> None:
@@ -167,9 +190,18 @@ class TrajectoryBuilder:
         return t
 
 
-def make_step(activations: Any, attention_weights: Any, reward: float, dim: int | None, *,
-              action: int | None = None, latency_us: int = 0, topk_ids: Any = None,
-              topk_logprobs: Any = None, keep_attention: bool = False) -> TrajectoryStep:
+def make_step(
+    activations: Any,
+    attention_weights: Any,
+    reward: float,
+    dim: int | None,
+    *,
+    action: int | None = None,
+    latency_us: int = 0,
+    topk_ids: Any = None,
+    topk_logprobs: Any = None,
+    keep_attention: bool = False,
+) -> TrajectoryStep:
     """A checked TrajectoryStep (reward in [-1, 1], activations of length ``dim``).
 
     Attention weights are checked, and kept only if ``keep_attention``: no learning rule
@@ -177,13 +209,15 @@ def make_step(activations: Any, attention_weights: Any, reward: float, dim: int 
     """
     r = check_unit("reward", reward, -1.0, 1.0)
     h = as_vector("activations", activations, dim, copy=True)
-    a = as_vector("attention_weights", attention_weights, None, allow_empty=True,
-                  copy=keep_attention)
+    a = as_vector(
+        "attention_weights", attention_weights, None, allow_empty=True, copy=keep_attention
+    )
     if not keep_attention:
         a = _EMPTY
     if action is not None and (isinstance(action, bool) or int(action) != action or action < 0):
         raise InvalidValue(f"action must be a non-negative integer, got {action!r}")
     if latency_us < 0:
         raise InvalidValue(f"latency_us must be >= 0, got {latency_us!r}")
-    return TrajectoryStep(h, a, r, None if action is None else int(action), int(latency_us),
-                          topk_ids, topk_logprobs)
+    return TrajectoryStep(
+        h, a, r, None if action is None else int(action), int(latency_us), topk_ids, topk_logprobs
+    )

@@ -98,22 +98,33 @@ class LearningSignal:
             raise InvalidValue(f"latency_ms must be a finite number >= 0, got {self.latency_ms!r}")
 
     @classmethod
-    def from_feedback(cls, liked: bool, latency_ms: float = 0.0, quality: float | None = None,
-                      trajectory_id: int | None = None) -> LearningSignal:
+    def from_feedback(
+        cls,
+        liked: bool,
+        latency_ms: float = 0.0,
+        quality: float | None = None,
+        trajectory_id: int | None = None,
+    ) -> LearningSignal:
         """A user's thumbs up/down; ``quality`` defaults to 1.0 if liked else 0.0."""
         if quality is None:
             quality = 1.0 if liked else 0.0
-        return cls(quality=quality, latency_ms=latency_ms, trajectory_id=trajectory_id,
-                   metadata={"liked": bool(liked)})
+        return cls(
+            quality=quality,
+            latency_ms=latency_ms,
+            trajectory_id=trajectory_id,
+            metadata={"liked": bool(liked)},
+        )
 
     @classmethod
-    def positive(cls, latency_ms: float = 0.0, quality: float = 0.95,
-                 trajectory_id: int | None = None) -> LearningSignal:
+    def positive(
+        cls, latency_ms: float = 0.0, quality: float = 0.95, trajectory_id: int | None = None
+    ) -> LearningSignal:
         return cls.from_feedback(True, latency_ms, quality, trajectory_id)
 
     @classmethod
-    def negative(cls, latency_ms: float = 0.0, quality: float = 0.2,
-                 trajectory_id: int | None = None) -> LearningSignal:
+    def negative(
+        cls, latency_ms: float = 0.0, quality: float = 0.2, trajectory_id: int | None = None
+    ) -> LearningSignal:
         return cls.from_feedback(False, latency_ms, quality, trajectory_id)
 
     @classmethod
@@ -121,8 +132,12 @@ class LearningSignal:
         """The signal an ended trajectory carries: its final quality."""
         if trajectory.final_quality is None:
             raise InvalidValue(f"trajectory {trajectory.id} has not ended; it has no quality yet")
-        return cls(quality=trajectory.final_quality, query_embedding=trajectory.query_embedding,
-                   trajectory_id=trajectory.id, latency_ms=trajectory.latency_us / 1000.0)
+        return cls(
+            quality=trajectory.final_quality,
+            query_embedding=trajectory.query_embedding,
+            trajectory_id=trajectory.id,
+            latency_ms=trajectory.latency_us / 1000.0,
+        )
 
     @classmethod
     def with_gradient(cls, embedding: Any, gradient: Any, quality: float) -> LearningSignal:
@@ -130,12 +145,15 @@ class LearningSignal:
         e = np.ascontiguousarray(embedding, dtype=np.float32)
         g = np.ascontiguousarray(gradient, dtype=np.float32)
         if e.ndim != 1 or e.shape != g.shape:
-            raise InvalidValue(f"embedding and gradient must be 1-D of equal length, got shapes "
-                               f"{e.shape} and {g.shape}")
+            raise InvalidValue(
+                f"embedding and gradient must be 1-D of equal length, got shapes "
+                f"{e.shape} and {g.shape}"
+            )
         for name, v in (("embedding", e), ("gradient", g)):
             if not np.isfinite(v).all():
-                raise InvalidValue(f"{name} contains a non-finite value at index "
-                                   f"{int(np.argmin(np.isfinite(v)))}")
+                raise InvalidValue(
+                    f"{name} contains a non-finite value at index {int(np.argmin(np.isfinite(v)))}"
+                )
         return cls(quality=quality, query_embedding=e, gradient=g)
 
 
@@ -194,15 +212,22 @@ class LearnedPattern:
 
     def should_prune(self, min_quality: float, min_accesses: int) -> bool:
         """Low quality and rarely used, or with no weight left."""
-        return self.total_weight <= 1e-6 or (self.avg_quality < min_quality
-                                              and self.access_count < min_accesses)
+        return self.total_weight <= 1e-6 or (
+            self.avg_quality < min_quality and self.access_count < min_accesses
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (centroid as a list)."""
         return {
-            "id": self.id, "centroid": self.centroid.tolist(), "cluster_size": self.cluster_size,
-            "total_weight": self.total_weight, "avg_quality": self.avg_quality,
-            "quality_std": self.quality_std, "created_at": self.created_at,
-            "last_accessed": self.last_accessed, "access_count": self.access_count,
-            "pattern_type": self.pattern_type.value, "route_stats": self.route_stats,
+            "id": self.id,
+            "centroid": self.centroid.tolist(),
+            "cluster_size": self.cluster_size,
+            "total_weight": self.total_weight,
+            "avg_quality": self.avg_quality,
+            "quality_std": self.quality_std,
+            "created_at": self.created_at,
+            "last_accessed": self.last_accessed,
+            "access_count": self.access_count,
+            "pattern_type": self.pattern_type.value,
+            "route_stats": self.route_stats,
         }

@@ -31,9 +31,10 @@ def find_tool(name: str) -> str | None:
     found = shutil.which(name)
     if found:
         return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
-                        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit()
-                        else -1)
+    candidates = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else -1,
+    )
     return candidates[-1] if candidates else None
 
 
@@ -45,8 +46,10 @@ def unavailable() -> str | None:
     """Why no test server can be started here (for ``pytest.skip``), or None."""
     missing = [t for t in _TOOLS if find_tool(t) is None]
     if missing:
-        return (f"PostgreSQL server binaries not found ({', '.join(missing)}); install the "
-                f"Debian 'postgresql' package (CI does)")
+        return (
+            f"PostgreSQL server binaries not found ({', '.join(missing)}); install the "
+            f"Debian 'postgresql' package (CI does)"
+        )
     if _as_root():
         if shutil.which("runuser") is None:
             return "running as root and 'runuser' is missing (PostgreSQL refuses root)"
@@ -119,21 +122,46 @@ def postgres_server() -> Iterator[PostgresServer]:
         if _as_root():
             for path in (root, root / "sock"):
                 shutil.chown(path, user="postgres")
-        done = _run([initdb, "-D", str(root / "data"), "-U", "postgres", "--auth=trust",
-                     "-E", "UTF8", "--locale=C", "--no-sync"])
+        done = _run(
+            [
+                initdb,
+                "-D",
+                str(root / "data"),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ]
+        )
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed ({done.returncode}): {done.stderr[-2000:]}")
         for _attempt in range(3):  # the free port may be taken before the server binds it
             server = PostgresServer(root, free_port())
-            done = _run([pg_ctl, "start", "-w", "-t", "60", "-D", str(server.data),
-                         "-l", str(server.log), "-o",
-                         f"-h 127.0.0.1 -p {server.port} -k {root / 'sock'}"])
+            done = _run(
+                [
+                    pg_ctl,
+                    "start",
+                    "-w",
+                    "-t",
+                    "60",
+                    "-D",
+                    str(server.data),
+                    "-l",
+                    str(server.log),
+                    "-o",
+                    f"-h 127.0.0.1 -p {server.port} -k {root / 'sock'}",
+                ]
+            )
             if done.returncode == 0:
                 started = server
                 break
         if started is None:
-            raise RuntimeError(f"pg_ctl start failed ({done.returncode}): {done.stderr}\n"
-                               f"{server.log_tail()}")
+            raise RuntimeError(
+                f"pg_ctl start failed ({done.returncode}): {done.stderr}\n{server.log_tail()}"
+            )
         yield started
     finally:
         if started is not None:

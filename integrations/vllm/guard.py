@@ -105,10 +105,14 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         raise BadRequest(400, "the body must be a JSON object") from None
     if not isinstance(obj, dict):
         raise BadRequest(400, "the body must be a JSON object")
-    if model is FeedbackBody and isinstance(obj.get("reward"), float) and not math.isfinite(
-            obj["reward"]):
-        raise BadRequest(400, f"field 'reward' must be a finite number in [-1, 1], got "
-                              f"{obj['reward']}")
+    if (
+        model is FeedbackBody
+        and isinstance(obj.get("reward"), float)
+        and not math.isfinite(obj["reward"])
+    ):
+        raise BadRequest(
+            400, f"field 'reward' must be a finite number in [-1, 1], got {obj['reward']}"
+        )
     try:
         return model.model_validate(obj)
     except ValidationError as e:
@@ -165,9 +169,11 @@ class AdminPolicy:
             return None
         if self.open_admin or self.loopback_only:
             return None
-        return 403, ("SONA's admin routes are off: this server listens beyond loopback and "
-                     "has no admin token. Set $SONA_ADMIN_TOKEN or the 'admin_token_file' "
-                     "option, bind 127.0.0.1, or opt out with 'open_admin': true")
+        return 403, (
+            "SONA's admin routes are off: this server listens beyond loopback and "
+            "has no admin token. Set $SONA_ADMIN_TOKEN or the 'admin_token_file' "
+            "option, bind 127.0.0.1, or opt out with 'open_admin': true"
+        )
 
 
 class RateLimiter:
@@ -175,8 +181,7 @@ class RateLimiter:
     At most ``max_keys`` buckets are kept (the least recently used go: a client that
     comes back after that starts with a full bucket). ``rate`` 0 turns it off."""
 
-    def __init__(self, rate: float, burst: float, max_keys: int = 100_000,
-                 clock=time.monotonic):
+    def __init__(self, rate: float, burst: float, max_keys: int = 100_000, clock=time.monotonic):
         self.rate, self.burst, self.max_keys = float(rate), float(burst), int(max_keys)
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()

@@ -30,30 +30,30 @@ logger = logging.getLogger(__name__)
 # keys of the launch config that are not SonaConfig fields
 HOST_OPTIONS = {
     "state_dir": "where the feedback store, adapter versions and engine state live "
-                 "(default $SONA_HOME/state)",
+    "(default $SONA_HOME/state)",
     "store_url": "feedback store: a SQLite path or sqlite:/// URL, or postgresql://... "
-                 "(pip install 'sona_plugin[postgres]'); default state_dir/sona.db",
+    "(pip install 'sona_plugin[postgres]'); default state_dir/sona.db",
     "schedule": "'background' (loop B/C in a thread on the config's schedule, default) or "
-                "'manual' (only POST /sona/learn or learn())",
+    "'manual' (only POST /sona/learn or learn())",
     "admin_token_file": "file holding the bearer token the admin routes require (default: "
-                        "$SONA_ADMIN_TOKEN; never the token itself in the config: vLLM logs it)",
+    "$SONA_ADMIN_TOKEN; never the token itself in the config: vLLM logs it)",
     "open_admin": "true: admin routes answer without a token even when the server listens "
-                  "beyond loopback (default false: then they answer 403)",
+    "beyond loopback (default false: then they answer 403)",
     "feedback_rate": "feedback requests a second per client (API key when vLLM checks keys, "
-                     "else address), token bucket; 0 = no limit (default 10)",
+    "else address), token bucket; 0 = no limit (default 10)",
     "feedback_burst": "feedback requests a client may send at once (default 50)",
     "keep_versions": "adapter versions kept on disk; older ones are pruned after each cycle, "
-                     "never the served one (default 20)",
+    "never the served one (default 20)",
     "retain_days": "feedback records older than this are deleted after each cycle; 0 = keep "
-                   "forever (default 90)",
+    "forever (default 90)",
     "save_interval_s": "also save the MicroLoRA this many seconds after an unsaved feedback "
-                       "(default 60; 0 = only every save_every feedbacks)",
+    "(default 60; 0 = only every save_every feedbacks)",
     "save_every": "save the workers' MicroLoRA every this many feedbacks (default 25): a "
-                  "crash loses at most that many instant updates",
+    "crash loses at most that many instant updates",
     "max_recordings": "requests a worker keeps recordings of, for feedback (default 1000; "
-                      "about 150 kB each at 50 steps of a 576-d model); older ones are evicted",
+    "about 150 kB each at 50 steps of a 576-d model); older ones are evicted",
     "lora_targets": "modules the BaseLoRA trains (default q_proj, k_proj, v_proj, o_proj; "
-                    "never lm_head: vLLM 0.32 leaks an lm_head LoRA into other requests)",
+    "never lm_head: vLLM 0.32 leaks an lm_head LoRA into other requests)",
 }
 SCHEDULES = ("background", "manual")
 
@@ -75,13 +75,24 @@ def split_settings(settings: dict | None) -> tuple[dict, dict]:
     if isinstance(max_rec, bool) or not isinstance(max_rec, int) or max_rec < 1:
         raise ConfigError(f"max_recordings must be an integer >= 1, got {max_rec!r}")
     if "admin_token" in settings:
-        raise ConfigError("admin_token: give the admin token in $SONA_ADMIN_TOKEN or a file "
-                          "named by 'admin_token_file', not in the launch config (vLLM logs the "
-                          "config and the command line is visible to every user)")
-    for key, lo, default in (("feedback_rate", 0.0, 10.0), ("feedback_burst", 1.0, 50),
-                             ("retain_days", 0.0, 90), ("save_interval_s", 0.0, 60)):
+        raise ConfigError(
+            "admin_token: give the admin token in $SONA_ADMIN_TOKEN or a file "
+            "named by 'admin_token_file', not in the launch config (vLLM logs the "
+            "config and the command line is visible to every user)"
+        )
+    for key, lo, default in (
+        ("feedback_rate", 0.0, 10.0),
+        ("feedback_burst", 1.0, 50),
+        ("retain_days", 0.0, 90),
+        ("save_interval_s", 0.0, 60),
+    ):
         v = opts.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= lo or v == float("inf"):
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or not v >= lo
+            or v == float("inf")
+        ):
             raise ConfigError(f"{key} must be a finite number >= {lo:g}, got {v!r}")
     keep = opts.get("keep_versions", 20)
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -92,15 +103,22 @@ def split_settings(settings: dict | None) -> tuple[dict, dict]:
     if tf is not None and not isinstance(tf, str):
         raise ConfigError(f"admin_token_file must be a path, got {tf!r}")
     targets = opts.get("lora_targets")
-    if targets is not None and (not isinstance(targets, list) or not targets or
-                                "lm_head" in targets or "embed_tokens" in targets):
-        raise ConfigError("lora_targets must be a non-empty list of attention/MLP module names "
-                          f"(not lm_head or embed_tokens), got {targets!r}")
+    if targets is not None and (
+        not isinstance(targets, list)
+        or not targets
+        or "lm_head" in targets
+        or "embed_tokens" in targets
+    ):
+        raise ConfigError(
+            "lora_targets must be a non-empty list of attention/MLP module names "
+            f"(not lm_head or embed_tokens), got {targets!r}"
+        )
     try:
         SonaConfig.from_dict({**LM_DEFAULTS, **engine})  # raise now, naming the bad field
     except ConfigError as e:
-        raise ConfigError(f"{e} (sona options are SonaConfig fields or one of "
-                          f"{sorted(HOST_OPTIONS)})") from None
+        raise ConfigError(
+            f"{e} (sona options are SonaConfig fields or one of {sorted(HOST_OPTIONS)})"
+        ) from None
     return engine, opts
 
 
@@ -130,9 +148,15 @@ def _user_text(prompt: str) -> str:
 class VllmHost(LearningHost):
     """Feedback, store and loop B/C for one vLLM engine (see the module docstring)."""
 
-    def __init__(self, *, model_source: str | Path, settings: dict | None,
-                 rpc: Callable[..., Any], serve: Callable[[int, Path], None],
-                 generate_ids: Callable[[list[list[int]], int], list[list[int]]] | None = None):
+    def __init__(
+        self,
+        *,
+        model_source: str | Path,
+        settings: dict | None,
+        rpc: Callable[..., Any],
+        serve: Callable[[int, Path], None],
+        generate_ids: Callable[[list[list[int]], int], list[list[int]]] | None = None,
+    ):
         from transformers import AutoTokenizer
 
         from sona_plugin.adapters import AdapterRegistry
@@ -156,8 +180,9 @@ class VllmHost(LearningHost):
         self.engine = load_engine(self.state_dir / "engine", SonaConfig.from_dict(cfg))
         m = self.engine.micro_lora  # float32 -> Python floats -> float32: bit-identical
         rpc("sona_set_micro", m.A.tolist(), m.B.tolist())
-        self.store = open_store(opts.get("store_url") or engine_cfg.get("database_url")
-                                or self.state_dir / "sona.db")
+        self.store = open_store(
+            opts.get("store_url") or engine_cfg.get("database_url") or self.state_dir / "sona.db"
+        )
         self.registry = AdapterRegistry(self.state_dir / "adapters")
         self._version: int | None = None
         self.save_every = opts.get("save_every", 25)
@@ -193,9 +218,15 @@ class VllmHost(LearningHost):
         super().save_engine()
 
     # -- feedback -------------------------------------------------------------------------
-    def feedback(self, response_id: str, reward: float | None = None, *,
-                 liked: bool | None = None, index: int = 0, store_id: str | None = None
-                 ) -> FeedbackResult:
+    def feedback(
+        self,
+        response_id: str,
+        reward: float | None = None,
+        *,
+        liked: bool | None = None,
+        index: int = 0,
+        store_id: str | None = None,
+    ) -> FeedbackResult:
         """Judge choice ``index`` of the response vLLM returned as ``response_id``.
 
         The record is durable in the store when this returns, and every worker's
@@ -215,22 +246,29 @@ class VllmHost(LearningHost):
         with self._feedback_lock:
             if self.store.has(key):
                 metrics.feedback("duplicate")
-                raise DuplicateFeedback(f"feedback for response {key} was already given; "
-                                        f"one feedback per response")
+                raise DuplicateFeedback(
+                    f"feedback for response {key} was already given; one feedback per response"
+                )
             info = self._rpc("sona_lookup", response_id, index)
             if info is None:
                 metrics.feedback("unknown")
                 raise UnknownResponse(
                     f"unknown response id {response_id!r} (index {index}): never generated by "
                     f"this server, or evicted after {self.options.get('max_recordings', 1000)} "
-                    f"newer requests")
+                    f"newer requests"
+                )
             prompt = self.tokenizer.decode(info["prompt_ids"])
             emb = self.embed([_user_text(prompt)])[0]
             rec = FeedbackRecord(
-                response_id=key, prompt=prompt, prompt_ids=list(info["prompt_ids"]),
+                response_id=key,
+                prompt=prompt,
+                prompt_ids=list(info["prompt_ids"]),
                 response_ids=list(info["response_ids"]),
                 response_text=self.tokenizer.decode(info["response_ids"], skip_special_tokens=True),
-                reward=r, embedding=emb, adapter_version=info["adapter_version"])
+                reward=r,
+                embedding=emb,
+                adapter_version=info["adapter_version"],
+            )
             row = self.store.add(rec)  # durable from here on
             failpoint("feedback.stored")
             metrics.feedback("accepted", r)
@@ -241,8 +279,14 @@ class VllmHost(LearningHost):
             if learned and "recordings_dropped" in learned:
                 metrics.evictions(learned["recordings_dropped"])
             self._saved_after_feedback()
-        return FeedbackResult(id=response_id, index=index, stored_id=row, reward=r,
-                              adapter_version=info["adapter_version"], instant=instant)
+        return FeedbackResult(
+            id=response_id,
+            index=index,
+            stored_id=row,
+            reward=r,
+            adapter_version=info["adapter_version"],
+            instant=instant,
+        )
 
     # -- the rest -------------------------------------------------------------------------
     def micro_lora(self):
@@ -274,8 +318,9 @@ class VllmHost(LearningHost):
         if W is None:
             raise ConfigError(f"no lm_head / embed_tokens weight in {self.model_source}")
         base = self.registry.get(self._version).path if self._version else None
-        return write_peft_export(Path(path), self.micro_lora(), W.float(), base,
-                                 str(self.model_source))
+        return write_peft_export(
+            Path(path), self.micro_lora(), W.float(), base, str(self.model_source)
+        )
 
     def stats(self) -> dict:
         s = self._rpc("sona_stats")

@@ -60,7 +60,9 @@ def register() -> None:
 
         def load_endpoint_plugins(supported_tasks):
             plugins = orig_load(supported_tasks)
-            if _enabled is not None and not any(getattr(p, "name", "") == "sona_feedback" for p in plugins):
+            if _enabled is not None and not any(
+                getattr(p, "name", "") == "sona_feedback" for p in plugins
+            ):
                 from .server import SonaEndpointPlugin
 
                 plugins.append(SonaEndpointPlugin())
@@ -79,12 +81,15 @@ def _enable(cfg) -> None:
     split_settings(settings)  # a bad option fails the launch, naming it
     pc = cfg.parallel_config
     if pc.worker_extension_cls and pc.worker_extension_cls != EXTENSION:
-        raise ValueError(f"SONA needs worker_extension_cls={EXTENSION}, but "
-                         f"{pc.worker_extension_cls} is set")
+        raise ValueError(
+            f"SONA needs worker_extension_cls={EXTENSION}, but {pc.worker_extension_cls} is set"
+        )
     pc.worker_extension_cls = EXTENSION
     if getattr(cfg, "lora_config", None) is None:
-        logger.warning("SONA: --enable-lora is off, so BaseLoRA versions cannot be served; "
-                       "only the MicroLoRA learns")
+        logger.warning(
+            "SONA: --enable-lora is off, so BaseLoRA versions cannot be served; "
+            "only the MicroLoRA learns"
+        )
     global _enabled
     _enabled = dict(settings)
     logger.info("SONA enabled: worker extension %s", EXTENSION)

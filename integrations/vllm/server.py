@@ -56,17 +56,28 @@ VERSION_HEADER = "x-sona-adapter-version"
 _current: dict[str, Any] = {"lora": None}  # the LoRARequest base-model requests get
 # per request: which SONA version its adapter choice gave (read by the header middleware)
 _answered_by: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "sona_answered_by", default=None)
+    "sona_answered_by", default=None
+)
 
 
 def _error(status: int, message: str, kind: str | None = None, headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
-    kinds = {400: "BadRequestError", 401: "Unauthorized", 403: "Forbidden", 404: "NotFoundError",
-             409: "Conflict", 413: "PayloadTooLarge", 429: "TooManyRequests",
-             503: "ServiceUnavailable"}
-    return JSONResponse({"error": {"message": message, "type": kind or kinds.get(status, "Error"),
-                                   "code": status}}, status_code=status, headers=headers)
+    kinds = {
+        400: "BadRequestError",
+        401: "Unauthorized",
+        403: "Forbidden",
+        404: "NotFoundError",
+        409: "Conflict",
+        413: "PayloadTooLarge",
+        429: "TooManyRequests",
+        503: "ServiceUnavailable",
+    }
+    return JSONResponse(
+        {"error": {"message": message, "type": kind or kinds.get(status, "Error"), "code": status}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 def _patch_serving() -> None:
@@ -109,9 +120,13 @@ class VersionHeader:
 
         async def send_with_version(message):
             if message["type"] == "http.response.start" and holder.get("version") is not None:
-                message = {**message, "headers": [*message.get("headers", []),
-                                                  (VERSION_HEADER.encode(),
-                                                   str(holder["version"]).encode())]}
+                message = {
+                    **message,
+                    "headers": [
+                        *message.get("headers", []),
+                        (VERSION_HEADER.encode(), str(holder["version"]).encode()),
+                    ],
+                }
             await send(message)
 
         try:
@@ -180,15 +195,21 @@ class SonaEndpointPlugin:
             if h is None:
                 return _error(503, "SONA is not ready")
             limiter = request.app.state.sona_limiter
-            wait = limiter.take(guard.client_key(
-                request.headers.get("authorization"),
-                request.client.host if request.client else None,
-                request.app.state.sona_keys_checked))
+            wait = limiter.take(
+                guard.client_key(
+                    request.headers.get("authorization"),
+                    request.client.host if request.client else None,
+                    request.app.state.sona_keys_checked,
+                )
+            )
             if wait > 0:
                 metrics.feedback("rate_limited")
-                return _error(429, f"feedback rate limit: {limiter.rate:g}/s per client (burst "
-                                   f"{limiter.burst:g}); retry in {wait:.1f} s",
-                              headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+                return _error(
+                    429,
+                    f"feedback rate limit: {limiter.rate:g}/s per client (burst "
+                    f"{limiter.burst:g}); retry in {wait:.1f} s",
+                    headers={"Retry-After": str(max(1, int(wait + 0.999)))},
+                )
             try:
                 b = await body(request, guard.FeedbackBody)
                 rid = b.target()
@@ -199,8 +220,9 @@ class SonaEndpointPlugin:
                 metrics.feedback("invalid")
                 return _error(400, str(e))
             try:
-                return await asyncio.to_thread(h.feedback, rid, b.reward, liked=b.liked,
-                                               index=b.index)
+                return await asyncio.to_thread(
+                    h.feedback, rid, b.reward, liked=b.liked, index=b.index
+                )
             except SonaError as e:
                 return failure(e)
 
@@ -213,8 +235,9 @@ class SonaEndpointPlugin:
             out["admin"] = request.app.state.sona_admin.mode
             models = getattr(request.app.state, "openai_serving_models", None)
             if models is not None:
-                out["loaded_adapters"] = sorted(n for n in models.lora_requests
-                                                if n.startswith(ADAPTER_PREFIX))
+                out["loaded_adapters"] = sorted(
+                    n for n in models.lora_requests if n.startswith(ADAPTER_PREFIX)
+                )
             return _jsonable(out)
 
         @router.get("/sona/adapters")
@@ -249,13 +272,15 @@ class SonaEndpointPlugin:
                 return failure(e)
 
         @router.get("/sona/feedback")
-        async def list_feedback(request: Request, since_id: int = 0, limit: int = 100,
-                                include_quarantined: bool = True):
+        async def list_feedback(
+            request: Request, since_id: int = 0, limit: int = 100, include_quarantined: bool = True
+        ):
             if (denied := admin_denied(request)) is not None:
                 return denied
             try:
-                rows = await asyncio.to_thread(host(request).store.list_records, since_id,
-                                               limit, include_quarantined)
+                rows = await asyncio.to_thread(
+                    host(request).store.list_records, since_id, limit, include_quarantined
+                )
             except SonaError as e:
                 return failure(e)
             return {"records": rows}
@@ -295,14 +320,16 @@ class SonaEndpointPlugin:
             return
         settings = sona_settings(getattr(args, "additional_config", None))
         if settings is None:
-            logger.warning("sona_feedback is loaded but the launch config has no 'sona' entry; "
-                           "SONA stays off")
+            logger.warning(
+                "sona_feedback is loaded but the launch config has no 'sona' entry; SONA stays off"
+            )
             return
         loop = asyncio.get_running_loop()
 
         def rpc(method: str, *a):
-            fut = asyncio.run_coroutine_threadsafe(engine_client.collective_rpc(method, args=a),
-                                                   loop)
+            fut = asyncio.run_coroutine_threadsafe(
+                engine_client.collective_rpc(method, args=a), loop
+            )
             return fut.result()[0]
 
         models = state.openai_serving_models
@@ -311,9 +338,12 @@ class SonaEndpointPlugin:
             from vllm import SamplingParams
 
             rid = f"sona-canary-{uuid.uuid4().hex}"
-            async for _ in engine_client.generate({"prompt_token_ids": prompt_ids},
-                                                  SamplingParams(max_tokens=1, temperature=0.0),
-                                                  rid, lora_request=models.lora_requests[name]):
+            async for _ in engine_client.generate(
+                {"prompt_token_ids": prompt_ids},
+                SamplingParams(max_tokens=1, temperature=0.0),
+                rid,
+                lora_request=models.lora_requests[name],
+            ):
                 pass
             return (await engine_client.collective_rpc("sona_take_hidden", args=(rid,)))[0]
 
@@ -326,7 +356,8 @@ class SonaEndpointPlugin:
             if fresh:
                 res = await models.load_lora_adapter(
                     LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path)),
-                    base_model_name=models.base_model_paths[0].name)
+                    base_model_name=models.base_model_paths[0].name,
+                )
                 if isinstance(res, ErrorResponse):
                     from sona_plugin.errors import SwapRefused
 
@@ -355,21 +386,31 @@ class SonaEndpointPlugin:
 
         _patch_serving()
         model_dir = getattr(args, "model", None) or models.base_model_paths[0].model_path
-        h = await asyncio.to_thread(VllmHost, model_source=model_dir, settings=settings,
-                                    rpc=rpc, serve=serve)
+        h = await asyncio.to_thread(
+            VllmHost, model_source=model_dir, settings=settings, rpc=rpc, serve=serve
+        )
         state.sona = h
         opts = h.options
-        state.sona_admin = guard.AdminPolicy(admin_token(opts), getattr(args, "host", None),
-                                             opts.get("open_admin", False))
-        state.sona_limiter = guard.RateLimiter(opts.get("feedback_rate", 10.0),
-                                               opts.get("feedback_burst", 50))
-        state.sona_keys_checked = bool(getattr(args, "api_key", None)
-                                       or os.environ.get("VLLM_API_KEY"))
+        state.sona_admin = guard.AdminPolicy(
+            admin_token(opts), getattr(args, "host", None), opts.get("open_admin", False)
+        )
+        state.sona_limiter = guard.RateLimiter(
+            opts.get("feedback_rate", 10.0), opts.get("feedback_burst", 50)
+        )
+        state.sona_keys_checked = bool(
+            getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
+        )
         if opts.get("schedule", "background") == "background":
             h.start_background()
-        logger.info("SONA ready: state in %s, serving adapter version %s, admin routes: %s",
-                    h.state_dir, h.adapter_version, state.sona_admin.mode)
+        logger.info(
+            "SONA ready: state in %s, serving adapter version %s, admin routes: %s",
+            h.state_dir,
+            h.adapter_version,
+            state.sona_admin.mode,
+        )
 
 
 def _jsonable(x):
-    return json.loads(json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+    return json.loads(
+        json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    )

@@ -51,7 +51,7 @@ def adapter_version(lora_request) -> int | None:
     name = getattr(lora_request, "lora_name", None) if lora_request is not None else None
     if name and name.startswith(ADAPTER_PREFIX):
         try:
-            return int(name[len(ADAPTER_PREFIX):])
+            return int(name[len(ADAPTER_PREFIX) :])
         except ValueError:
             return None
     return None
@@ -129,7 +129,7 @@ class WorkerSona:
 
         def execute_model(scheduler_output, *args, **kwargs):
             self._finished(getattr(scheduler_output, "finished_req_ids", ()) or ())
-            self._in_step = True   # the logits rows computed now are the sampled ones
+            self._in_step = True  # the logits rows computed now are the sampled ones
             try:
                 return orig_execute(scheduler_output, *args, **kwargs)
             finally:
@@ -174,8 +174,11 @@ class WorkerSona:
                 rec = self.recordings.get(rid)
                 if rec is None:
                     state = requests.get(rid)
-                    rec = Recording(rid, list(getattr(state, "prompt_token_ids", None) or []),
-                                    adapter_version(getattr(state, "lora_request", None)))
+                    rec = Recording(
+                        rid,
+                        list(getattr(state, "prompt_token_ids", None) or []),
+                        adapter_version(getattr(state, "lora_request", None)),
+                    )
                     self.recordings[rid] = rec
                     self._evict()
                 rec.tokens.append(int(toks[0]))
@@ -241,10 +244,24 @@ class WorkerSona:
             rec.hidden, rec.topk_ids, rec.topk_lp = [], [], []
         if not hidden:
             return None
-        steps = [TrajectoryStep(hidden[i], np.zeros(0, np.float32), reward, rec.tokens[i], 0,
-                                topk_ids[i], topk_lp[i]) for i in range(len(hidden))]
-        t = Trajectory(id=0, query_embedding=np.zeros(0, np.float32), steps=steps,
-                       final_quality=(reward + 1.0) / 2.0)
+        steps = [
+            TrajectoryStep(
+                hidden[i],
+                np.zeros(0, np.float32),
+                reward,
+                rec.tokens[i],
+                0,
+                topk_ids[i],
+                topk_lp[i],
+            )
+            for i in range(len(hidden))
+        ]
+        t = Trajectory(
+            id=0,
+            query_embedding=np.zeros(0, np.float32),
+            steps=steps,
+            final_quality=(reward + 1.0) / 2.0,
+        )
         report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
         return report.to_dict() if report is not None else None
 
@@ -252,8 +269,14 @@ class WorkerSona:
         with self.lock:
             held = len(self.recordings)
         s = self.engine.stats()
-        s.update({"recordings_held": held, "recordings_dropped": self.dropped,
-                  "tokens_recorded": self.recorded_tokens, "steps_dropped": self.steps_dropped})
+        s.update(
+            {
+                "recordings_held": held,
+                "recordings_dropped": self.dropped,
+                "tokens_recorded": self.recorded_tokens,
+                "steps_dropped": self.steps_dropped,
+            }
+        )
         return s
 
 
@@ -301,8 +324,11 @@ class SonaWorkerExtension:
         if st is None:
             st = WorkerSona(runner, settings, max_recordings)
             runner._sona = st
-            logger.info("SONA installed in the worker (hidden %d, MicroLoRA rank %d)",
-                        st.engine.config.hidden_dim, st.engine.config.micro_lora_rank)
+            logger.info(
+                "SONA installed in the worker (hidden %d, MicroLoRA rank %d)",
+                st.engine.config.hidden_dim,
+                st.engine.config.micro_lora_rank,
+            )
         return {"hidden_dim": st.engine.config.hidden_dim}
 
     def _sona(self) -> WorkerSona:
@@ -316,9 +342,13 @@ class SonaWorkerExtension:
         rec = self._sona().find(response_id, index)
         if rec is None:
             return None
-        return {"internal_id": rec.internal_id, "prompt_ids": rec.prompt_ids,
-                "response_ids": list(rec.tokens), "adapter_version": rec.version,
-                "finished": rec.finished}
+        return {
+            "internal_id": rec.internal_id,
+            "prompt_ids": rec.prompt_ids,
+            "response_ids": list(rec.tokens),
+            "adapter_version": rec.version,
+            "finished": rec.finished,
+        }
 
     def sona_learn(self, response_id: str, index: int, reward: float) -> dict | None:
         """The instant update from one judged response (then its recording is dropped)."""
@@ -362,5 +392,4 @@ class SonaWorkerExtension:
         return self._sona().stats()
 
 
-__all__ = ["SonaWorkerExtension", "WorkerSona", "adapter_name", "adapter_version",
-           "external_id"]
+__all__ = ["SonaWorkerExtension", "WorkerSona", "adapter_name", "adapter_version", "external_id"]

@@ -46,8 +46,9 @@ def last_hidden(model: Any, prompt_ids: list[int]) -> np.ndarray:
     model.eval()  # no dropout
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                        output_hidden_states=True)
+            out = model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True
+            )
     finally:
         model.train(was_training)
     return out.hidden_states[-1][0, -1].detach().float().cpu().numpy()
@@ -57,8 +58,10 @@ def write(path: Path, prompt_ids: list[int], hidden: np.ndarray) -> None:
     """Write a version's canary into its directory (``path``)."""
     from safetensors.numpy import save_file
 
-    save_file({"prompt_ids": np.asarray(prompt_ids, np.int64),
-               "hidden": np.asarray(hidden, np.float32)}, str(Path(path) / CANARY_FILE))
+    save_file(
+        {"prompt_ids": np.asarray(prompt_ids, np.int64), "hidden": np.asarray(hidden, np.float32)},
+        str(Path(path) / CANARY_FILE),
+    )
 
 
 def read(version_dir: Path) -> tuple[list[int], np.ndarray] | None:
@@ -84,15 +87,17 @@ def relative_error(served: np.ndarray, expected: np.ndarray) -> float:
     return float(np.linalg.norm(served - expected) / max(np.linalg.norm(expected), 1e-12))
 
 
-def verify(served: np.ndarray, expected: np.ndarray, tolerance: float = TOLERANCE
-           ) -> tuple[bool, float]:
+def verify(
+    served: np.ndarray, expected: np.ndarray, tolerance: float = TOLERANCE
+) -> tuple[bool, float]:
     """(within tolerance, relative error) of the engine's canary hidden state."""
     err = relative_error(served, expected)
     return err <= tolerance, err
 
 
-def check(version: int, served: dict | None, expected: np.ndarray,
-          tolerance: float = TOLERANCE) -> float:
+def check(
+    version: int, served: dict | None, expected: np.ndarray, tolerance: float = TOLERANCE
+) -> float:
     """The relative error of an engine's canary run (``{"hidden": [...],
     "adapter_version": v}`` or None when nothing was recorded) against ``expected``.
 
@@ -106,11 +111,12 @@ def check(version: int, served: dict | None, expected: np.ndarray,
         raise SwapRefused(f"adapter version {version}: the canary request left no recording")
     got = served.get("adapter_version")
     if got != version:
-        raise SwapRefused(f"adapter version {version}: the canary request ran with version "
-                          f"{got}")
+        raise SwapRefused(f"adapter version {version}: the canary request ran with version {got}")
     ok, err = verify(np.asarray(served["hidden"], np.float32), expected, tolerance)
     if not ok:
-        raise SwapRefused(f"adapter version {version}: the engine's canary hidden state is "
-                          f"off by {err:.2e} (relative; tolerance {tolerance:.0e}): it does not "
-                          f"serve this version's weights")
+        raise SwapRefused(
+            f"adapter version {version}: the engine's canary hidden state is "
+            f"off by {err:.2e} (relative; tolerance {tolerance:.0e}): it does not "
+            f"serve this version's weights"
+        )
     return err

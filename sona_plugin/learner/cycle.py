@@ -57,11 +57,17 @@ from .state import STATE_FILE, load_state, remove_stale_temps, save_state
 logger = logging.getLogger(__name__)
 
 PROBE_PROMPTS = [
-    "What is the capital of Italy?", "How do I boil an egg?", "Why is the sky blue?",
-    "Give me a tip for learning a new language.", "What does a CPU do?",
-    "How many legs does a spider have?", "What causes rain?",
-    "How should I store fresh bread?", "What is a prime number?",
-    "What is the job of a referee?", "How do I write a good email subject line?",
+    "What is the capital of Italy?",
+    "How do I boil an egg?",
+    "Why is the sky blue?",
+    "Give me a tip for learning a new language.",
+    "What does a CPU do?",
+    "How many legs does a spider have?",
+    "What causes rain?",
+    "How should I store fresh bread?",
+    "What is a prime number?",
+    "What is the job of a referee?",
+    "How do I write a good email subject line?",
     "What does a thermometer measure?",
 ]
 HELDOUT_MAX = 40
@@ -89,8 +95,15 @@ class Learner:
             ``"uniform"`` at random (the ablation in ``benchmarks/learning.py``).
     """
 
-    def __init__(self, host: Host, *, epochs: int = 2, seed: int = 0, measure_kl: bool = True,
-                 replay: str = "balanced"):
+    def __init__(
+        self,
+        host: Host,
+        *,
+        epochs: int = 2,
+        seed: int = 0,
+        measure_kl: bool = True,
+        replay: str = "balanced",
+    ):
         if replay not in ("balanced", "uniform"):
             raise InvalidValue(f"replay must be 'balanced' or 'uniform', got {replay!r}")
         self.host = host
@@ -107,8 +120,8 @@ class Learner:
         self.split = PromptSplit()
         self.detector = ShiftDetector()
         self.boundaries: list[dict] = []
-        self._trainer_state: dict | None = None   # applied when the trainer is built
-        self._base_answers: dict = {}             # the gate's cache of the base model
+        self._trainer_state: dict | None = None  # applied when the trainer is built
+        self._base_answers: dict = {}  # the gate's cache of the base model
         remove_stale_temps(host.state_dir)
         self._restore()
 
@@ -122,18 +135,32 @@ class Learner:
         split_arrays, split_meta = self.split.state()
         arrays.update(split_arrays)
         if self.dreams:
-            arrays["dreams.embedding"] = np.stack([np.asarray(d.embedding, np.float32)
-                                                   for d in self.dreams])
+            arrays["dreams.embedding"] = np.stack(
+                [np.asarray(d.embedding, np.float32) for d in self.dreams]
+            )
         meta = {
-            "served_version": self.host.adapter_version, "last_id": self.last_id,
-            "cycles": self.cycles, "ewc": ewc_meta, "bank": bank_meta, "split": split_meta,
-            "detector": self.detector.state_dict(), "boundaries": self.boundaries,
-            "trainer": self.trainer.state_dict() if self.trainer is not None
+            "served_version": self.host.adapter_version,
+            "last_id": self.last_id,
+            "cycles": self.cycles,
+            "ewc": ewc_meta,
+            "bank": bank_meta,
+            "split": split_meta,
+            "detector": self.detector.state_dict(),
+            "boundaries": self.boundaries,
+            "trainer": self.trainer.state_dict()
+            if self.trainer is not None
             else self._trainer_state,
-            "dreams": [{"response_id": d.response_id, "prompt": d.prompt,
-                        "prompt_ids": list(d.prompt_ids), "response_ids": list(d.response_ids),
-                        "response_text": d.response_text, "reward": float(d.reward)}
-                       for d in self.dreams],
+            "dreams": [
+                {
+                    "response_id": d.response_id,
+                    "prompt": d.prompt,
+                    "prompt_ids": list(d.prompt_ids),
+                    "response_ids": list(d.response_ids),
+                    "response_text": d.response_text,
+                    "reward": float(d.reward),
+                }
+                for d in self.dreams
+            ],
         }
         return arrays, meta
 
@@ -158,8 +185,11 @@ class Learner:
                 version_state = load_state(host.registry.get(served).path / STATE_FILE)
             except StateError as e:
                 logger.warning("served version %s has no usable learner state: %s", served, e)
-        newest = max((s for s in (saved, version_state) if s is not None),
-                     key=lambda s: s[1]["last_id"], default=None)
+        newest = max(
+            (s for s in (saved, version_state) if s is not None),
+            key=lambda s: s[1]["last_id"],
+            default=None,
+        )
         if newest is None:
             if served is not None:  # versions published before the learner saved its state
                 self.last_id = int(host.registry.get(served).metadata.get("last_record_id", 0))
@@ -171,24 +201,32 @@ class Learner:
         self.boundaries = list(meta["boundaries"])
         self.split = PromptSplit.from_state(arrays, meta["split"])
         host.engine.reasoning_bank.load_state_dict(
-            {k[5:]: v for k, v in arrays.items() if k.startswith("bank.")}, meta["bank"])
+            {k[5:]: v for k, v in arrays.items() if k.startswith("bank.")}, meta["bank"]
+        )
         per_version = newest
         if saved is not None and saved[1].get("served_version") != served:
             per_version = version_state  # a rollback or a crash between publish and save
         if per_version is not None:
             self._load_version_state(*per_version)
-        logger.info("learner restored: %d records used, %d cycles, %d boundaries", self.last_id,
-                    self.cycles, len(self.boundaries))
+        logger.info(
+            "learner restored: %d records used, %d cycles, %d boundaries",
+            self.last_id,
+            self.cycles,
+            len(self.boundaries),
+        )
 
     def _load_version_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         ewc = EwcPlusPlus(self.host.engine.config)
-        ewc.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("ewc.")},
-                            meta["ewc"])
+        ewc.load_state_dict(
+            {k[4:]: v for k, v in arrays.items() if k.startswith("ewc.")}, meta["ewc"]
+        )
         self.ewc = ewc
         self._trainer_state = meta.get("trainer")
         emb = arrays.get("dreams.embedding")
-        self.dreams = [FeedbackRecord(embedding=emb[i], task="dream", **d)
-                       for i, d in enumerate(meta.get("dreams") or [])]
+        self.dreams = [
+            FeedbackRecord(embedding=emb[i], task="dream", **d)
+            for i, d in enumerate(meta.get("dreams") or [])
+        ]
         self.trainer = None  # rebuilt from the served version, with this EWC++
 
     # -- the trainer ----------------------------------------------------------------------
@@ -200,8 +238,14 @@ class Learner:
             host = self.host
             cfg = host.engine.config
             extra = {"target_modules": host.lora_targets} if host.lora_targets else {}
-            trainer = BaseLoRATrainer(_fresh_base(host), cfg, ewc=self.ewc, seed=self.seed,
-                                      beta=cfg.base_lora_kl_beta, **extra)
+            trainer = BaseLoRATrainer(
+                _fresh_base(host),
+                cfg,
+                ewc=self.ewc,
+                seed=self.seed,
+                beta=cfg.base_lora_kl_beta,
+                **extra,
+            )
             v = host.adapter_version
             if v is not None:
                 trainer.load_adapter_weights(host.registry.get(v).path)
@@ -237,12 +281,20 @@ class Learner:
                 # no Fisher yet at these weights: estimate it on recent training answers
                 trainer.update_fisher(self.training_records()[-64:])
             started = bool(self.ewc.start_new_task(params))
-            self.boundaries.append({"record_id": self.last_id, "cycle": self.cycles,
-                                    "reason": reason, "served_version": self.host.adapter_version,
-                                    "ewc_task_started": started, "at": time.time()})
+            self.boundaries.append(
+                {
+                    "record_id": self.last_id,
+                    "cycle": self.cycles,
+                    "reason": reason,
+                    "served_version": self.host.adapter_version,
+                    "ewc_task_started": started,
+                    "at": time.time(),
+                }
+            )
             if not started:
-                logger.warning("task boundary (%s) before any Fisher estimate: nothing to keep",
-                               reason)
+                logger.warning(
+                    "task boundary (%s) before any Fisher estimate: nothing to keep", reason
+                )
             return started
 
     # -- rollback ---------------------------------------------------------------------------
@@ -252,8 +304,11 @@ class Learner:
             try:
                 st = load_state(self.host.registry.get(version).path / STATE_FILE)
             except StateError as e:
-                logger.warning("version %s has no usable learner state (%s); keeping the "
-                               "current EWC++ memory", version, e)
+                logger.warning(
+                    "version %s has no usable learner state (%s); keeping the current EWC++ memory",
+                    version,
+                    e,
+                )
                 st = None
             if st is not None:
                 self._load_version_state(*st)
@@ -261,14 +316,14 @@ class Learner:
             self.save()
 
     # -- one cycle --------------------------------------------------------------------------
-    def run(self, epochs: int | None = None, gate: bool = True, probe: bool = True,
-            batch_size: int = 4) -> dict:
+    def run(
+        self, epochs: int | None = None, gate: bool = True, probe: bool = True, batch_size: int = 4
+    ) -> dict:
         """One cycle (see the module docstring); returns its report. A cycle that fails
         leaves its records to the next one (what it had used, counted and detected is
         undone; the trainer returns to the served weights)."""
         with self.lock:
-            before = (self.last_id, self.cycles, self.detector.state_dict(),
-                      list(self.boundaries))
+            before = (self.last_id, self.cycles, self.detector.state_dict(), list(self.boundaries))
             try:
                 return self._run(epochs, gate, probe, batch_size)
             except Exception:
@@ -284,11 +339,15 @@ class Learner:
         host = self.host
         store = host.store
         new = store.records(since_id=self.last_id)
-        report: dict[str, Any] = {"version": host.adapter_version, "published": False,
-                                  "new_records": len(new)}
+        report: dict[str, Any] = {
+            "version": host.adapter_version,
+            "published": False,
+            "new_records": len(new),
+        }
         if not new:
-            report.update(skipped="no new feedback since the last cycle",
-                          seconds=time.perf_counter() - t0)
+            report.update(
+                skipped="no new feedback since the last cycle", seconds=time.perf_counter() - t0
+            )
             return report
         everything = store.records(since_id=0, limit=None)
         sides = self.split.assign(new)
@@ -302,30 +361,44 @@ class Learner:
             if side is not None:
                 alarms.append({"record_id": r.id, "direction": side})
         if alarms:
-            self.mark_task_boundary(reason=f"liked-rate shift ({alarms[0]['direction']}) "
-                                           f"detected at record {alarms[0]['record_id']}")
+            self.mark_task_boundary(
+                reason=f"liked-rate shift ({alarms[0]['direction']}) "
+                f"detected at record {alarms[0]['record_id']}"
+            )
             report["boundaries"] = alarms
 
         bank = host.engine.reasoning_bank
         if train_new:
-            bank.add_trajectories(np.stack([r.embedding for r in train_new]),
-                                  np.array([(r.reward + 1.0) / 2.0 for r in train_new]),
-                                  weights=np.ones(len(train_new)))
-            report["patterns_extracted"] = len(bank.extract_patterns(
-                k=clusters_for(len(train_new), host.engine.config.pattern_clusters)))
-        replay = [r for r, held in zip(everything, self.split.assign(everything))
-                  if not held and r.id <= self.last_id] + self.dreams
-        selected = select_training_set(train_new,
-                                       bank=bank if self.replay == "balanced" else None,
-                                       replay=replay,
-                                       replay_fraction=0.25, seed=self.seed + self.cycles)
+            bank.add_trajectories(
+                np.stack([r.embedding for r in train_new]),
+                np.array([(r.reward + 1.0) / 2.0 for r in train_new]),
+                weights=np.ones(len(train_new)),
+            )
+            report["patterns_extracted"] = len(
+                bank.extract_patterns(
+                    k=clusters_for(len(train_new), host.engine.config.pattern_clusters)
+                )
+            )
+        replay = [
+            r
+            for r, held in zip(everything, self.split.assign(everything))
+            if not held and r.id <= self.last_id
+        ] + self.dreams
+        selected = select_training_set(
+            train_new,
+            bank=bank if self.replay == "balanced" else None,
+            replay=replay,
+            replay_fraction=0.25,
+            seed=self.seed + self.cycles,
+        )
         report["trained_on"] = len(selected)
         self.last_id = max(r.id for r in new)
         self.cycles += 1
         if not selected:
             self.save()
-            report.update(skipped="every new record is on the held-out side",
-                          seconds=time.perf_counter() - t0)
+            report.update(
+                skipped="every new record is on the held-out side", seconds=time.perf_counter() - t0
+            )
             return report
         trainer = self.ensure_trainer()
         start = self._lora()
@@ -334,8 +407,9 @@ class Learner:
         report["train"] = tr.to_dict()
         if tr.skipped:
             self.save()
-            report.update(skipped=f"training skipped: {tr.skipped}",
-                          seconds=time.perf_counter() - t0)
+            report.update(
+                skipped=f"training skipped: {tr.skipped}", seconds=time.perf_counter() - t0
+            )
             return report
         passed = True
         if gate:
@@ -345,9 +419,14 @@ class Learner:
             self.save()
             report["seconds"] = time.perf_counter() - t0
             return report
-        meta = {"trained_on": len(selected), "new_records": len(new), "cycle": self.cycles,
-                "last_record_id": self.last_id, "step": report.get("step"),
-                "train_loss": tr.losses[-1] if tr.losses else None}
+        meta = {
+            "trained_on": len(selected),
+            "new_records": len(new),
+            "cycle": self.cycles,
+            "last_record_id": self.last_id,
+            "step": report.get("step"),
+            "train_loss": tr.losses[-1] if tr.losses else None,
+        }
         if self.measure_kl and heldout:
             meta["kl_per_answer"] = self._answer_kl(heldout)
             report["kl_per_answer"] = meta["kl_per_answer"]
@@ -367,8 +446,12 @@ class Learner:
         t_pub = time.perf_counter()
         host.serve_version(v.version, micro_decay=0.5)
         self.save()
-        report.update(version=v.version, published=True, seconds=time.perf_counter() - t0,
-                      publish_to_serve_s=time.perf_counter() - t_pub)
+        report.update(
+            version=v.version,
+            published=True,
+            seconds=time.perf_counter() - t0,
+            publish_to_serve_s=time.perf_counter() - t_pub,
+        )
         return report
 
     def _answer_kl(self, heldout: list[FeedbackRecord]) -> float:
@@ -377,8 +460,13 @@ class Learner:
 
         peft = self.trainer.peft_model
         rows = [list(r.prompt_ids) for r in heldout[-KL_PROMPTS:]]
-        return answer_kl(ModelView.adapter(peft, "default"), ModelView.base(peft), rows,
-                         self.host.tokenizer, seed=self.seed + self.cycles)
+        return answer_kl(
+            ModelView.adapter(peft, "default"),
+            ModelView.base(peft),
+            rows,
+            self.host.tokenizer,
+            seed=self.seed + self.cycles,
+        )
 
     def _gate(self, start: dict, heldout: list, probe: bool) -> tuple[bool, dict, dict | None]:
         """Gate the trained candidate; refused, try it projected back inside the budget
@@ -411,12 +499,26 @@ class Learner:
         try:
             for kind, s in points:
                 _set_lora(trainer, start if kind == "step" else None, cand, s)
-                g = gate.evaluate(ModelView.adapter(peft, "default"), current, heldout, None,
-                                  host.tokenizer, embedder=embedder, probe_prompts=probes,
-                                  reference=ModelView.base(peft),
-                                  reference_cache=self._base_answers)
-                tried.append({kind: s, "passed": g.passed, "reasons": g.reasons,
-                              "failed": g.failed, "metrics": g.metrics})
+                g = gate.evaluate(
+                    ModelView.adapter(peft, "default"),
+                    current,
+                    heldout,
+                    None,
+                    host.tokenizer,
+                    embedder=embedder,
+                    probe_prompts=probes,
+                    reference=ModelView.base(peft),
+                    reference_cache=self._base_answers,
+                )
+                tried.append(
+                    {
+                        kind: s,
+                        "passed": g.passed,
+                        "reasons": g.reasons,
+                        "failed": g.failed,
+                        "metrics": g.metrics,
+                    }
+                )
                 if g.passed:
                     break
             if not g.passed:  # back to the served weights, where the next cycle starts
@@ -436,10 +538,13 @@ def _fresh_base(host: Host):
     from transformers import AutoModelForCausalLM
 
     if host.model_source is None:
-        raise RuntimeError("learn() needs the model's path to load a private training copy; "
-                           "build the host from a path (or the default model)")
-    return AutoModelForCausalLM.from_pretrained(host.model_source, dtype=torch.float32,
-                                                local_files_only=True)
+        raise RuntimeError(
+            "learn() needs the model's path to load a private training copy; "
+            "build the host from a path (or the default model)"
+        )
+    return AutoModelForCausalLM.from_pretrained(
+        host.model_source, dtype=torch.float32, local_files_only=True
+    )
 
 
 def _set_lora(trainer, start: dict | None, end: dict, scale: float) -> None:

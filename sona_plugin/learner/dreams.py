@@ -26,9 +26,15 @@ from ..store.base import FeedbackRecord
 MAX_DREAMS = 64
 
 
-def predicted_rewards(answer_emb: np.ndarray, prompt_emb: np.ndarray,
-                      known: Sequence[FeedbackRecord], known_answer_emb: np.ndarray,
-                      k: int = 8, tau: float = 0.1, same_topic: float = 0.5) -> np.ndarray:
+def predicted_rewards(
+    answer_emb: np.ndarray,
+    prompt_emb: np.ndarray,
+    known: Sequence[FeedbackRecord],
+    known_answer_emb: np.ndarray,
+    k: int = 8,
+    tau: float = 0.1,
+    same_topic: float = 0.5,
+) -> np.ndarray:
     """Per dream, the softmax(cos/tau)-weighted mean reward of its ``k`` most similar
     known answers among those to prompts with cosine ≥ ``same_topic`` (all known answers
     when none is that close)."""
@@ -61,8 +67,11 @@ def dream(learner: Any, n: int, max_new_tokens: int = 40) -> dict:
     training = [r for r in learner.training_records() if r.response_ids and r.prompt_ids]
     liked = [r for r in training if r.reward > 0]
     if not strong or not liked:
-        return {"dreams_generated": 0, "dreams_kept": 0,
-                "skipped": "no strong pattern or no liked feedback on training prompts yet"}
+        return {
+            "dreams_generated": 0,
+            "dreams_kept": 0,
+            "skipped": "no strong pattern or no liked feedback on training prompts yet",
+        }
     E = np.stack([r.embedding for r in liked]).astype(np.float32)
     En = E / (np.linalg.norm(E, axis=1, keepdims=True) + 1e-12)
     chosen, used = [], set()
@@ -83,32 +92,49 @@ def dream(learner: Any, n: int, max_new_tokens: int = 40) -> dict:
     pairs = [(r, a) for r, a in zip(chosen, answers) if a]
     if not pairs:
         return {"dreams_generated": 0, "dreams_kept": 0, "skipped": "empty answers"}
-    cands = [FeedbackRecord(response_id=f"dream-{uuid.uuid4().hex}", prompt=r.prompt,
-                            prompt_ids=list(r.prompt_ids), response_ids=list(a),
-                            response_text=host.tokenizer.decode(a, skip_special_tokens=True),
-                            reward=0.0, embedding=r.embedding, task="dream")
-             for r, a in pairs]
+    cands = [
+        FeedbackRecord(
+            response_id=f"dream-{uuid.uuid4().hex}",
+            prompt=r.prompt,
+            prompt_ids=list(r.prompt_ids),
+            response_ids=list(a),
+            response_text=host.tokenizer.decode(a, skip_special_tokens=True),
+            reward=0.0,
+            embedding=r.embedding,
+            task="dream",
+        )
+        for r, a in pairs
+    ]
     trainer = learner.ensure_trainer()
     with trainer.peft_model.disable_adapter(), torch.no_grad():
         lps = response_logprobs(trainer.peft_model, cands)
     known = training[-512:]
-    emb = host.embed([c.response_text for c in cands] + [r.response_text for r, _ in pairs] +
-                     [r.response_text for r in known])
+    emb = host.embed(
+        [c.response_text for c in cands]
+        + [r.response_text for r, _ in pairs]
+        + [r.response_text for r in known]
+    )
     m = len(cands)
-    dream_emb, orig_emb, known_emb = emb[:m], emb[m:2 * m], emb[2 * m:]
+    dream_emb, orig_emb, known_emb = emb[:m], emb[m : 2 * m], emb[2 * m :]
     novelty = 1.0 - np.sum(dream_emb * orig_emb, axis=1)
-    reward = predicted_rewards(dream_emb, np.stack([c.embedding for c in cands]), known,
-                               known_emb)
+    reward = predicted_rewards(dream_emb, np.stack([c.embedding for c in cands]), known, known_emb)
     kept, scores = [], []
     for i, c in enumerate(cands):
         coherence = float(torch.exp(lps[i].mean())) if lps[i].numel() else 0.0
-        score = (cfg.dream_novelty_weight * float(novelty[i]) +
-                 cfg.dream_coherence_weight * coherence +
-                 cfg.dream_utility_weight * abs(float(reward[i])))
+        score = (
+            cfg.dream_novelty_weight * float(novelty[i])
+            + cfg.dream_coherence_weight * coherence
+            + cfg.dream_utility_weight * abs(float(reward[i]))
+        )
         scores.append(score)
         if score >= cfg.phi_threshold:
             c.reward = float(np.clip(reward[i], -1.0, 1.0))
             kept.append(c)
     learner.dreams = (learner.dreams + kept)[-MAX_DREAMS:]
-    return {"dreams_generated": m, "dreams_kept": len(kept), "mean_score": float(np.mean(scores)),
-            "mean_predicted_reward": float(np.mean(reward)), "replay_dreams": len(learner.dreams)}
+    return {
+        "dreams_generated": m,
+        "dreams_kept": len(kept),
+        "mean_score": float(np.mean(scores)),
+        "mean_predicted_reward": float(np.mean(reward)),
+        "replay_dreams": len(learner.dreams),
+    }

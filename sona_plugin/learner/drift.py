@@ -22,6 +22,7 @@ import torch
 def kl_floor(p: float, p0: float) -> float:
     """``d(p‖p0)``, the Bernoulli KL in nats (``0·ln 0 = 0``); ∞ when ``p0`` is 0 or 1
     and ``p`` differs."""
+
     def term(a: float, b: float) -> float:
         if a == 0.0:
             return 0.0
@@ -42,9 +43,14 @@ class _Answer:
     response_id: str
 
 
-def sample_answer_ids(model: Any, rows: Sequence[Sequence[int]], tokenizer: Any,
-                      max_new_tokens: int = 32, seed: int = 0, batch_size: int = 16
-                      ) -> list[list[int]]:
+def sample_answer_ids(
+    model: Any,
+    rows: Sequence[Sequence[int]],
+    tokenizer: Any,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[list[int]]:
     """Answers sampled at temperature 1 without truncation (the model's own distribution),
     cut after the end-of-sequence token (kept)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -54,16 +60,23 @@ def sample_answer_ids(model: Any, rows: Sequence[Sequence[int]], tokenizer: Any,
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for s in range(0, len(rows), batch_size):
-            part = rows[s: s + batch_size]
+            part = rows[s : s + batch_size]
             L = max(len(r) for r in part)
             ids = torch.full((len(part), L), int(pad), dtype=torch.long)
             mask = torch.zeros((len(part), L), dtype=torch.long)
             for i, r in enumerate(part):
-                ids[i, L - len(r):] = torch.tensor(list(r), dtype=torch.long)
-                mask[i, L - len(r):] = 1
-            gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                 max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0,
-                                 top_p=1.0, top_k=0, pad_token_id=int(pad))
+                ids[i, L - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+                mask[i, L - len(r) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                pad_token_id=int(pad),
+            )
             for row in gen[:, L:].tolist():
                 if eos is not None and eos in row:
                     row = row[: row.index(eos) + 1]
@@ -71,8 +84,15 @@ def sample_answer_ids(model: Any, rows: Sequence[Sequence[int]], tokenizer: Any,
     return out
 
 
-def answer_kl(policy: Any, base: Any, rows: Sequence[Sequence[int]], tokenizer: Any,
-              max_new_tokens: int = 32, seed: int = 0, chunk: int = 4) -> float:
+def answer_kl(
+    policy: Any,
+    base: Any,
+    rows: Sequence[Sequence[int]],
+    tokenizer: Any,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    chunk: int = 4,
+) -> float:
     """``KL(π‖π_base)`` per answer: answers ``y ~ π`` to the prompt ``rows``, and per
     answer ``Σ_t KL(π(·|x, y_<t) ‖ π_base(·|x, y_<t))`` (the full-vocabulary KL at every
     position of the sampled answer: the same expectation as ``Σ_t log π(y_t)/π_base(y_t)``
@@ -92,7 +112,7 @@ def answer_kl(policy: Any, base: Any, rows: Sequence[Sequence[int]], tokenizer: 
         return 0.0
     total = 0.0
     for s in range(0, len(seqs), chunk):
-        part = seqs[s: s + chunk]
+        part = seqs[s : s + chunk]
         with torch.no_grad():
             with pol.use() as m:
                 batch = make_batch(part, next(m.parameters()).device, 0)

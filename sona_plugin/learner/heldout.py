@@ -33,9 +33,9 @@ class PromptSplit:
         self.same_prompt = float(same_prompt)
         self.max_groups = int(max_groups)
         self._reps = np.zeros((0, 0), np.float32)  # unit prompt embeddings, one per group
-        self._held = np.zeros(0, bool)             # the group's side
+        self._held = np.zeros(0, bool)  # the group's side
         self.groups = 0
-        self.sides: dict[int, bool] = {}           # record id -> held out
+        self.sides: dict[int, bool] = {}  # record id -> held out
 
     def assign(self, records: Sequence[FeedbackRecord]) -> list[bool]:
         """The side of each record (True: held out), assigning new ones in order."""
@@ -78,10 +78,15 @@ class PromptSplit:
         ids = np.fromiter(self.sides.keys(), np.int64, len(self.sides))
         sides = np.fromiter(self.sides.values(), bool, len(self.sides))
         n = self.groups
-        return ({"split.reps": self._reps[:n], "split.held": self._held[:n].astype(np.uint8),
-                 "split.ids": ids, "split.sides": sides.astype(np.uint8)},
-                {"every": self.every, "same_prompt": self.same_prompt,
-                 "max_groups": self.max_groups})
+        return (
+            {
+                "split.reps": self._reps[:n],
+                "split.held": self._held[:n].astype(np.uint8),
+                "split.ids": ids,
+                "split.sides": sides.astype(np.uint8),
+            },
+            {"every": self.every, "same_prompt": self.same_prompt, "max_groups": self.max_groups},
+        )
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict) -> PromptSplit:

@@ -41,8 +41,7 @@ class Host(Protocol):
         when the engine does not serve its weights. ``micro_decay`` < 1 shrinks the
         MicroLoRA (a new version has absorbed the instant lesson)."""
 
-    def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int
-                       ) -> list[list[int]]:
+    def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Answers sampled from the served model (ids, stop token included); raises
         NotImplementedError where the host cannot generate for the learner."""
 

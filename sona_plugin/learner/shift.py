@@ -50,10 +50,12 @@ class ShiftDetector:
             return None
         p = min(max(self.p, 0.02), 0.98)
         up, down = min(p + self.delta, 0.99), max(p - self.delta, 0.01)
-        self.s_up = max(0.0, self.s_up + q * math.log(up / p) +
-                        (1 - q) * math.log((1 - up) / (1 - p)))
-        self.s_down = max(0.0, self.s_down + q * math.log(down / p) +
-                          (1 - q) * math.log((1 - down) / (1 - p)))
+        self.s_up = max(
+            0.0, self.s_up + q * math.log(up / p) + (1 - q) * math.log((1 - up) / (1 - p))
+        )
+        self.s_down = max(
+            0.0, self.s_down + q * math.log(down / p) + (1 - q) * math.log((1 - down) / (1 - p))
+        )
         if self.s_up > self.h or self.s_down > self.h:
             side = "up" if self.s_up > self.h else "down"
             self.alarms += 1

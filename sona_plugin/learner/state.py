@@ -60,8 +60,10 @@ def load_state(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | Non
     except Exception as e:  # safetensors raises its own error types
         raise StateError(f"cannot read learner state {path}: {type(e).__name__}: {e}") from e
     if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-        raise StateError(f"{path} is not a {_FORMAT} v{_VERSION} state: format "
-                         f"{meta.get('format')!r} version {meta.get('version')!r}")
+        raise StateError(
+            f"{path} is not a {_FORMAT} v{_VERSION} state: format "
+            f"{meta.get('format')!r} version {meta.get('version')!r}"
+        )
     return arrays, meta
 
 

@@ -5,5 +5,12 @@ from .coordinator import LoopCoordinator
 from .deep import DeepLoop, DeepResult
 from .instant import InstantLoop, InstantReport
 
-__all__ = ["BackgroundLoop", "BackgroundResult", "DeepLoop", "DeepResult", "InstantLoop",
-           "InstantReport", "LoopCoordinator"]
+__all__ = [
+    "BackgroundLoop",
+    "BackgroundResult",
+    "DeepLoop",
+    "DeepResult",
+    "InstantLoop",
+    "InstantReport",
+    "LoopCoordinator",
+]

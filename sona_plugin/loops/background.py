@@ -58,11 +58,15 @@ class BackgroundResult:
 
     @property
     def status(self) -> str:
-        s = (f"processed {self.trajectories_processed} trajectories, "
-             f"{self.patterns_extracted} patterns extracted ({self.patterns_total} stored)")
+        s = (
+            f"processed {self.trajectories_processed} trajectories, "
+            f"{self.patterns_extracted} patterns extracted ({self.patterns_total} stored)"
+        )
         if self.consolidated:
-            s += (f", consolidated MicroLoRA into BaseLoRA (loss {self.consolidation_loss_before:.3g}"
-                  f" -> {self.consolidation_loss_after:.3g})")
+            s += (
+                f", consolidated MicroLoRA into BaseLoRA (loss {self.consolidation_loss_before:.3g}"
+                f" -> {self.consolidation_loss_after:.3g})"
+            )
         if self.skipped:
             s += "; skipped: " + "; ".join(self.skipped)
         return s
@@ -76,8 +80,14 @@ class BackgroundResult:
 class BackgroundLoop:
     """Runs background cycles over drained trajectories."""
 
-    def __init__(self, config: SonaConfig, bank: ReasoningBank, base: BaseLoRA,
-                 micro: MicroLoRA, ewc: EwcPlusPlus):
+    def __init__(
+        self,
+        config: SonaConfig,
+        bank: ReasoningBank,
+        base: BaseLoRA,
+        micro: MicroLoRA,
+        ewc: EwcPlusPlus,
+    ):
         self.config, self.bank, self.base, self.micro, self.ewc = config, bank, base, micro, ewc
         self.layer = base.num_layers - 1
         self.cycles = 0
@@ -93,12 +103,17 @@ class BackgroundLoop:
         if not trajectories:
             res.skipped.append("no trajectories")
         e = self.config.embed_dim
-        usable = [t for t in trajectories
-                  if t.query_embedding.shape[0] == e and t.final_quality is not None]
+        usable = [
+            t
+            for t in trajectories
+            if t.query_embedding.shape[0] == e and t.final_quality is not None
+        ]
         if usable:
-            self.bank.add_trajectories(np.stack([t.query_embedding for t in usable]),
-                                       np.array([t.final_quality for t in usable]),
-                                       [_route_of(t) for t in usable])
+            self.bank.add_trajectories(
+                np.stack([t.query_embedding for t in usable]),
+                np.array([t.final_quality for t in usable]),
+                [_route_of(t) for t in usable],
+            )
         if trajectories:
             res.patterns_extracted = len(self.bank.extract_patterns())
         res.patterns_total = self.bank.pattern_count
@@ -110,8 +125,11 @@ class BackgroundLoop:
     def _consolidate(self, trajectories: list[Trajectory], res: BackgroundResult) -> None:
         d = self.config.hidden_dim
         rows = [s.activations for t in trajectories for s in t.steps if s.activations.shape[0] == d]
-        rows += [t.query_embedding for t in trajectories
-                 if not t.steps and t.query_embedding.shape[0] == d]
+        rows += [
+            t.query_embedding
+            for t in trajectories
+            if not t.steps and t.query_embedding.shape[0] == d
+        ]
         if not rows:
             res.skipped.append("consolidation: no activations of the adapted width")
             return
@@ -124,9 +142,11 @@ class BackgroundLoop:
         base, layer = self.base, self.layer
         s, A, B_old = base.scale, base.A[layer], base.B[layer]
         n = len(H)
-        target = (kernels.micro_lora_forward(H, A, B_old, s, None) - H) + (self.micro.forward(H) - H)
+        target = (kernels.micro_lora_forward(H, A, B_old, s, None) - H) + (
+            self.micro.forward(H) - H
+        )
         tnorm = float(np.mean(np.sum(target * target, axis=1)))
-        Z = (H @ A.T).astype(np.float64)                           # [n, r]: A h_t
+        Z = (H @ A.T).astype(np.float64)  # [n, r]: A h_t
 
         def loss_of(B: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
             err = kernels.micro_lora_forward(H, A, B, s, None) - H - target
@@ -144,14 +164,14 @@ class BackgroundLoop:
         zeros = {"lora_A": np.zeros_like(A), "lora_B": np.zeros_like(B_old)}
         ones = {"lora_A": np.ones_like(A), "lora_B": np.ones_like(B_old)}
         pg0 = self.ewc.penalty_grad(zeros)["lora_B"].astype(np.float64)
-        lam_F = (self.ewc.penalty_grad(ones)["lora_B"] - pg0) / 2.0      # [d, r]
+        lam_F = (self.ewc.penalty_grad(ones)["lora_B"] - pg0) / 2.0  # [d, r]
         # B minimises mean_t ||s B z_t - target_t||^2 + lambda sum F (B - B*)^2 with A fixed
         # (LoRA-FA): per output row i, (s^2/n Z^T Z + diag(lam_F_i + eps)) b_i =
         # s/n Z^T target_i - pg0_i / 2. A batch of d r-by-r solves, exact.
         M = (s * s / n) * (Z.T @ Z)
         eps = 1e-6 * (np.trace(M) / M.shape[0] + 1e-12)
         lhs = M[None, :, :] + np.einsum("ij,jk->ijk", lam_F + eps, np.eye(M.shape[0]))
-        rhs = (s / n) * (target.astype(np.float64).T @ Z) - pg0 / 2.0     # [d, r]
+        rhs = (s / n) * (target.astype(np.float64).T @ Z) - pg0 / 2.0  # [d, r]
         B_new = np.linalg.solve(lhs, rhs[:, :, None])[:, :, 0].astype(np.float32)
         loss, _ = loss_of(B_new)
         if not (np.isfinite(B_new).all() and math.isfinite(loss)):
@@ -159,8 +179,9 @@ class BackgroundLoop:
             return
         # Fisher of the Gaussian consolidation model (Gauss-Newton diagonal): s^2/n sum_t z_tj^2
         fisher_b = np.broadcast_to((s * s / n) * np.sum(Z * Z, axis=0), B_new.shape)
-        self.ewc.update_fisher({"lora_A": np.zeros_like(A),
-                                "lora_B": np.sqrt(fisher_b).astype(np.float32)})
+        self.ewc.update_fisher(
+            {"lora_A": np.zeros_like(A), "lora_B": np.sqrt(fisher_b).astype(np.float32)}
+        )
         base.B[layer] = B_new
         res.ewc_penalty = float(self.ewc.penalty(self._params()))
         res.consolidated = True

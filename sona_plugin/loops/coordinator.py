@@ -83,15 +83,25 @@ class LoopCoordinator:
         clock: monotonic seconds for scheduling and backoff; injectable for tests.
     """
 
-    def __init__(self, pending: Callable[[], int], run_background: Callable[[], object],
-                 run_deep: Callable[[], object], trigger_count: int, interval_s: float,
-                 deep_every: int, poll_s: float = 1.0, base_backoff_s: float = 5.0,
-                 max_backoff_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        pending: Callable[[], int],
+        run_background: Callable[[], object],
+        run_deep: Callable[[], object],
+        trigger_count: int,
+        interval_s: float,
+        deep_every: int,
+        poll_s: float = 1.0,
+        base_backoff_s: float = 5.0,
+        max_backoff_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if not base_backoff_s >= 0:  # also refuses NaN
             raise ConfigError(f"base_backoff_s must be >= 0, got {base_backoff_s}")
         if not max_backoff_s >= base_backoff_s:
-            raise ConfigError(f"max_backoff_s must be >= base_backoff_s ({base_backoff_s}), "
-                              f"got {max_backoff_s}")
+            raise ConfigError(
+                f"max_backoff_s must be >= base_backoff_s ({base_backoff_s}), got {max_backoff_s}"
+            )
         self._pending, self._run_bg, self._run_deep = pending, run_background, run_deep
         self.trigger_count, self.interval_s, self.deep_every = trigger_count, interval_s, deep_every
         self.poll_s = poll_s
@@ -179,17 +189,25 @@ class LoopCoordinator:
         with self._state_lock:
             now = self._clock()
             bg, dp = self._bg, self._deep
-            last = max((h for h in (bg, dp) if h.last_error_at is not None),
-                       key=lambda h: h.last_error_at, default=None)
+            last = max(
+                (h for h in (bg, dp) if h.last_error_at is not None),
+                key=lambda h: h.last_error_at,
+                default=None,
+            )
             return {
-                "cycles_ok": bg.ok, "cycles_failed": bg.failed,
+                "cycles_ok": bg.ok,
+                "cycles_failed": bg.failed,
                 "consecutive_failures": bg.consecutive,
                 "last_error": last.last_error if last else None,
                 "last_error_at": last.last_error_at if last else None,
-                "backoff_s": bg.backoff_s, "next_attempt_in_s": bg.next_attempt_in(now),
-                "running": self.running, "last_success_at": bg.last_success_at,
-                "deep_ok": dp.ok, "deep_failed": dp.failed,
-                "deep_consecutive_failures": dp.consecutive, "deep_backoff_s": dp.backoff_s,
+                "backoff_s": bg.backoff_s,
+                "next_attempt_in_s": bg.next_attempt_in(now),
+                "running": self.running,
+                "last_success_at": bg.last_success_at,
+                "deep_ok": dp.ok,
+                "deep_failed": dp.failed,
+                "deep_consecutive_failures": dp.consecutive,
+                "deep_backoff_s": dp.backoff_s,
                 "deep_next_attempt_in_s": dp.next_attempt_in(now),
                 "deep_last_success_at": dp.last_success_at,
             }
@@ -229,11 +247,17 @@ class LoopCoordinator:
             k, wait, text = health.consecutive, health.backoff_s, health.last_error
         # one traceback per failure streak; the retries of the same fault say only its text
         if k == 1:
-            logger.exception("sona coordinator: %s cycle failed; next attempt in %.1f s",
-                             health.name, wait)
+            logger.exception(
+                "sona coordinator: %s cycle failed; next attempt in %.1f s", health.name, wait
+            )
         else:
-            logger.warning("sona coordinator: %s cycle failed again (%d in a row): %s; "
-                           "next attempt in %.1f s", health.name, k, text, wait)
+            logger.warning(
+                "sona coordinator: %s cycle failed again (%d in a row): %s; next attempt in %.1f s",
+                health.name,
+                k,
+                text,
+                wait,
+            )
 
     def _loop(self) -> None:
         while not self._stop.is_set():

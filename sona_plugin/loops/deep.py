@@ -38,8 +38,13 @@ class DeepResult:
 
 
 class DeepLoop:
-    def __init__(self, config: SonaConfig, bank: ReasoningBank, ewc: EwcPlusPlus,
-                 dream_fn: Callable[[ReasoningBank, int], tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        config: SonaConfig,
+        bank: ReasoningBank,
+        ewc: EwcPlusPlus,
+        dream_fn: Callable[[ReasoningBank, int], tuple[int, int]] | None = None,
+    ):
         self.config, self.bank, self.ewc, self.dream_fn = config, bank, ewc, dream_fn
         self.cycles = 0
 
@@ -59,8 +64,9 @@ class DeepLoop:
         else:
             res.skipped.append("EWC++ consolidation: no strong patterns")
         if self.dream_fn is not None and self.config.dreams_per_cycle > 0:
-            res.dreams_generated, res.dreams_kept = self.dream_fn(self.bank,
-                                                                  self.config.dreams_per_cycle)
+            res.dreams_generated, res.dreams_kept = self.dream_fn(
+                self.bank, self.config.dreams_per_cycle
+            )
         else:
             res.skipped.append("dreams: no model attached")
         self.cycles += 1

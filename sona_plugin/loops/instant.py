@@ -61,8 +61,11 @@ class InstantReport:
     update: UpdateReport
 
     def to_dict(self) -> dict:
-        d = {"trajectory_id": self.trajectory_id, "advantage": self.advantage,
-             "baseline": self.baseline}
+        d = {
+            "trajectory_id": self.trajectory_id,
+            "advantage": self.advantage,
+            "baseline": self.baseline,
+        }
         d.update(self.update.to_dict())
         return d
 
@@ -117,9 +120,11 @@ class InstantLoop:
         if Wn.ndim != 2 or Wn.shape[1] != self.config.hidden_dim:
             from ..errors import DimensionMismatch
 
-            raise DimensionMismatch(f"output head must be [vocab, {self.config.hidden_dim}], got "
-                                    f"{Wn.shape}", self.config.hidden_dim,
-                                    Wn.shape[-1] if Wn.ndim else 0)
+            raise DimensionMismatch(
+                f"output head must be [vocab, {self.config.hidden_dim}], got {Wn.shape}",
+                self.config.hidden_dim,
+                Wn.shape[-1] if Wn.ndim else 0,
+            )
         self.head = np.ascontiguousarray(Wn, np.float32)
 
     # ------------------------------------------------------------------------------
@@ -144,8 +149,12 @@ class InstantLoop:
             adv = quality - self.baseline
             advs = np.full(len(H), adv, np.float32)
             route_idx = None
-            if all(a is not None for a in actions) and self.head is not None and \
-                    steps and steps[0].topk_ids is not None:
+            if (
+                all(a is not None for a in actions)
+                and self.head is not None
+                and steps
+                and steps[0].topk_ids is not None
+            ):
                 grad_fn, div = self._lm_objective(H, steps)
             elif all(a is not None for a in actions) and steps and self.head is None:
                 route_idx = np.array([self.routes.ensure(int(a)) for a in actions])
@@ -158,21 +167,27 @@ class InstantLoop:
                 report = self.micro.update(H, grad_fn, advs, div)
             if route_idx is not None:
                 self._update_route_keys(H, route_idx, adv)
-            self.baseline = (self.config.baseline_momentum * self.baseline
-                             + (1 - self.config.baseline_momentum) * quality)
+            self.baseline = (
+                self.config.baseline_momentum * self.baseline
+                + (1 - self.config.baseline_momentum) * quality
+            )
             self.updates += 1
             self.rejected += int(not report.accepted)
             return InstantReport(trajectory.id, adv, self.baseline, report)
 
-    def learn_gradient(self, embedding: np.ndarray, gradient: np.ndarray, quality: float) -> InstantReport:
+    def learn_gradient(
+        self, embedding: np.ndarray, gradient: np.ndarray, quality: float
+    ) -> InstantReport:
         """An update from an explicit gradient d(objective)/d(output) at ``embedding``."""
         H = embedding[None, :].astype(np.float32)
         G = gradient[None, :].astype(np.float32)
         with self.lock:
             adv = quality - self.baseline
             report = self.micro.update_fixed(H, G, np.full(1, adv, np.float32))
-            self.baseline = (self.config.baseline_momentum * self.baseline
-                             + (1 - self.config.baseline_momentum) * quality)
+            self.baseline = (
+                self.config.baseline_momentum * self.baseline
+                + (1 - self.config.baseline_momentum) * quality
+            )
             self.updates += 1
             self.rejected += int(not report.accepted)
             return InstantReport(None, adv, self.baseline, report)
@@ -242,9 +257,13 @@ class InstantLoop:
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {"route_keys": self.routes.K}
-        meta = {"baseline": self.baseline, "updates": self.updates, "rejected": self.rejected,
-                "skipped": self.skipped,
-                "route_ids": self.routes.ids}
+        meta = {
+            "baseline": self.baseline,
+            "updates": self.updates,
+            "rejected": self.rejected,
+            "skipped": self.skipped,
+            "route_ids": self.routes.ids,
+        }
         # the output head is the host model's weight, set again by the integration: not state
         return arrays, meta
 

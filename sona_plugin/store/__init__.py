@@ -29,16 +29,18 @@ def open_store(url_or_path: str | Path) -> TrajectoryStore:
     if isinstance(url_or_path, Path):
         return SqliteStore(url_or_path)
     if not isinstance(url_or_path, str) or not url_or_path:
-        raise InvalidValue(f"store URL or path must be a non-empty str or Path, "
-                           f"got {url_or_path!r}")
+        raise InvalidValue(
+            f"store URL or path must be a non-empty str or Path, got {url_or_path!r}"
+        )
     scheme, sep, rest = url_or_path.partition("://")
     if not sep:
         return SqliteStore(url_or_path)
     scheme = scheme.lower()
     if scheme == "sqlite":
         if not rest:
-            raise InvalidValue(f"sqlite URL names no file, got {url_or_path!r}; expected "
-                               f"sqlite:///abs/path.db")
+            raise InvalidValue(
+                f"sqlite URL names no file, got {url_or_path!r}; expected sqlite:///abs/path.db"
+            )
         path = rest[1:] if rest == "/:memory:" else rest
         return SqliteStore(path)
     if scheme in ("postgresql", "postgres") or scheme.startswith("postgresql+"):
@@ -47,11 +49,14 @@ def open_store(url_or_path: str | Path) -> TrajectoryStore:
         except ImportError as e:
             if e.name not in ("psycopg", "psycopg_pool"):
                 raise
-            raise ConfigError(f"store URL scheme {scheme!r} needs the postgres extra: "
-                              f"pip install 'sona_plugin[postgres]' (missing module "
-                              f"{e.name!r})") from e
+            raise ConfigError(
+                f"store URL scheme {scheme!r} needs the postgres extra: "
+                f"pip install 'sona_plugin[postgres]' (missing module "
+                f"{e.name!r})"
+            ) from e
         # libpq reads only a lower-case postgresql:// or postgres://; a SQLAlchemy driver
         # tag (postgresql+psycopg://) is dropped
         return PostgresStore("postgresql://" + rest)
-    raise InvalidValue(f"store URL scheme must be sqlite or postgresql, got {scheme!r} "
-                       f"in {url_or_path!r}")
+    raise InvalidValue(
+        f"store URL scheme must be sqlite or postgresql, got {scheme!r} in {url_or_path!r}"
+    )

@@ -60,8 +60,9 @@ class TrajectoryStore(Protocol):
     def delete(self, response_id: str) -> None:
         """Remove the record for good; UnknownRecord if none."""
 
-    def list_records(self, since_id: int = 0, limit: int = 100,
-                     include_quarantined: bool = True) -> list[dict]:
+    def list_records(
+        self, since_id: int = 0, limit: int = 100, include_quarantined: bool = True
+    ) -> list[dict]:
         """An admin page of records as dicts, texts cut short, no embeddings or token ids."""
 
     def prune(self, older_than: float) -> int:

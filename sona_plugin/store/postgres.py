@@ -119,8 +119,10 @@ def _redacted(url: str) -> str:
 def _no_nul(name: str, value: object) -> None:
     # PostgreSQL TEXT cannot hold U+0000 (SQLite can); refuse it by name, before the write.
     if isinstance(value, str) and "\x00" in value:
-        raise InvalidValue(f"{name} must not contain NUL characters (PostgreSQL text), "
-                           f"got one at index {value.index(chr(0))}")
+        raise InvalidValue(
+            f"{name} must not contain NUL characters (PostgreSQL text), "
+            f"got one at index {value.index(chr(0))}"
+        )
 
 
 def _configure(conn: psycopg.Connection) -> None:
@@ -149,18 +151,27 @@ class PostgresStore:
             something this code cannot read, or its schema is newer than this code.
     """
 
-    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 8,
-                 timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, url: str, *, min_size: int = 1, max_size: int = 8, timeout_s: float = 30.0
+    ) -> None:
         if not isinstance(url, str) or not url:
             raise InvalidValue(f"url must be a non-empty postgresql:// URL, got {url!r}")
         if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
             raise InvalidValue(f"min_size must be an int >= 0, got {min_size!r}")
-        if (not isinstance(max_size, int) or isinstance(max_size, bool)
-                or max_size < max(1, min_size)):
-            raise InvalidValue(f"max_size must be an int >= max(1, min_size={min_size}), "
-                               f"got {max_size!r}")
-        if (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
-                or not math.isfinite(timeout_s) or timeout_s <= 0):
+        if (
+            not isinstance(max_size, int)
+            or isinstance(max_size, bool)
+            or max_size < max(1, min_size)
+        ):
+            raise InvalidValue(
+                f"max_size must be an int >= max(1, min_size={min_size}), got {max_size!r}"
+            )
+        if (
+            not isinstance(timeout_s, (int, float))
+            or isinstance(timeout_s, bool)
+            or not math.isfinite(timeout_s)
+            or timeout_s <= 0
+        ):
             raise InvalidValue(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
         self.url = _redacted(url)
         self._close_lock = threading.Lock()
@@ -172,10 +183,17 @@ class PostgresStore:
                 _configure(conn)
                 self._migrate(conn)
             self._pool = ConnectionPool(
-                url, min_size=min_size, max_size=max_size, timeout=timeout_s,
-                kwargs={"autocommit": True}, configure=_configure,
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                timeout=timeout_s,
+                kwargs={"autocommit": True},
+                configure=_configure,
                 # a connection the server dropped (restart, failover) is replaced, not used
-                check=ConnectionPool.check_connection, name="sona-store", open=False)
+                check=ConnectionPool.check_connection,
+                name="sona-store",
+                open=False,
+            )
             self._pool.open(wait=True, timeout=timeout_s)
         except psycopg.Error as e:
             self._close_pool()
@@ -189,12 +207,13 @@ class PostgresStore:
         with conn.transaction():
             # Held to the end of this transaction: a second replica starting now waits
             # here, then finds the schema done.
-            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
-                         (_LOCK_NAMESPACE, _LOCK_MIGRATE))
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _LOCK_MIGRATE))
             version = self._read_version(conn)
             if version > SCHEMA_VERSION:
-                raise StateError(f"trajectory store {self.url} has schema version {version}; "
-                                 f"this sona_plugin reads up to {SCHEMA_VERSION} (upgrade it)")
+                raise StateError(
+                    f"trajectory store {self.url} has schema version {version}; "
+                    f"this sona_plugin reads up to {SCHEMA_VERSION} (upgrade it)"
+                )
             start = version
             if version == 0:
                 conn.execute(_SCHEMA_TABLE)
@@ -205,9 +224,11 @@ class PostgresStore:
                     conn.execute(statement)
                 version += 1
             if version != start:
-                conn.execute("INSERT INTO sona_schema (one_row, version) VALUES (TRUE, %s) "
-                             "ON CONFLICT (one_row) DO UPDATE SET version = EXCLUDED.version",
-                             (version,))
+                conn.execute(
+                    "INSERT INTO sona_schema (one_row, version) VALUES (TRUE, %s) "
+                    "ON CONFLICT (one_row) DO UPDATE SET version = EXCLUDED.version",
+                    (version,),
+                )
                 logger.info("trajectory store %s: schema v%d -> v%d", self.url, start, version)
 
     def _read_version(self, conn: psycopg.Connection) -> int:
@@ -252,32 +273,41 @@ class PostgresStore:
         with self._connection() as conn:
             try:
                 with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
-                                 (_LOCK_NAMESPACE, _LOCK_ADD))
+                    conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s, %s)", (_LOCK_NAMESPACE, _LOCK_ADD)
+                    )
                     new_id = conn.execute(
                         "INSERT INTO feedback (response_id, prompt, prompt_ids, response_ids, "
                         "response_text, reward, embedding, embedding_dim, adapter_version, "
                         "created_at, task, quarantined_at, quarantine_reason) "
                         "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                        "RETURNING id", row).fetchone()[0]
+                        "RETURNING id",
+                        row,
+                    ).fetchone()[0]
             except psycopg.errors.UniqueViolation as e:
-                raise DuplicateFeedback(f"feedback for response {record.response_id!r} already "
-                                        f"stored") from e
+                raise DuplicateFeedback(
+                    f"feedback for response {record.response_id!r} already stored"
+                ) from e
         return int(new_id)
 
     def get(self, response_id: str) -> FeedbackRecord | None:
         """The record for ``response_id`` (quarantined or not), or None."""
         with self._connection() as conn:
-            row = conn.execute(f"SELECT {_COLUMNS} FROM feedback WHERE response_id = %s",
-                               (response_id,)).fetchone()
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM feedback WHERE response_id = %s", (response_id,)
+            ).fetchone()
         return None if row is None else _record(row)
 
     def has(self, response_id: str) -> bool:
         """Whether feedback for ``response_id`` is stored (quarantined records count, so a
         second feedback for a quarantined response is still refused)."""
         with self._connection() as conn:
-            return conn.execute("SELECT 1 FROM feedback WHERE response_id = %s",
-                                (response_id,)).fetchone() is not None
+            return (
+                conn.execute(
+                    "SELECT 1 FROM feedback WHERE response_id = %s", (response_id,)
+                ).fetchone()
+                is not None
+            )
 
     def records(self, since_id: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
         """Live records with row id > ``since_id``, oldest first, at most ``limit`` of them.
@@ -289,7 +319,8 @@ class PostgresStore:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM feedback WHERE id > %s AND quarantined_at IS NULL "
                 f"ORDER BY id LIMIT %s",
-                (int(since_id), None if limit is None else int(limit))).fetchall()
+                (int(since_id), None if limit is None else int(limit)),
+            ).fetchall()
         return [_record(r) for r in rows]
 
     def count(self, since_id: int = 0) -> int:
@@ -313,11 +344,14 @@ class PostgresStore:
             raise InvalidValue(f"reason must be a str, got {reason!r}")
         _no_nul("reason", reason)
         with self._connection() as conn, conn.transaction():
-            conn.execute("UPDATE feedback SET quarantined_at = %s, quarantine_reason = %s "
-                         "WHERE response_id = %s AND quarantined_at IS NULL",
-                         (time.time(), reason, response_id))
-            row = conn.execute(f"SELECT {_COLUMNS} FROM feedback WHERE response_id = %s",
-                               (response_id,)).fetchone()
+            conn.execute(
+                "UPDATE feedback SET quarantined_at = %s, quarantine_reason = %s "
+                "WHERE response_id = %s AND quarantined_at IS NULL",
+                (time.time(), reason, response_id),
+            )
+            row = conn.execute(
+                f"SELECT {_COLUMNS} FROM feedback WHERE response_id = %s", (response_id,)
+            ).fetchone()
             if row is None:
                 raise _unknown(response_id)
         logger.info("quarantined feedback for response %r: %s", response_id, reason or "-")
@@ -338,8 +372,9 @@ class PostgresStore:
                 raise _unknown(response_id)
         logger.info("deleted feedback for response %r", response_id)
 
-    def list_records(self, since_id: int = 0, limit: int = 100,
-                     include_quarantined: bool = True) -> list[dict]:
+    def list_records(
+        self, since_id: int = 0, limit: int = 100, include_quarantined: bool = True
+    ) -> list[dict]:
         """A page of records for an admin view: row id > ``since_id``, oldest first.
 
         The same dicts as :meth:`SqliteStore.list_records
@@ -358,12 +393,24 @@ class PostgresStore:
                 "quarantined_at, quarantine_reason, substr(prompt, 1, %s), "
                 f"substr(response_text, 1, %s) FROM feedback WHERE id > %s {live_only}"
                 "ORDER BY id LIMIT %s",
-                (LIST_TEXT_CHARS, LIST_TEXT_CHARS, int(since_id), int(limit))).fetchall()
-        return [{"id": id_, "response_id": rid, "reward": reward, "adapter_version": av,
-                 "task": task, "created_at": created_at, "quarantined": qa is not None,
-                 "quarantined_at": qa, "quarantine_reason": why, "prompt": prompt,
-                 "response_text": text}
-                for id_, rid, reward, av, task, created_at, qa, why, prompt, text in rows]
+                (LIST_TEXT_CHARS, LIST_TEXT_CHARS, int(since_id), int(limit)),
+            ).fetchall()
+        return [
+            {
+                "id": id_,
+                "response_id": rid,
+                "reward": reward,
+                "adapter_version": av,
+                "task": task,
+                "created_at": created_at,
+                "quarantined": qa is not None,
+                "quarantined_at": qa,
+                "quarantine_reason": why,
+                "prompt": prompt,
+                "response_text": text,
+            }
+            for id_, rid, reward, av, task, created_at, qa, why, prompt, text in rows
+        ]
 
     def prune(self, older_than: float, *, batch_size: int = PRUNE_BATCH) -> int:
         """Delete every record (quarantined or not) created before ``older_than``.
@@ -385,7 +432,8 @@ class PostgresStore:
                 n = conn.execute(
                     "DELETE FROM feedback WHERE id IN (SELECT id FROM feedback "
                     "WHERE created_at < %s LIMIT %s)",
-                    (float(older_than), int(batch_size))).rowcount
+                    (float(older_than), int(batch_size)),
+                ).rowcount
             total += n
             if n < batch_size:
                 break

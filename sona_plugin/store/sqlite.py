@@ -69,21 +69,23 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         "ALTER TABLE feedback ADD COLUMN quarantined_at REAL",
         "ALTER TABLE feedback ADD COLUMN quarantine_reason TEXT",
-        "CREATE INDEX feedback_live ON feedback (id, quarantined_at) "
-        "WHERE quarantined_at IS NULL",
+        "CREATE INDEX feedback_live ON feedback (id, quarantined_at) WHERE quarantined_at IS NULL",
         "CREATE INDEX feedback_created_at ON feedback (created_at)",
     ),
 }
 
-_COLUMNS = ("id, response_id, prompt, prompt_ids, response_ids, response_text, reward, "
-            "embedding, embedding_dim, adapter_version, created_at, task, quarantined_at, "
-            "quarantine_reason")
+_COLUMNS = (
+    "id, response_id, prompt, prompt_ids, response_ids, response_text, reward, "
+    "embedding, embedding_dim, adapter_version, created_at, task, quarantined_at, "
+    "quarantine_reason"
+)
 
 # INDEXED BY pins the small covering index: without statistics the planner may pick the
 # rowid range instead, which reads every row with its embedding. If the index were
 # missing this fails loudly rather than silently scanning.
-_COUNT_SQL = ("SELECT COUNT(*) FROM feedback INDEXED BY feedback_live "
-              "WHERE id > ? AND quarantined_at IS NULL")
+_COUNT_SQL = (
+    "SELECT COUNT(*) FROM feedback INDEXED BY feedback_live WHERE id > ? AND quarantined_at IS NULL"
+)
 
 LIST_TEXT_CHARS = 200
 """``list_records`` cuts ``prompt`` and ``response_text`` to this many characters."""
@@ -100,8 +102,9 @@ def _token_ids(name: str, ids: object) -> list[int]:
         items = list(ids)  # type: ignore[call-overload]
     except TypeError:
         items = None
-    if items is None or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
-                                for t in items):
+    if items is None or not all(
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in items
+    ):
         raise InvalidValue(f"{name} must be a sequence of integer token ids, got {ids!r}")
     return [int(t) for t in items]
 
@@ -114,8 +117,12 @@ def _validated_row(r: FeedbackRecord) -> tuple:
         if not isinstance(getattr(r, name), str):
             raise InvalidValue(f"{name} must be a str, got {type(getattr(r, name)).__name__}")
     reward = r.reward
-    if (not isinstance(reward, numbers.Real) or isinstance(reward, bool)
-            or not math.isfinite(float(reward)) or not -1.0 <= float(reward) <= 1.0):
+    if (
+        not isinstance(reward, numbers.Real)
+        or isinstance(reward, bool)
+        or not math.isfinite(float(reward))
+        or not -1.0 <= float(reward) <= 1.0
+    ):
         raise InvalidValue(f"reward must be a finite number in [-1, 1], got {reward!r}")
     try:
         emb = np.asarray(r.embedding, dtype=np.float32)
@@ -134,35 +141,67 @@ def _validated_row(r: FeedbackRecord) -> tuple:
     if r.task is not None and not isinstance(r.task, str):
         raise InvalidValue(f"task must be a str or None, got {r.task!r}")
     qa, why = r.quarantined_at, r.quarantine_reason
-    if qa is not None and (not isinstance(qa, numbers.Real) or isinstance(qa, bool)
-                           or not math.isfinite(float(qa))):
+    if qa is not None and (
+        not isinstance(qa, numbers.Real) or isinstance(qa, bool) or not math.isfinite(float(qa))
+    ):
         raise InvalidValue(f"quarantined_at must be a finite timestamp or None, got {qa!r}")
     if why is not None and (qa is None or not isinstance(why, str)):
-        raise InvalidValue(f"quarantine_reason must be a str on a quarantined record and None "
-                           f"otherwise, got {why!r} with quarantined_at={qa!r}")
+        raise InvalidValue(
+            f"quarantine_reason must be a str on a quarantined record and None "
+            f"otherwise, got {why!r} with quarantined_at={qa!r}"
+        )
     return (
-        r.response_id, r.prompt,
+        r.response_id,
+        r.prompt,
         json.dumps(_token_ids("prompt_ids", r.prompt_ids)),
         json.dumps(_token_ids("response_ids", r.response_ids)),
-        r.response_text, float(reward),
-        emb.astype("<f4").tobytes(), int(emb.size),
-        None if av is None else int(av), float(r.created_at), r.task,
-        None if qa is None else float(qa), None if qa is None else (why or ""),
+        r.response_text,
+        float(reward),
+        emb.astype("<f4").tobytes(),
+        int(emb.size),
+        None if av is None else int(av),
+        float(r.created_at),
+        r.task,
+        None if qa is None else float(qa),
+        None if qa is None else (why or ""),
     )
 
 
 def _record(row: tuple) -> FeedbackRecord:
-    (id_, response_id, prompt, prompt_ids, response_ids, response_text, reward, emb,
-     dim, adapter_version, created_at, task, quarantined_at, quarantine_reason) = row
+    (
+        id_,
+        response_id,
+        prompt,
+        prompt_ids,
+        response_ids,
+        response_text,
+        reward,
+        emb,
+        dim,
+        adapter_version,
+        created_at,
+        task,
+        quarantined_at,
+        quarantine_reason,
+    ) = row
     embedding = np.frombuffer(emb, dtype="<f4").astype(np.float32)
     if embedding.size != dim:
-        raise StateError(f"feedback row {id_}: embedding holds {embedding.size} floats, "
-                         f"embedding_dim says {dim}")
+        raise StateError(
+            f"feedback row {id_}: embedding holds {embedding.size} floats, embedding_dim says {dim}"
+        )
     return FeedbackRecord(
-        response_id=response_id, prompt=prompt, prompt_ids=json.loads(prompt_ids),
-        response_ids=json.loads(response_ids), response_text=response_text,
-        reward=reward, embedding=embedding, adapter_version=adapter_version,
-        created_at=created_at, task=task, id=id_, quarantined_at=quarantined_at,
+        response_id=response_id,
+        prompt=prompt,
+        prompt_ids=json.loads(prompt_ids),
+        response_ids=json.loads(response_ids),
+        response_text=response_text,
+        reward=reward,
+        embedding=embedding,
+        adapter_version=adapter_version,
+        created_at=created_at,
+        task=task,
+        id=id_,
+        quarantined_at=quarantined_at,
         quarantine_reason=quarantine_reason,
     )
 
@@ -179,18 +218,26 @@ def _check_records_limit(limit: object) -> None:
 
 
 def _check_list_limit(limit: object) -> None:
-    if (not isinstance(limit, numbers.Integral) or isinstance(limit, bool)
-            or not 1 <= limit <= LIST_LIMIT_MAX):
+    if (
+        not isinstance(limit, numbers.Integral)
+        or isinstance(limit, bool)
+        or not 1 <= limit <= LIST_LIMIT_MAX
+    ):
         raise InvalidValue(f"limit must be an int in 1..{LIST_LIMIT_MAX}, got {limit!r}")
 
 
 def _check_prune_args(older_than: object, batch_size: object) -> None:
-    if (not isinstance(older_than, numbers.Real) or isinstance(older_than, bool)
-            or not math.isfinite(float(older_than))):
-        raise InvalidValue(f"older_than must be a finite unix time in seconds, "
-                           f"got {older_than!r}")
-    if (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
-            or batch_size < 1):
+    if (
+        not isinstance(older_than, numbers.Real)
+        or isinstance(older_than, bool)
+        or not math.isfinite(float(older_than))
+    ):
+        raise InvalidValue(f"older_than must be a finite unix time in seconds, got {older_than!r}")
+    if (
+        not isinstance(batch_size, numbers.Integral)
+        or isinstance(batch_size, bool)
+        or batch_size < 1
+    ):
         raise InvalidValue(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
@@ -217,7 +264,8 @@ class SqliteStore:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so no implicit
         # transaction is ever left open between calls.
         self._conn: sqlite3.Connection | None = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
+            self.path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
+        )
         try:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
@@ -242,8 +290,10 @@ class SqliteStore:
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise StateError(f"trajectory store {self.path} has schema version {version}; "
-                                 f"this sona_plugin reads up to {SCHEMA_VERSION} (upgrade it)")
+                raise StateError(
+                    f"trajectory store {self.path} has schema version {version}; "
+                    f"this sona_plugin reads up to {SCHEMA_VERSION} (upgrade it)"
+                )
             start = version
             if version == 0:
                 # A new file takes the same path as an old one: one schema, one history.
@@ -293,12 +343,15 @@ class SqliteStore:
                     "INSERT INTO feedback (response_id, prompt, prompt_ids, response_ids, "
                     "response_text, reward, embedding, embedding_dim, adapter_version, "
                     "created_at, task, quarantined_at, quarantine_reason) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
                 conn.execute("COMMIT")
             except sqlite3.IntegrityError as e:
                 conn.execute("ROLLBACK")
-                raise DuplicateFeedback(f"feedback for response {record.response_id!r} already "
-                                   f"stored") from e
+                raise DuplicateFeedback(
+                    f"feedback for response {record.response_id!r} already stored"
+                ) from e
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -308,18 +361,23 @@ class SqliteStore:
     def get(self, response_id: str) -> FeedbackRecord | None:
         """The record for ``response_id`` (quarantined or not), or None."""
         with self._lock:
-            row = self._connection().execute(
-                f"SELECT {_COLUMNS} FROM feedback WHERE response_id = ?",
-                (response_id,)).fetchone()
+            row = (
+                self._connection()
+                .execute(f"SELECT {_COLUMNS} FROM feedback WHERE response_id = ?", (response_id,))
+                .fetchone()
+            )
         return None if row is None else _record(row)
 
     def has(self, response_id: str) -> bool:
         """Whether feedback for ``response_id`` is stored (quarantined records count, so a
         second feedback for a quarantined response is still refused)."""
         with self._lock:
-            return self._connection().execute(
-                "SELECT 1 FROM feedback WHERE response_id = ?", (response_id,)
-            ).fetchone() is not None
+            return (
+                self._connection()
+                .execute("SELECT 1 FROM feedback WHERE response_id = ?", (response_id,))
+                .fetchone()
+                is not None
+            )
 
     def records(self, since_id: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
         """Live records with row id > ``since_id``, oldest first, at most ``limit`` of them.
@@ -328,10 +386,15 @@ class SqliteStore:
         """
         _check_records_limit(limit)
         with self._lock:
-            rows = self._connection().execute(
-                f"SELECT {_COLUMNS} FROM feedback WHERE id > ? AND quarantined_at IS NULL "
-                f"ORDER BY id LIMIT ?",
-                (int(since_id), -1 if limit is None else int(limit))).fetchall()
+            rows = (
+                self._connection()
+                .execute(
+                    f"SELECT {_COLUMNS} FROM feedback WHERE id > ? AND quarantined_at IS NULL "
+                    f"ORDER BY id LIMIT ?",
+                    (int(since_id), -1 if limit is None else int(limit)),
+                )
+                .fetchall()
+            )
         return [_record(r) for r in rows]
 
     def count(self, since_id: int = 0) -> int:
@@ -365,11 +428,14 @@ class SqliteStore:
             conn = self._connection()
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.execute("UPDATE feedback SET quarantined_at = ?, quarantine_reason = ? "
-                             "WHERE response_id = ? AND quarantined_at IS NULL",
-                             (time.time(), reason, response_id))
-                row = conn.execute(f"SELECT {_COLUMNS} FROM feedback WHERE response_id = ?",
-                                   (response_id,)).fetchone()
+                conn.execute(
+                    "UPDATE feedback SET quarantined_at = ?, quarantine_reason = ? "
+                    "WHERE response_id = ? AND quarantined_at IS NULL",
+                    (time.time(), reason, response_id),
+                )
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM feedback WHERE response_id = ?", (response_id,)
+                ).fetchone()
                 if row is None:
                     raise _unknown(response_id)
                 conn.execute("COMMIT")
@@ -403,8 +469,9 @@ class SqliteStore:
                 raise
         logger.info("deleted feedback for response %r", response_id)
 
-    def list_records(self, since_id: int = 0, limit: int = 100,
-                     include_quarantined: bool = True) -> list[dict]:
+    def list_records(
+        self, since_id: int = 0, limit: int = 100, include_quarantined: bool = True
+    ) -> list[dict]:
         """A page of records for an admin view: row id > ``since_id``, oldest first.
 
         Each dict holds ``id``, ``response_id``, ``reward``, ``adapter_version``, ``task``,
@@ -419,17 +486,33 @@ class SqliteStore:
         _check_list_limit(limit)
         live_only = "" if include_quarantined else "AND quarantined_at IS NULL "
         with self._lock:
-            rows = self._connection().execute(
-                "SELECT id, response_id, reward, adapter_version, task, created_at, "
-                "quarantined_at, quarantine_reason, substr(prompt, 1, ?), "
-                f"substr(response_text, 1, ?) FROM feedback WHERE id > ? {live_only}"
-                "ORDER BY id LIMIT ?",
-                (LIST_TEXT_CHARS, LIST_TEXT_CHARS, int(since_id), int(limit))).fetchall()
-        return [{"id": id_, "response_id": rid, "reward": reward, "adapter_version": av,
-                 "task": task, "created_at": created_at, "quarantined": qa is not None,
-                 "quarantined_at": qa, "quarantine_reason": why, "prompt": prompt,
-                 "response_text": text}
-                for id_, rid, reward, av, task, created_at, qa, why, prompt, text in rows]
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT id, response_id, reward, adapter_version, task, created_at, "
+                    "quarantined_at, quarantine_reason, substr(prompt, 1, ?), "
+                    f"substr(response_text, 1, ?) FROM feedback WHERE id > ? {live_only}"
+                    "ORDER BY id LIMIT ?",
+                    (LIST_TEXT_CHARS, LIST_TEXT_CHARS, int(since_id), int(limit)),
+                )
+                .fetchall()
+            )
+        return [
+            {
+                "id": id_,
+                "response_id": rid,
+                "reward": reward,
+                "adapter_version": av,
+                "task": task,
+                "created_at": created_at,
+                "quarantined": qa is not None,
+                "quarantined_at": qa,
+                "quarantine_reason": why,
+                "prompt": prompt,
+                "response_text": text,
+            }
+            for id_, rid, reward, av, task, created_at, qa, why, prompt, text in rows
+        ]
 
     def prune(self, older_than: float, *, batch_size: int = PRUNE_BATCH) -> int:
         """Delete every record (quarantined or not) created before ``older_than``.
@@ -458,7 +541,8 @@ class SqliteStore:
                     n = conn.execute(
                         "DELETE FROM feedback WHERE id IN (SELECT id FROM feedback "
                         "WHERE created_at < ? LIMIT ?)",
-                        (float(older_than), int(batch_size))).rowcount
+                        (float(older_than), int(batch_size)),
+                    ).rowcount
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:

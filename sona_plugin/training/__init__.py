@@ -11,12 +11,18 @@ import importlib
 from typing import Any
 
 _NAMES = {
-    "BaseLoRATrainer": "trainer", "TrainReport": "trainer",
-    "reinforce_kl_loss": "objective", "response_logprobs": "objective",
-    "mean_response_logprob": "objective", "make_batch": "objective",
-    "PromotionGate": "gate", "GateResult": "gate", "ModelView": "gate",
+    "BaseLoRATrainer": "trainer",
+    "TrainReport": "trainer",
+    "reinforce_kl_loss": "objective",
+    "response_logprobs": "objective",
+    "mean_response_logprob": "objective",
+    "make_batch": "objective",
+    "PromotionGate": "gate",
+    "GateResult": "gate",
+    "ModelView": "gate",
     "ANCHOR_TEXTS": "gate",
-    "select_training_set": "data", "assign_patterns": "data",
+    "select_training_set": "data",
+    "assign_patterns": "data",
 }
 
 __all__ = sorted(_NAMES)

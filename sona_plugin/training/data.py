@@ -52,9 +52,12 @@ def assign_patterns(records: Sequence[FeedbackRecord], bank: Any) -> np.ndarray:
         if e is None or e.size == 0:
             continue
         if e.shape[0] != C.shape[1]:
-            raise DimensionMismatch(f"record {r.response_id!r} has a {e.shape[0]}-d embedding, "
-                                    f"the bank's patterns are {C.shape[1]}-d",
-                                    C.shape[1], e.shape[0])
+            raise DimensionMismatch(
+                f"record {r.response_id!r} has a {e.shape[0]}-d embedding, "
+                f"the bank's patterns are {C.shape[1]}-d",
+                C.shape[1],
+                e.shape[0],
+            )
         if not np.isfinite(e).all():
             raise InvalidValue(f"record {r.response_id!r} has a non-finite embedding")
         out[i] = int(np.argmax(C @ e))
@@ -88,8 +91,9 @@ def _balanced_sample(groups: np.ndarray, n: int, rng: np.random.Generator) -> li
     return out
 
 
-def _sample(records: Sequence[FeedbackRecord], n: int, bank: Any,
-            rng: np.random.Generator) -> list[int]:
+def _sample(
+    records: Sequence[FeedbackRecord], n: int, bank: Any, rng: np.random.Generator
+) -> list[int]:
     if n >= len(records):
         return list(range(len(records)))
     groups = assign_patterns(records, bank)
@@ -98,10 +102,14 @@ def _sample(records: Sequence[FeedbackRecord], n: int, bank: Any,
     return sorted(_balanced_sample(groups, n, rng))
 
 
-def select_training_set(records: Sequence[FeedbackRecord], bank: Any = None,
-                        max_records: int | None = None,
-                        replay: Sequence[FeedbackRecord] | None = None,
-                        replay_fraction: float = 0.25, seed: int = 0) -> list[FeedbackRecord]:
+def select_training_set(
+    records: Sequence[FeedbackRecord],
+    bank: Any = None,
+    max_records: int | None = None,
+    replay: Sequence[FeedbackRecord] | None = None,
+    replay_fraction: float = 0.25,
+    seed: int = 0,
+) -> list[FeedbackRecord]:
     """New feedback plus replay drawn balanced across ReasoningBank patterns.
 
     Args:
@@ -128,9 +136,11 @@ def select_training_set(records: Sequence[FeedbackRecord], bank: Any = None,
     """
     if not (isinstance(replay_fraction, (int, float)) and 0.0 <= replay_fraction < 1.0):
         raise InvalidValue(f"replay_fraction must be in [0, 1), got {replay_fraction!r}")
-    if max_records is not None and (isinstance(max_records, bool) or
-                                    not isinstance(max_records, (int, np.integer)) or
-                                    max_records < 1):
+    if max_records is not None and (
+        isinstance(max_records, bool)
+        or not isinstance(max_records, (int, np.integer))
+        or max_records < 1
+    ):
         raise InvalidValue(f"max_records must be an integer >= 1 or None, got {max_records!r}")
     records = list(records)
     if not records:

@@ -59,8 +59,8 @@ ANCHOR_TEXTS: list[str] = [
     "a few minutes.",
     "The library opens at nine in the morning and closes at six in the evening on weekdays. "
     "On Saturdays it closes at noon, and it stays closed on Sundays and public holidays.",
-    "\"Could you pass me the salt, please?\" she asked. \"Of course,\" he replied, sliding "
-    "the small glass jar across the table. \"Dinner smells wonderful tonight.\"",
+    '"Could you pass me the salt, please?" she asked. "Of course," he replied, sliding '
+    'the small glass jar across the table. "Dinner smells wonderful tonight."',
     "Photosynthesis is the process by which green plants use sunlight, water and carbon "
     "dioxide to make sugar. Oxygen is released into the air as a by-product.",
     "Before you start the machine, make sure the lid is closed and the water tank is full. "
@@ -71,8 +71,8 @@ ANCHOR_TEXTS: list[str] = [
     "to one hundred and eighty degrees, whatever the length of its sides.",
     "Thank you for your order. Your package was shipped this morning and should arrive in "
     "three to five working days. You can track it with the number in this email.",
-    "\"What time does the train leave?\" asked the traveller. \"At a quarter past four,\" "
-    "said the clerk, \"from platform two. You have plenty of time for a coffee.\"",
+    '"What time does the train leave?" asked the traveller. "At a quarter past four," '
+    'said the clerk, "from platform two. You have plenty of time for a coffee."',
     "The heart is a muscle that pumps blood through the body. It beats about seventy times "
     "a minute when a person is at rest, and faster during exercise.",
     "To make a simple salad, wash the lettuce, slice a tomato and a cucumber, and mix them "
@@ -178,7 +178,7 @@ def anchor_nll(model: Any, texts: Sequence[str], tokenizer: Any, batch_size: int
     total, n = 0.0, 0
     with torch.no_grad():
         for s in range(0, len(seqs), batch_size):
-            for lp in response_logprobs(model, seqs[s: s + batch_size], _device(model)):
+            for lp in response_logprobs(model, seqs[s : s + batch_size], _device(model)):
                 total -= float(lp.sum())
                 n += lp.shape[0]
     return total / n
@@ -189,46 +189,59 @@ def heldout_score(model: Any, records: Sequence[FeedbackRecord], batch_size: int
     return heldout_scores(model, records, batch_size)[0]
 
 
-def heldout_scores(model: Any, records: Sequence[FeedbackRecord], batch_size: int = 8
-                   ) -> tuple[float, float | None]:
+def heldout_scores(
+    model: Any, records: Sequence[FeedbackRecord], batch_size: int = 8
+) -> tuple[float, float | None]:
     """(the reward-centred score of :func:`heldout_score`, the liked answers' mean
     log-prob per token or None when no record has a reward > 0)."""
     lp = mean_response_logprob(model, list(records), batch_size, _device(model))
     r = torch.tensor([float(x.reward) for x in records], dtype=lp.dtype)
     liked = r > 0
-    return (float(((r - r.mean()) * lp).mean()),
-            float(lp[liked].mean()) if bool(liked.any()) else None)
+    return (
+        float(((r - r.mean()) * lp).mean()),
+        float(lp[liked].mean()) if bool(liked.any()) else None,
+    )
 
 
 def _chat_prompt(tokenizer: Any, prompt: str) -> str:
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
     return prompt
 
 
 def _prompt_rows(prompts: Sequence[str], tokenizer: Any) -> list[list[int]]:
-    return [list(tokenizer(_chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
-            for p in prompts]
+    return [
+        list(tokenizer(_chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"])
+        for p in prompts
+    ]
 
 
-def greedy_answers(model: Any, prompts: Sequence[str], tokenizer: Any,
-                   max_new_tokens: int = 32) -> list[str]:
+def greedy_answers(
+    model: Any, prompts: Sequence[str], tokenizer: Any, max_new_tokens: int = 32
+) -> list[str]:
     """Greedy answers (chat template applied when the tokenizer has one), decoded."""
     return greedy_answers_ids(model, _prompt_rows(prompts, tokenizer), tokenizer, max_new_tokens)
 
 
-def greedy_answers_ids(model: Any, rows: Sequence[Sequence[int]], tokenizer: Any,
-                       max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+def greedy_answers_ids(
+    model: Any,
+    rows: Sequence[Sequence[int]],
+    tokenizer: Any,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> list[str]:
     """Greedy answers to prompts given as token ids (already templated), decoded."""
     out: list[str] = []
     for s in range(0, len(rows), batch_size):
-        out += _greedy_batch(model, rows[s: s + batch_size], tokenizer, max_new_tokens)
+        out += _greedy_batch(model, rows[s : s + batch_size], tokenizer, max_new_tokens)
     return out
 
 
-def _greedy_batch(model: Any, rows: Sequence[Sequence[int]], tokenizer: Any,
-                  max_new_tokens: int) -> list[str]:
+def _greedy_batch(
+    model: Any, rows: Sequence[Sequence[int]], tokenizer: Any, max_new_tokens: int
+) -> list[str]:
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -236,13 +249,17 @@ def _greedy_batch(model: Any, rows: Sequence[Sequence[int]], tokenizer: Any,
     ids = torch.full((len(rows), L), int(pad), dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)
     for i, r in enumerate(rows):  # left padding: every row's answer starts at column L
-        ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, L - len(r):] = 1
+        ids[i, L - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, L - len(r) :] = 1
     dev = _device(model)
     with torch.no_grad():
-        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=int(pad))
+        out = model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=int(pad),
+        )
     return [tokenizer.decode(o[L:], skip_special_tokens=True).strip() for o in out]
 
 
@@ -270,15 +287,19 @@ def _cosine_to(P: np.ndarray, answers: Sequence[str], embedder: Any) -> float:
     return float(cos.mean())
 
 
-def _on_topic_items(probes: list[str], records: Sequence[FeedbackRecord], tokenizer: Any,
-                    embedder: Any) -> tuple[list[str], list[list[int]], np.ndarray]:
+def _on_topic_items(
+    probes: list[str], records: Sequence[FeedbackRecord], tokenizer: Any, embedder: Any
+) -> tuple[list[str], list[list[int]], np.ndarray]:
     """Keys, prompt token rows and unit prompt embeddings of the on-topic check's prompts:
     the probe questions, then the records with a prompt and a stored embedding."""
     keys = [f"probe:{p}" for p in probes]
     rows = _prompt_rows(probes, tokenizer)
     parts = [_embed(embedder, probes)] if probes else []
-    recs = [r for r in records if len(r.prompt_ids) > 0 and r.embedding is not None and
-            np.asarray(r.embedding).size > 0]
+    recs = [
+        r
+        for r in records
+        if len(r.prompt_ids) > 0 and r.embedding is not None and np.asarray(r.embedding).size > 0
+    ]
     if recs:
         keys += [f"record:{r.response_id}" for r in recs]
         rows += [list(r.prompt_ids) for r in recs]
@@ -306,19 +327,32 @@ class PromotionGate:
         batch_size: rows per forward pass.
     """
 
-    def __init__(self, tolerance_nll: float = 0.05, tolerance_heldout: float = 0.0,
-                 min_on_topic_ratio: float = 0.9, max_new_tokens: int = 32,
-                 batch_size: int = 8, on_topic_records: int = 24,
-                 tolerance_liked: float = 0.05, max_kl_per_answer: float = 0.0,
-                 kl_prompts: int = 16):
-        for name, v in (("tolerance_nll", tolerance_nll), ("tolerance_heldout", tolerance_heldout),
-                        ("min_on_topic_ratio", min_on_topic_ratio),
-                        ("tolerance_liked", tolerance_liked),
-                        ("max_kl_per_answer", max_kl_per_answer)):
+    def __init__(
+        self,
+        tolerance_nll: float = 0.05,
+        tolerance_heldout: float = 0.0,
+        min_on_topic_ratio: float = 0.9,
+        max_new_tokens: int = 32,
+        batch_size: int = 8,
+        on_topic_records: int = 24,
+        tolerance_liked: float = 0.05,
+        max_kl_per_answer: float = 0.0,
+        kl_prompts: int = 16,
+    ):
+        for name, v in (
+            ("tolerance_nll", tolerance_nll),
+            ("tolerance_heldout", tolerance_heldout),
+            ("min_on_topic_ratio", min_on_topic_ratio),
+            ("tolerance_liked", tolerance_liked),
+            ("max_kl_per_answer", max_kl_per_answer),
+        ):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise InvalidValue(f"{name} must be a finite number >= 0, got {v!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
-                max_new_tokens < 1:
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or max_new_tokens < 1
+        ):
             raise InvalidValue(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.tolerance_nll = float(tolerance_nll)
         self.tolerance_heldout = float(tolerance_heldout)
@@ -326,18 +360,30 @@ class PromotionGate:
         self.max_kl_per_answer = float(max_kl_per_answer)
         self.kl_prompts = int(kl_prompts)
         self.min_on_topic_ratio = float(min_on_topic_ratio)
-        if isinstance(on_topic_records, bool) or not isinstance(on_topic_records, int) or \
-                on_topic_records < 0:
-            raise InvalidValue(f"on_topic_records must be an integer >= 0, got "
-                               f"{on_topic_records!r}")
+        if (
+            isinstance(on_topic_records, bool)
+            or not isinstance(on_topic_records, int)
+            or on_topic_records < 0
+        ):
+            raise InvalidValue(
+                f"on_topic_records must be an integer >= 0, got {on_topic_records!r}"
+            )
         self.max_new_tokens = max_new_tokens
         self.batch_size = int(batch_size)
         self.on_topic_records = on_topic_records
 
-    def evaluate(self, candidate: Any, current: Any, heldout: Sequence[FeedbackRecord],
-                 anchor_texts: Sequence[str] | None, tokenizer: Any, embedder: Any = None,
-                 probe_prompts: Sequence[str] | None = None, reference: Any = None,
-                 reference_cache: dict | None = None) -> GateResult:
+    def evaluate(
+        self,
+        candidate: Any,
+        current: Any,
+        heldout: Sequence[FeedbackRecord],
+        anchor_texts: Sequence[str] | None,
+        tokenizer: Any,
+        embedder: Any = None,
+        probe_prompts: Sequence[str] | None = None,
+        reference: Any = None,
+        reference_cache: dict | None = None,
+    ) -> GateResult:
         """Run the checks (see the module docstring) and return the verdict.
 
         Args:
@@ -371,15 +417,17 @@ class PromotionGate:
             metrics.update(heldout_candidate=hc, heldout_current=hu)
             if hc < hu - self.tolerance_heldout:
                 failed.append("heldout_score")
-                reasons.append(f"held-out feedback score fell: {hc:.4f} < {hu:.4f} - "
-                               f"{self.tolerance_heldout}")
+                reasons.append(
+                    f"held-out feedback score fell: {hc:.4f} < {hu:.4f} - {self.tolerance_heldout}"
+                )
             if lc is not None and lu is not None:
-                metrics.update(heldout_liked_logprob_candidate=lc,
-                               heldout_liked_logprob_current=lu)
+                metrics.update(heldout_liked_logprob_candidate=lc, heldout_liked_logprob_current=lu)
                 if lc < lu - self.tolerance_liked:
                     failed.append("liked_answers")
-                    reasons.append(f"held-out liked answers became less likely: {lc:.4f} < "
-                                   f"{lu:.4f} - {self.tolerance_liked} nats per token")
+                    reasons.append(
+                        f"held-out liked answers became less likely: {lc:.4f} < "
+                        f"{lu:.4f} - {self.tolerance_liked} nats per token"
+                    )
 
         ref = cur if reference is None else _view(reference)
         ref_name = "current" if reference is None else "reference"
@@ -396,49 +444,71 @@ class PromotionGate:
             metrics["anchor_nll_ratio"] = nc / nu
         if nc > nu * (1.0 + self.tolerance_nll):
             failed.append("anchor_nll")
-            reasons.append(f"anchor-text NLL rose: {nc:.4f} > {ref_name} {nu:.4f} x "
-                           f"(1 + {self.tolerance_nll})")
+            reasons.append(
+                f"anchor-text NLL rose: {nc:.4f} > {ref_name} {nu:.4f} x (1 + {self.tolerance_nll})"
+            )
 
         if embedder is not None:
-            keys, rows, P = _on_topic_items(list(probe_prompts or []),
-                                            heldout[-self.on_topic_records:]
-                                            if self.on_topic_records else [],
-                                            tokenizer, embedder)
+            keys, rows, P = _on_topic_items(
+                list(probe_prompts or []),
+                heldout[-self.on_topic_records :] if self.on_topic_records else [],
+                tokenizer,
+                embedder,
+            )
             if keys:
                 with cand.use() as m:
                     ac = greedy_answers_ids(m, rows, tokenizer, self.max_new_tokens)
                 todo = [i for i, k in enumerate(keys) if ("answer", k) not in cache]
                 if todo:
                     with ref.use() as m:
-                        got = greedy_answers_ids(m, [rows[i] for i in todo], tokenizer,
-                                                 self.max_new_tokens)
+                        got = greedy_answers_ids(
+                            m, [rows[i] for i in todo], tokenizer, self.max_new_tokens
+                        )
                     for i, a in zip(todo, got):
                         cache[("answer", keys[i])] = a
                 au = [cache[("answer", k)] for k in keys]
                 oc, ou = _cosine_to(P, ac, embedder), _cosine_to(P, au, embedder)
-                metrics.update({"on_topic_candidate": oc, f"on_topic_{ref_name}": ou,
-                                "on_topic_prompts": float(len(keys))})
+                metrics.update(
+                    {
+                        "on_topic_candidate": oc,
+                        f"on_topic_{ref_name}": ou,
+                        "on_topic_prompts": float(len(keys)),
+                    }
+                )
                 if ou > 0:
                     metrics["on_topic_ratio"] = oc / ou
                 samples = {"candidate": ac, ref_name: au}
                 if oc < self.min_on_topic_ratio * ou:
                     failed.append("on_topic")
-                    reasons.append(f"answers drift off the question: on-topic {oc:.4f} < "
-                                   f"{self.min_on_topic_ratio} x {ref_name} {ou:.4f}")
+                    reasons.append(
+                        f"answers drift off the question: on-topic {oc:.4f} < "
+                        f"{self.min_on_topic_ratio} x {ref_name} {ou:.4f}"
+                    )
         if self.max_kl_per_answer > 0 and heldout:
             from ..learner.drift import answer_kl
 
-            rows = [list(r.prompt_ids) for r in heldout[-self.kl_prompts:] if len(r.prompt_ids)]
+            rows = [list(r.prompt_ids) for r in heldout[-self.kl_prompts :] if len(r.prompt_ids)]
             kl = answer_kl(cand, ref, rows, tokenizer, self.max_new_tokens)
             metrics["kl_per_answer"] = kl
             if kl > self.max_kl_per_answer:
                 failed.append("kl_budget")
-                reasons.append(f"drift budget spent: KL {kl:.3f} nats per answer > "
-                               f"{self.max_kl_per_answer}")
-        return GateResult(passed=not reasons, metrics=metrics, reasons=reasons, samples=samples,
-                          failed=failed)
+                reasons.append(
+                    f"drift budget spent: KL {kl:.3f} nats per answer > {self.max_kl_per_answer}"
+                )
+        return GateResult(
+            passed=not reasons, metrics=metrics, reasons=reasons, samples=samples, failed=failed
+        )
 
 
-__all__ = ["ANCHOR_TEXTS", "GateResult", "ModelView", "PromotionGate", "anchor_nll",
-           "greedy_answers", "greedy_answers_ids", "heldout_score", "heldout_scores",
-           "on_topic_score"]
+__all__ = [
+    "ANCHOR_TEXTS",
+    "GateResult",
+    "ModelView",
+    "PromotionGate",
+    "anchor_nll",
+    "greedy_answers",
+    "greedy_answers_ids",
+    "heldout_score",
+    "heldout_scores",
+    "on_topic_score",
+]

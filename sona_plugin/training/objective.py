@@ -58,8 +58,12 @@ def _model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def make_batch(records: Sequence[FeedbackRecord], device: Any = None, pad_id: int = 0,
-               max_length: int | None = None) -> ResponseBatch:
+def make_batch(
+    records: Sequence[FeedbackRecord],
+    device: Any = None,
+    pad_id: int = 0,
+    max_length: int | None = None,
+) -> ResponseBatch:
     """Build the right-padded batch that scores each record's response tokens.
 
     Args:
@@ -81,13 +85,15 @@ def make_batch(records: Sequence[FeedbackRecord], device: Any = None, pad_id: in
         if not y:
             raise InvalidValue(f"record {r.response_id!r} has no response tokens to score")
         if not p:
-            raise InvalidValue(f"record {r.response_id!r} has no prompt tokens: the first "
-                               "response token has no context to be predicted from")
+            raise InvalidValue(
+                f"record {r.response_id!r} has no prompt tokens: the first "
+                "response token has no context to be predicted from"
+            )
         if max_length is not None and len(p) + len(y) > max_length:
             if max_length < 2:
                 raise InvalidValue(f"max_length must be >= 2, got {max_length}")
             y = y[: max_length - 1]
-            p = p[len(p) - (max_length - len(y)):]
+            p = p[len(p) - (max_length - len(y)) :]
         rows.append(p + y)
         starts.append(len(p))
     L = max(len(t) for t in rows)
@@ -97,11 +103,12 @@ def make_batch(records: Sequence[FeedbackRecord], device: Any = None, pad_id: in
     for i, (t, s) in enumerate(zip(rows, starts)):
         ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         mask[i, : len(t)] = 1
-        tmask[i, s - 1: len(t) - 1] = True  # logit j predicts token j+1
+        tmask[i, s - 1 : len(t) - 1] = True  # logit j predicts token j+1
     lengths = tmask.sum(dim=1)
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    return ResponseBatch(ids.to(dev), mask.to(dev), tmask.to(dev), ids[:, 1:].to(dev),
-                         lengths.to(dev))
+    return ResponseBatch(
+        ids.to(dev), mask.to(dev), tmask.to(dev), ids[:, 1:].to(dev), lengths.to(dev)
+    )
 
 
 def _response_logits(model: Any, batch: ResponseBatch) -> torch.Tensor:
@@ -115,16 +122,21 @@ def _response_logits(model: Any, batch: ResponseBatch) -> torch.Tensor:
     cols = batch.target_mask.any(dim=0).nonzero()
     lo = int(cols[0]) if cols.numel() else 0
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    use_cache=False, logits_to_keep=L - lo)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+            logits_to_keep=L - lo,
+        )
     except TypeError:  # a model without logits_to_keep
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    use_cache=False)
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits
     if logits.shape[1] != L:
         if logits.shape[1] != L - lo:
-            raise InvalidValue(f"model returned logits for {logits.shape[1]} positions, "
-                               f"expected {L - lo} (logits_to_keep) or {L}")
+            raise InvalidValue(
+                f"model returned logits for {logits.shape[1]} positions, "
+                f"expected {L - lo} (logits_to_keep) or {L}"
+            )
         return logits[:, :-1][batch.target_mask[:, lo:]].float()
     return logits[:, :-1][batch.target_mask].float()
 
@@ -137,9 +149,15 @@ def _per_record_mean(values: torch.Tensor, batch: ResponseBatch) -> torch.Tensor
     return sums / batch.lengths.to(values.dtype)
 
 
-def response_logprobs(model: Any, records: Sequence[FeedbackRecord], device: Any = None,
-                      *, pad_id: int = 0, max_length: int | None = None,
-                      with_logits: bool = False) -> Any:
+def response_logprobs(
+    model: Any,
+    records: Sequence[FeedbackRecord],
+    device: Any = None,
+    *,
+    pad_id: int = 0,
+    max_length: int | None = None,
+    with_logits: bool = False,
+) -> Any:
     """Log-probabilities of each record's response tokens under ``model``.
 
     Gradients flow unless the caller wraps the call in ``torch.no_grad()``.
@@ -165,15 +183,20 @@ def response_logprobs(model: Any, records: Sequence[FeedbackRecord], device: Any
     return per_record
 
 
-def mean_response_logprob(model: Any, records: Sequence[FeedbackRecord],
-                          batch_size: int = 8, device: Any = None,
-                          max_length: int | None = None) -> torch.Tensor:
+def mean_response_logprob(
+    model: Any,
+    records: Sequence[FeedbackRecord],
+    batch_size: int = 8,
+    device: Any = None,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """Per-record mean log π(y_t) over response tokens, no gradient: a [n] float tensor."""
     out = []
     with torch.no_grad():
         for s in range(0, len(records), batch_size):
-            lps = response_logprobs(model, records[s: s + batch_size], device,
-                                    max_length=max_length)
+            lps = response_logprobs(
+                model, records[s : s + batch_size], device, max_length=max_length
+            )
             out.extend(lp.mean() for lp in lps)
     if not out:
         return torch.zeros(0)
@@ -186,10 +209,16 @@ def _adapter_disabled(model: Any):
     return fn() if callable(fn) else nullcontext()
 
 
-def reinforce_kl_loss(model: Any, records: Sequence[FeedbackRecord], advantages: torch.Tensor,
-                      beta: float, *, device: Any = None, max_length: int | None = None,
-                      ref_logprobs: torch.Tensor | None = None,
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
+def reinforce_kl_loss(
+    model: Any,
+    records: Sequence[FeedbackRecord],
+    advantages: torch.Tensor,
+    beta: float,
+    *,
+    device: Any = None,
+    max_length: int | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE with a baseline plus β·KL(π ‖ π_ref) on a batch of stored responses.
 
     ``loss = −(1/B) Σ_i a_i · (1/T_i) Σ_t log π(y_{i,t})
@@ -220,8 +249,9 @@ def reinforce_kl_loss(model: Any, records: Sequence[FeedbackRecord], advantages:
     dev = _model_device(model) if device is None else torch.device(device)
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=dev).reshape(-1)
     if adv.shape[0] != len(records):
-        raise InvalidValue(f"advantages must have one value per record ({len(records)}), "
-                           f"got {adv.shape[0]}")
+        raise InvalidValue(
+            f"advantages must have one value per record ({len(records)}), got {adv.shape[0]}"
+        )
     if not torch.isfinite(adv).all():
         raise InvalidValue("advantages contain a non-finite value")
     batch = make_batch(records, dev, 0, max_length)
@@ -236,17 +266,23 @@ def reinforce_kl_loss(model: Any, records: Sequence[FeedbackRecord], advantages:
             with torch.no_grad(), _adapter_disabled(model):
                 ref_logprobs = _response_logits(model, batch).log_softmax(-1)
         elif ref_logprobs.shape != logp.shape:
-            raise InvalidValue(f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected "
-                               f"{tuple(logp.shape)}")
+            raise InvalidValue(
+                f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected {tuple(logp.shape)}"
+            )
         kl = (logp.exp() * (logp - ref_logprobs)).sum(-1).mean()
     loss = pg + beta * kl
-    stats = {"pg_loss": float(pg.detach()), "kl": float(kl.detach()),
-             "mean_logp": float(tok.detach().mean()), "tokens": int(tok.shape[0])}
+    stats = {
+        "pg_loss": float(pg.detach()),
+        "kl": float(kl.detach()),
+        "mean_logp": float(tok.detach().mean()),
+        "tokens": int(tok.shape[0]),
+    }
     return loss, stats
 
 
-def reference_logprobs(model: Any, records: Sequence[FeedbackRecord], device: Any = None,
-                       max_length: int | None = None) -> torch.Tensor:
+def reference_logprobs(
+    model: Any, records: Sequence[FeedbackRecord], device: Any = None, max_length: int | None = None
+) -> torch.Tensor:
     """Log-softmax [N, V] of π_ref (adapter disabled) at the records' response positions."""
     dev = _model_device(model) if device is None else torch.device(device)
     batch = make_batch(records, dev, 0, max_length)
@@ -254,5 +290,11 @@ def reference_logprobs(model: Any, records: Sequence[FeedbackRecord], device: An
         return _response_logits(model, batch).log_softmax(-1)
 
 
-__all__ = ["ResponseBatch", "make_batch", "mean_response_logprob", "reference_logprobs",
-           "reinforce_kl_loss", "response_logprobs"]
+__all__ = [
+    "ResponseBatch",
+    "make_batch",
+    "mean_response_logprob",
+    "reference_logprobs",
+    "reinforce_kl_loss",
+    "response_logprobs",
+]

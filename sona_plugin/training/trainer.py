@@ -102,16 +102,27 @@ class BaseLoRATrainer:
         InvalidValue: ``base_model`` already has PEFT adapters, or bad arguments.
     """
 
-    def __init__(self, base_model: Any, config: SonaConfig, *,
-                 target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
-                 ewc: Any = None, beta: float = 0.05, seed: int = 0,
-                 max_length: int | None = None, max_grad_norm: float = 1.0,
-                 ref_cache_mb: float = 256.0, fisher_samples: int = 24):
+    def __init__(
+        self,
+        base_model: Any,
+        config: SonaConfig,
+        *,
+        target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+        ewc: Any = None,
+        beta: float = 0.05,
+        seed: int = 0,
+        max_length: int | None = None,
+        max_grad_norm: float = 1.0,
+        ref_cache_mb: float = 256.0,
+        fisher_samples: int = 24,
+    ):
         from peft import LoraConfig, PeftModel, get_peft_model
 
         if isinstance(base_model, PeftModel) or hasattr(base_model, "peft_config"):
-            raise InvalidValue("base_model already carries PEFT adapters; pass the plain "
-                               "transformers model (a private copy) instead")
+            raise InvalidValue(
+                "base_model already carries PEFT adapters; pass the plain "
+                "transformers model (a private copy) instead"
+            )
         if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
             raise InvalidValue(f"beta must be a finite number >= 0, got {beta!r}")
         if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
@@ -127,9 +138,14 @@ class BaseLoRATrainer:
         self.fisher_samples = _positive_int("fisher_samples", fisher_samples)
         self.target_modules = tuple(target_modules)
         r = int(config.base_lora_rank)
-        self.lora_config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=config.lora_dropout,
-                                      target_modules=list(self.target_modules), bias="none",
-                                      task_type="CAUSAL_LM")
+        self.lora_config = LoraConfig(
+            r=r,
+            lora_alpha=2 * r,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(self.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.model = get_peft_model(base_model, self.lora_config)
@@ -150,8 +166,7 @@ class BaseLoRATrainer:
 
     def named_lora_params(self) -> dict[str, torch.Tensor]:
         """The trainable LoRA tensors by their PEFT parameter names (live, with grad)."""
-        return {n: p for n, p in self.model.named_parameters()
-                if p.requires_grad and "lora_" in n}
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n}
 
     @property
     def device(self) -> torch.device:
@@ -177,8 +192,13 @@ class BaseLoRATrainer:
             self._reward_count = min(self._reward_count + 1, cap)
             self._reward_mean += (float(r) - self._reward_mean) / self._reward_count
 
-    def train(self, records: Sequence[FeedbackRecord], epochs: int = 2, batch_size: int = 8,
-              lr: float | None = None) -> TrainReport:
+    def train(
+        self,
+        records: Sequence[FeedbackRecord],
+        epochs: int = 2,
+        batch_size: int = 8,
+        lr: float | None = None,
+    ) -> TrainReport:
         """Train the LoRA on ``records`` for ``epochs`` passes; see the module docstring.
 
         The call's rewards are first folded into the running mean (which starts from one
@@ -207,12 +227,18 @@ class BaseLoRATrainer:
         if not (math.isfinite(lr) and lr > 0):
             raise InvalidValue(f"lr must be a finite number > 0, got {lr!r}")
         usable = [r for r in records if len(r.response_ids) > 0 and len(r.prompt_ids) > 0]
-        report = TrainReport(dropped=len(records) - len(usable), epochs=epochs,
-                             baseline=self._reward_mean, records=len(usable))
+        report = TrainReport(
+            dropped=len(records) - len(usable),
+            epochs=epochs,
+            baseline=self._reward_mean,
+            records=len(usable),
+        )
         if not usable:
-            report.skipped = ("no records" if not records else
-                              f"none of the {len(records)} records has both prompt and "
-                              "response tokens")
+            report.skipped = (
+                "no records"
+                if not records
+                else f"none of the {len(records)} records has both prompt and response tokens"
+            )
             report.seconds = time.perf_counter() - t0
             logger.info("BaseLoRA training skipped: %s", report.skipped)
             return report
@@ -244,7 +270,7 @@ class BaseLoRATrainer:
                 for epoch in range(epochs):
                     order = order_rng.permutation(len(usable))
                     for s in range(0, len(order), batch_size):
-                        idx = [int(i) for i in order[s: s + batch_size]]
+                        idx = [int(i) for i in order[s : s + batch_size]]
                         batch = [usable[i] for i in idx]
                         ref = None
                         if self.beta > 0 and epochs > 1 and self.ref_cache_bytes > 0:
@@ -252,19 +278,30 @@ class BaseLoRATrainer:
                                 ref = torch.cat([ref_cache[i] for i in idx])
                             else:
                                 ref = reference_logprobs(self.model, batch, dev, self.max_length)
-                                lens = [min(len(r.response_ids), self.max_length - 1)
-                                        if self.max_length else len(r.response_ids)
-                                        for r in batch]
+                                lens = [
+                                    min(len(r.response_ids), self.max_length - 1)
+                                    if self.max_length
+                                    else len(r.response_ids)
+                                    for r in batch
+                                ]
                                 for i, part in zip(idx, torch.split(ref, lens)):
                                     nbytes = part.numel() * part.element_size()
-                                    if i not in ref_cache and \
-                                            cache_bytes + nbytes <= self.ref_cache_bytes:
+                                    if (
+                                        i not in ref_cache
+                                        and cache_bytes + nbytes <= self.ref_cache_bytes
+                                    ):
                                         ref_cache[i] = part
                                         cache_bytes += nbytes
                         opt.zero_grad(set_to_none=True)
-                        loss, stats = reinforce_kl_loss(self.model, batch, adv[idx], self.beta,
-                                                        device=dev, max_length=self.max_length,
-                                                        ref_logprobs=ref)
+                        loss, stats = reinforce_kl_loss(
+                            self.model,
+                            batch,
+                            adv[idx],
+                            self.beta,
+                            device=dev,
+                            max_length=self.max_length,
+                            ref_logprobs=ref,
+                        )
                         loss.backward()
                         pen_value = 0.0
                         if self.ewc is not None and self.ewc.task_count > 0:
@@ -286,9 +323,15 @@ class BaseLoRATrainer:
         self._calls += 1
         self._steps_total += report.steps
         report.seconds = time.perf_counter() - t0
-        logger.info("BaseLoRA trained %d records x %d epochs: %d steps, last loss %.4f, "
-                    "KL %.4f, %.1f s", len(usable), epochs, report.steps, report.losses[-1],
-                    report.kl, report.seconds)
+        logger.info(
+            "BaseLoRA trained %d records x %d epochs: %d steps, last loss %.4f, KL %.4f, %.1f s",
+            len(usable),
+            epochs,
+            report.steps,
+            report.losses[-1],
+            report.kl,
+            report.seconds,
+        )
         return report
 
     def update_fisher(self, records: Sequence[FeedbackRecord]) -> float | None:
@@ -303,11 +346,13 @@ class BaseLoRATrainer:
             return None
         fisher = self.fisher_diagonal(usable, self.fisher_samples)
         self.ewc.update_fisher({n: f.sqrt().cpu().numpy() for n, f in fisher.items()})
-        return float(sum(f.sum() for f in fisher.values()) /
-                     sum(f.numel() for f in fisher.values()))
+        return float(
+            sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+        )
 
-    def fisher_diagonal(self, records: Sequence[FeedbackRecord], samples: int
-                        ) -> dict[str, torch.Tensor]:
+    def fisher_diagonal(
+        self, records: Sequence[FeedbackRecord], samples: int
+    ) -> dict[str, torch.Tensor]:
         """The diagonal Fisher of the LoRA's answer distribution, per answer token.
 
         ``F_i = mean_r (∂ Σ_t log π(y_{r,t}) / ∂θ_i)² / T_r`` over up to ``samples``
@@ -333,8 +378,9 @@ class BaseLoRATrainer:
             for i in pick:
                 rec = usable[int(i)]
                 self.model.zero_grad(set_to_none=True)
-                (lp,) = response_logprobs(self.model, [rec], self.device,
-                                          max_length=self.max_length)
+                (lp,) = response_logprobs(
+                    self.model, [rec], self.device, max_length=self.max_length
+                )
                 lp.sum().backward()
                 for n, p in params.items():
                     if p.grad is not None:
@@ -382,13 +428,17 @@ class BaseLoRATrainer:
         missing = sorted(set(expected) - set(sd))
         extra = sorted(set(sd) - set(expected))
         if missing or extra:
-            raise StateError(f"adapter {file} does not match this trainer's LoRA: missing "
-                             f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
-                             f"{extra[:3]}{'...' if len(extra) > 3 else ''}")
+            raise StateError(
+                f"adapter {file} does not match this trainer's LoRA: missing "
+                f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                f"{extra[:3]}{'...' if len(extra) > 3 else ''}"
+            )
         for k, v in expected.items():
             if tuple(sd[k].shape) != tuple(v.shape):
-                raise StateError(f"adapter tensor {k!r} has shape {tuple(sd[k].shape)}, "
-                                 f"expected {tuple(v.shape)}")
+                raise StateError(
+                    f"adapter tensor {k!r} has shape {tuple(sd[k].shape)}, "
+                    f"expected {tuple(v.shape)}"
+                )
         set_peft_model_state_dict(self.model, sd)
         got = get_peft_model_state_dict(self.model)
         if any(not torch.equal(got[k], sd[k].to(got[k].dtype)) for k in sd):
@@ -398,10 +448,15 @@ class BaseLoRATrainer:
     def state_dict(self) -> dict[str, Any]:
         """The trainer's small state (JSON-serialisable); the weights live in the adapter."""
         return {
-            "format": _FORMAT, "version": _VERSION,
-            "reward_mean": self._reward_mean, "reward_count": self._reward_count,
-            "calls": self._calls, "steps_total": self._steps_total,
-            "beta": self.beta, "seed": self.seed, "rank": int(self.lora_config.r),
+            "format": _FORMAT,
+            "version": _VERSION,
+            "reward_mean": self._reward_mean,
+            "reward_count": self._reward_count,
+            "calls": self._calls,
+            "steps_total": self._steps_total,
+            "beta": self.beta,
+            "seed": self.seed,
+            "rank": int(self.lora_config.r),
             "target_modules": list(self.target_modules),
         }
 
@@ -413,13 +468,18 @@ class BaseLoRATrainer:
         """
         try:
             if state.get("format") != _FORMAT or state.get("version") != _VERSION:
-                raise StateError(f"not a {_FORMAT} v{_VERSION} state: format "
-                                 f"{state.get('format')!r} version {state.get('version')!r}")
-            if int(state["rank"]) != int(self.lora_config.r) or \
-                    list(state["target_modules"]) != list(self.target_modules):
-                raise StateError(f"trainer state is for rank {state['rank']} on "
-                                 f"{state['target_modules']}, this trainer has rank "
-                                 f"{self.lora_config.r} on {list(self.target_modules)}")
+                raise StateError(
+                    f"not a {_FORMAT} v{_VERSION} state: format "
+                    f"{state.get('format')!r} version {state.get('version')!r}"
+                )
+            if int(state["rank"]) != int(self.lora_config.r) or list(
+                state["target_modules"]
+            ) != list(self.target_modules):
+                raise StateError(
+                    f"trainer state is for rank {state['rank']} on "
+                    f"{state['target_modules']}, this trainer has rank "
+                    f"{self.lora_config.r} on {list(self.target_modules)}"
+                )
             mean = float(state["reward_mean"])
             count = int(state["reward_count"])
             calls = int(state["calls"])

@@ -9,9 +9,16 @@ import urllib.error
 import urllib.request
 
 
-def http_call(base: str, method: str, path: str, body=None, token: str | None = None,
-              raw: bytes | None = None, timeout: float = 300,
-              headers: dict | None = None) -> tuple[int, dict]:
+def http_call(
+    base: str,
+    method: str,
+    path: str,
+    body=None,
+    token: str | None = None,
+    raw: bytes | None = None,
+    timeout: float = 300,
+    headers: dict | None = None,
+) -> tuple[int, dict]:
     """(status, JSON body) of one request; HTTP errors are returned, not raised. Pass a
     dict as ``headers`` to get the response's headers (lower-case names) in it."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)

@@ -72,8 +72,13 @@ def run_child(state: Path, action: str, failpoint: str | None) -> tuple[int, lis
     env.pop("SONA_FAILPOINT", None)
     if failpoint:
         env["SONA_FAILPOINT"] = failpoint
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(state), action, *QUESTIONS], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(state), action, *QUESTIONS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     acked = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ACK ")]
     return proc.returncode, acked, proc.stdout + proc.stderr[-3000:]
 
@@ -90,16 +95,20 @@ def assert_serves(p, version: int | None) -> None:
     assert p.registry.current_version() == version
 
 
-@pytest.mark.parametrize("failpoint, action, current, used", [
-    ("feedback.stored", "feedback", 2, True),       # a record committed, no answer sent
-    ("engine.save.swapped", "feedback_save", 2, True),  # engine copy moved aside
-    ("learner.trained", "learn", 2, False),         # mid-cycle
-    ("publish.renamed", "learn", 2, False),         # v3 complete, CURRENT not moved
-    ("swap.loaded", "learn", 2, False),             # v3 served, CURRENT not moved
-    ("rollback.served", "rollback", 1, True),       # v1 served and CURRENT, learner not rebuilt
-])
-def test_kill_9_at_each_point_loses_nothing_acknowledged(seeded, tmp_path, failpoint, action,
-                                                         current, used):
+@pytest.mark.parametrize(
+    "failpoint, action, current, used",
+    [
+        ("feedback.stored", "feedback", 2, True),  # a record committed, no answer sent
+        ("engine.save.swapped", "feedback_save", 2, True),  # engine copy moved aside
+        ("learner.trained", "learn", 2, False),  # mid-cycle
+        ("publish.renamed", "learn", 2, False),  # v3 complete, CURRENT not moved
+        ("swap.loaded", "learn", 2, False),  # v3 served, CURRENT not moved
+        ("rollback.served", "rollback", 1, True),  # v1 served and CURRENT, learner not rebuilt
+    ],
+)
+def test_kill_9_at_each_point_loses_nothing_acknowledged(
+    seeded, tmp_path, failpoint, action, current, used
+):
     state = tmp_path / "state"
     shutil.copytree(seeded, state)
     rc, acked, log = run_child(state, action, failpoint)
@@ -165,8 +174,10 @@ def test_a_version_whose_engine_weights_differ_is_not_served(seeded, tmp_path):
             for name in ("adapter_config.json", "canary.safetensors"):
                 shutil.copy(v2.path / name, d)
             w = load_file(str(v2.path / "adapter_model.safetensors"))
-            save_file({k: t * 1.5 if "lora_B" in k else t for k, t in w.items()},
-                      str(d / "adapter_model.safetensors"))
+            save_file(
+                {k: t * 1.5 if "lora_B" in k else t for k, t in w.items()},
+                str(d / "adapter_model.safetensors"),
+            )
 
         bad = p.registry.publish(write, {"tampered": True}, make_current=False)
         with pytest.raises(SwapRefused, match="off by"):

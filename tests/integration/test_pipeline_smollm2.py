@@ -38,7 +38,7 @@ def response_logprob(pipe, rid_or_resp) -> float:
     ids = torch.tensor([r.prompt_ids + r.response_ids])
     with torch.no_grad():
         logits = pipe.model(ids).logits[0]
-    lp = torch.log_softmax(logits[len(r.prompt_ids) - 1:-1], -1)
+    lp = torch.log_softmax(logits[len(r.prompt_ids) - 1 : -1], -1)
     return float(lp[torch.arange(len(r.response_ids)), torch.tensor(r.response_ids)].sum())
 
 
@@ -48,8 +48,13 @@ def generate_one(pipe, q: str, **kw) -> str:
 
 
 def test_every_sequence_gets_a_response_id(pipe):
-    out = pipe([chat("Name a fruit."), chat("Name a color.")], max_new_tokens=8, do_sample=True,
-               num_return_sequences=2, batch_size=2)
+    out = pipe(
+        [chat("Name a fruit."), chat("Name a color.")],
+        max_new_tokens=8,
+        do_sample=True,
+        num_return_sequences=2,
+        batch_size=2,
+    )
     ids = [seq["response_id"] for row in out for seq in row]
     assert len(ids) == 4 and len(set(ids)) == 4
     for row in out:
@@ -110,8 +115,14 @@ def test_learn_publishes_a_version_peft_loads_with_the_same_logits(pipe):
 
     from sona_plugin.models import default_llm_path
 
-    for q in ("Name a number.", "What is 2 plus 2?", "Name a fruit.", "How many legs has a cat?",
-              "Name a planet.", "Count to three."):
+    for q in (
+        "Name a number.",
+        "What is 2 plus 2?",
+        "Name a fruit.",
+        "How many legs has a cat?",
+        "Name a planet.",
+        "Count to three.",
+    ):
         rid = generate_one(pipe, q, max_new_tokens=12)
         text = pipe.response(rid).response_text
         pipe.feedback(rid, liked=any(c.isdigit() for c in text))
@@ -174,8 +185,11 @@ def test_kill_9_mid_publish_leaves_the_served_smollm2_version_loadable(pipe):
 
     want = peft_logits(served.path)
     root = pipe.registry.root
-    proc = subprocess.Popen([sys.executable, "-c", _PUBLISH_AND_HANG, str(root), str(served.path)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _PUBLISH_AND_HANG, str(root), str(served.path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "PAUSED"
         os.kill(proc.pid, signal.SIGKILL)
@@ -183,8 +197,8 @@ def test_kill_9_mid_publish_leaves_the_served_smollm2_version_loadable(pipe):
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert len(list(root.glob(".tmp-*"))) == 1       # the half-written publish is there
-    reopened = AdapterRegistry(root)                   # and a reopen clears it away
+    assert len(list(root.glob(".tmp-*"))) == 1  # the half-written publish is there
+    reopened = AdapterRegistry(root)  # and a reopen clears it away
     assert list(root.glob(".tmp-*")) == []
     assert reopened.current() == served
     assert [v.version for v in reopened.versions()] == [v.version for v in pipe.registry.versions()]
@@ -203,8 +217,10 @@ def test_hot_swap_while_another_thread_generates_loses_nothing(pipe):
         src = Path(served["path"])
         shutil.copy(src / "adapter_config.json", path / "adapter_config.json")
         t = load_file(str(src / "adapter_model.safetensors"))
-        save_file({k: (v * 1.5 if "lora_B" in k else v) for k, v in t.items()},
-                  str(path / "adapter_model.safetensors"))
+        save_file(
+            {k: (v * 1.5 if "lora_B" in k else v) for k, v in t.items()},
+            str(path / "adapter_model.safetensors"),
+        )
 
     pipe.registry.publish(write_variant, {"variant": "B x 1.5"}, make_current=False)
     versions = [a["version"] for a in pipe.adapters()]
@@ -281,8 +297,12 @@ def test_feedback_acknowledged_before_kill_9_is_in_the_store(tmp_path):
     from sona_plugin.store import open_store
 
     state = tmp_path / "state"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(state)], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(state)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     acked = []
     deadline = time.time() + 240
     while len(acked) < 3 and time.time() < deadline:
@@ -321,8 +341,9 @@ def test_refused_candidate_is_projected_back_inside_the_budget_then_dropped(pipe
 
     def run(verdicts):
         calls = iter(verdicts)
-        monkeypatch.setattr(PromotionGate, "evaluate",
-                            lambda self, *a, **k: GateResult(next(calls), {}, []))
+        monkeypatch.setattr(
+            PromotionGate, "evaluate", lambda self, *a, **k: GateResult(next(calls), {}, [])
+        )
         cycle._set_lora(trainer, start, cand, 1.0)
         return learner._gate(start, [], probe=False)
 
@@ -350,8 +371,14 @@ def test_restart_resumes_exactly_where_it_was(tmp_path):
     from sona_plugin.integrations.transformers import pipeline
 
     first = pipeline(state_dir=tmp_path)
-    for q in ("Name a number.", "What is 2 plus 2?", "Name a fruit.", "Count to three.",
-              "Name a planet.", "How many legs has a cat?"):
+    for q in (
+        "Name a number.",
+        "What is 2 plus 2?",
+        "Name a fruit.",
+        "Count to three.",
+        "Name a planet.",
+        "How many legs has a cat?",
+    ):
         rid = generate_one(first, q, max_new_tokens=10)
         first.feedback(rid, liked=any(c.isdigit() for c in first.response(rid).response_text))
     rep = first.learn(epochs=1, gate=False, probe=False)
@@ -376,10 +403,12 @@ def test_restart_resumes_exactly_where_it_was(tmp_path):
         assert all(np.array_equal(arrays[k], v) for k, v in ewc_arrays.items())
         rep2 = again.learn(epochs=1, gate=False, probe=False)
         assert rep2["new_records"] == 3 and rep2["published"], rep2  # nothing retrained
-        assert rep2["train"]["baseline"] != 0.0 and again.learner.trainer.reward_baseline != \
-            baseline  # the saved baseline, moved on by the new rewards
+        assert (
+            rep2["train"]["baseline"] != 0.0 and again.learner.trainer.reward_baseline != baseline
+        )  # the saved baseline, moved on by the new rewards
         assert again.registry.get(rep2["version"]).parent == rep["version"]
-        assert again.learn(epochs=1, gate=False)["skipped"] == \
-            "no new feedback since the last cycle"
+        assert (
+            again.learn(epochs=1, gate=False)["skipped"] == "no new feedback since the last cycle"
+        )
     finally:
         again.close()

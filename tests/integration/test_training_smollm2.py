@@ -41,14 +41,23 @@ def records(tok, sums, offset: int = 0) -> list[FeedbackRecord]:
     out = []
     for i, (a, b) in enumerate(sums):
         q = f"What is {a} plus {b}?"
-        prompt = tok.apply_chat_template([{"role": "user", "content": q}],
-                                         add_generation_prompt=True, tokenize=False)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
         pid = tok(prompt, add_special_tokens=False)["input_ids"]
         for k, (text, reward) in enumerate(((LIKED.format(n=a + b), 1.0), (DISLIKED, -1.0))):
             rid = tok(text + tok.eos_token, add_special_tokens=False)["input_ids"]
-            out.append(FeedbackRecord(response_id=f"q{offset + i}-{k}", prompt=prompt,
-                                      prompt_ids=pid, response_ids=rid, response_text=text,
-                                      reward=reward, embedding=np.zeros(384, np.float32)))
+            out.append(
+                FeedbackRecord(
+                    response_id=f"q{offset + i}-{k}",
+                    prompt=prompt,
+                    prompt_ids=pid,
+                    response_ids=rid,
+                    response_text=text,
+                    reward=reward,
+                    embedding=np.zeros(384, np.float32),
+                )
+            )
     return out
 
 
@@ -62,17 +71,32 @@ def run():
         cfg = SonaConfig()
         trainer = BaseLoRATrainer(model, cfg, ewc=EwcPlusPlus(cfg), seed=0)
         train, held = records(tok, TRAIN_SUMS), records(tok, HELD_SUMS, offset=100)
-        before = {"train": mean_response_logprob(trainer.model, train),
-                  "held": mean_response_logprob(trainer.model, held)}
+        before = {
+            "train": mean_response_logprob(trainer.model, train),
+            "held": mean_response_logprob(trainer.model, held),
+        }
         t0 = time.perf_counter()
         report = trainer.train(train, epochs=2, batch_size=8)
         seconds = time.perf_counter() - t0
-        after = {"train": mean_response_logprob(trainer.model, train),
-                 "held": mean_response_logprob(trainer.model, held)}
-        logger.info("SmolLM2: %d records x 2 epochs in %.1f s (%.1f s/epoch)", len(train),
-                    seconds, seconds / 2)
-        yield {"trainer": trainer, "tok": tok, "train": train, "held": held, "before": before,
-               "after": after, "report": report}
+        after = {
+            "train": mean_response_logprob(trainer.model, train),
+            "held": mean_response_logprob(trainer.model, held),
+        }
+        logger.info(
+            "SmolLM2: %d records x 2 epochs in %.1f s (%.1f s/epoch)",
+            len(train),
+            seconds,
+            seconds / 2,
+        )
+        yield {
+            "trainer": trainer,
+            "tok": tok,
+            "train": train,
+            "held": held,
+            "before": before,
+            "after": after,
+            "report": report,
+        }
     finally:
         torch.set_num_threads(threads)
 
@@ -119,8 +143,9 @@ def test_saved_adapter_reproduces_logits(run, tmp_path):
 def test_gate_on_real_model(run):
     trainer, tok = run["trainer"], run["tok"]
     gate = PromotionGate()
-    res = gate.evaluate(trainer.model, ModelView.base(trainer.model), run["held"], ANCHOR_TEXTS,
-                        tok)
+    res = gate.evaluate(
+        trainer.model, ModelView.base(trainer.model), run["held"], ANCHOR_TEXTS, tok
+    )
     logger.info("gate: %s", res.metrics)
     m = res.metrics
     assert 1.5 < m["anchor_nll_current"] < 5.0  # a fluent model on plain English
@@ -129,8 +154,12 @@ def test_gate_on_real_model(run):
     assert m["anchor_nll_ratio"] < 1.05 and res.passed, res.reasons
 
 
-PROBES = ["How do plants make their food?", "What is the capital of France?",
-          "Give me a tip for sleeping better.", "Why is the sky blue?"]
+PROBES = [
+    "How do plants make their food?",
+    "What is the capital of France?",
+    "Give me a tip for sleeping better.",
+    "Why is the sky blue?",
+]
 
 
 def test_gate_on_topic_check_on_real_model(run):
@@ -138,8 +167,15 @@ def test_gate_on_topic_check_on_real_model(run):
 
     embed(["warm-up"])
     trainer, tok = run["trainer"], run["tok"]
-    res = PromotionGate().evaluate(trainer.model, ModelView.base(trainer.model), [], ANCHOR_TEXTS,
-                                   tok, embedder=embed, probe_prompts=PROBES)
+    res = PromotionGate().evaluate(
+        trainer.model,
+        ModelView.base(trainer.model),
+        [],
+        ANCHOR_TEXTS,
+        tok,
+        embedder=embed,
+        probe_prompts=PROBES,
+    )
     logger.info("on-topic: %s\n%s", res.metrics, json.dumps(res.samples, indent=1))
     m = res.metrics
     assert len(res.samples["candidate"]) == len(PROBES)

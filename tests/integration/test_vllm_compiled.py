@@ -42,10 +42,15 @@ _SCRIPT = textwrap.dedent("""
 def test_feedback_moves_the_model_under_default_compilation(tmp_path):
     script = tmp_path / "compiled.py"
     script.write_text(_SCRIPT)
-    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                         timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")), None)
     assert line is not None, res.stdout[-2000:] + res.stderr[-4000:]
-    got = json.loads(line[len("RESULT"):])
+    got = json.loads(line[len("RESULT") :])
     assert "NONE" not in got["mode"], got  # compiled, not eager
     assert got["after"] - got["before"] > 0.05, got

@@ -15,9 +15,14 @@ import torch
 
 from sona_plugin import InvalidValue, UnknownTrajectory
 
-QUESTIONS = ["Name a colour.", "What is 2+2?", "Give me a tip for sleeping well.",
-             "What is the capital of Spain?", "Name an animal that lives in the sea.",
-             "How do I make tea?"]
+QUESTIONS = [
+    "Name a colour.",
+    "What is 2+2?",
+    "Give me a tip for sleeping well.",
+    "What is the capital of Spain?",
+    "Name an animal that lives in the sea.",
+    "How do I make tea?",
+]
 ENGINE_KW = {"kv_cache_memory_bytes": 1 << 30, "max_model_len": 1024}
 
 _PLAIN = textwrap.dedent("""
@@ -57,12 +62,16 @@ def plain(tmp_path_factory) -> dict:
     script = tmp_path_factory.mktemp("plain") / "plain.py"
     script.write_text(_PLAIN)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run([sys.executable, str(script), str(default_llm_path()),
-                          json.dumps(QUESTIONS[:3])], capture_output=True, text=True,
-                         timeout=480, env=env)
+    res = subprocess.run(
+        [sys.executable, str(script), str(default_llm_path()), json.dumps(QUESTIONS[:3])],
+        capture_output=True,
+        text=True,
+        timeout=480,
+        env=env,
+    )
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")), None)
     assert line is not None, res.stdout[-2000:] + res.stderr[-4000:]
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +94,12 @@ def score(llm, prompt_ids: list[int], response_ids: list[int]) -> float:
     (MicroLoRA and served adapter included), from vLLM's prompt log-probs."""
     ids = prompt_ids + response_ids
     sp = greedy(max_tokens=1, prompt_logprobs=0)
-    out = llm.llm.generate([{"prompt_token_ids": ids}], sp, lora_request=llm._lora,
-                           use_tqdm=False)[0]
-    return sum(out.prompt_logprobs[pos][ids[pos]].logprob
-               for pos in range(len(prompt_ids), len(ids)))
+    out = llm.llm.generate([{"prompt_token_ids": ids}], sp, lora_request=llm._lora, use_tqdm=False)[
+        0
+    ]
+    return sum(
+        out.prompt_logprobs[pos][ids[pos]].logprob for pos in range(len(prompt_ids), len(ids))
+    )
 
 
 def test_outputs_get_ids_and_are_recorded(llm, first_answers):
@@ -103,8 +114,9 @@ def test_outputs_get_ids_and_are_recorded(llm, first_answers):
 
 
 def test_like_raises_and_dislike_lowers_the_responses_logprob(llm, first_answers):
-    outs = llm.chat([chat("Tell me about the moon."), chat("What is a verb?")],
-                    greedy(max_tokens=16))
+    outs = llm.chat(
+        [chat("Tell me about the moon."), chat("What is a verb?")], greedy(max_tokens=16)
+    )
     liked, disliked = outs
     toks = [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
     before = [score(llm, p, r) for p, r in toks]
@@ -138,8 +150,9 @@ def test_bad_feedback_is_refused_and_nothing_stored(llm, first_answers):
 def test_each_of_n_choices_takes_its_own_feedback(llm, first_answers):
     from vllm import SamplingParams
 
-    outs = llm.chat([chat("Name a city.")], SamplingParams(n=2, max_tokens=8, temperature=1.0,
-                                                          seed=1))
+    outs = llm.chat(
+        [chat("Name a city.")], SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=1)
+    )
     assert len(outs[0].outputs) == 2
     rid = outs[0].response_id
     r0 = llm.feedback(rid, reward=1.0, index=0)
@@ -175,7 +188,7 @@ def test_learn_publishes_a_version_that_serves_and_loads_in_peft(llm, first_answ
     peft = PeftModel.from_pretrained(base, str(llm.host.registry.get(v).path)).eval()
     with torch.no_grad():
         logits = peft(torch.tensor([p + r])).logits[0]
-    lp = torch.log_softmax(logits[len(p) - 1:-1], -1)
+    lp = torch.log_softmax(logits[len(p) - 1 : -1], -1)
     ref = float(lp[torch.arange(len(r)), torch.tensor(r)].sum())
     assert abs(served - ref) < 2e-3 * len(r), (served, ref)
     adapter_cfg = json.loads((llm.host.registry.get(v).path / "adapter_config.json").read_text())

@@ -35,8 +35,10 @@ def server(tmp_path_factory):
         try:
             s.bind(("127.0.0.1", PORT))
         except OSError:
-            pytest.fail(f"port {PORT} is in use: this test starts `sona serve` with no "
-                        f"options, which binds 127.0.0.1:{PORT}")
+            pytest.fail(
+                f"port {PORT} is in use: this test starts `sona serve` with no "
+                f"options, which binds 127.0.0.1:{PORT}"
+            )
     model = default_llm_path()  # converted once, shared with the other tests
     home = tmp_path_factory.mktemp("sona-home")
     (home / "models").symlink_to(sona_home() / "models", target_is_directory=True)
@@ -68,9 +70,15 @@ def feedback(rid: str, reward: float, index: int | None = None) -> tuple[int, di
 
 def test_feedback_route_is_on_with_no_options(server):
     model, home, _ = server
-    code, out = call("POST", "/v1/chat/completions", {
-        "model": model, "max_tokens": 8,
-        "messages": [{"role": "user", "content": "Name a fruit."}]})
+    code, out = call(
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": model,
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Name a fruit."}],
+        },
+    )
     assert code == 200, out
     code, fb = feedback(out["id"], 1.0)
     assert code == 200, fb
@@ -82,9 +90,18 @@ def test_feedback_route_is_on_with_no_options(server):
 
 def test_streamed_chat_id_takes_feedback(server):
     model, _, _ = server
-    req = urllib.request.Request(BASE + "/v1/chat/completions", method="POST", data=json.dumps({
-        "model": model, "max_tokens": 8, "stream": True,
-        "messages": [{"role": "user", "content": "Name a colour."}]}).encode())
+    req = urllib.request.Request(
+        BASE + "/v1/chat/completions",
+        method="POST",
+        data=json.dumps(
+            {
+                "model": model,
+                "max_tokens": 8,
+                "stream": True,
+                "messages": [{"role": "user", "content": "Name a colour."}],
+            }
+        ).encode(),
+    )
     req.add_header("Content-Type", "application/json")
     ids = set()
     with urllib.request.urlopen(req, timeout=300) as r:
@@ -99,17 +116,27 @@ def test_streamed_chat_id_takes_feedback(server):
 
 def test_completion_ids_take_feedback_by_choice_index(server):
     model, _, _ = server
-    code, out = call("POST", "/v1/completions", {"model": model, "prompt": "The sky is",
-                                                 "max_tokens": 6})
+    code, out = call(
+        "POST", "/v1/completions", {"model": model, "prompt": "The sky is", "max_tokens": 6}
+    )
     assert code == 200, out
     assert out["id"].startswith("cmpl-")
     code, fb = feedback(out["id"], 1.0)
     assert code == 200 and fb["instant"]["accepted"], fb
 
     # two prompts, two choices each: vLLM numbers the choices 0..3, prompt by prompt
-    code, out = call("POST", "/v1/completions", {
-        "model": model, "prompt": ["A cat is", "Rain falls"], "n": 2, "max_tokens": 6,
-        "temperature": 1.0, "seed": 3})
+    code, out = call(
+        "POST",
+        "/v1/completions",
+        {
+            "model": model,
+            "prompt": ["A cat is", "Rain falls"],
+            "n": 2,
+            "max_tokens": 6,
+            "temperature": 1.0,
+            "seed": 3,
+        },
+    )
     assert code == 200, out
     assert sorted(c["index"] for c in out["choices"]) == [0, 1, 2, 3]
     for c in out["choices"]:
@@ -122,9 +149,17 @@ def test_completion_ids_take_feedback_by_choice_index(server):
 
 def test_chat_with_n_choices_by_index(server):
     model, _, _ = server
-    code, out = call("POST", "/v1/chat/completions", {
-        "model": model, "max_tokens": 8, "n": 2, "temperature": 1.0,
-        "messages": [{"role": "user", "content": "Name a tree."}]})
+    code, out = call(
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": model,
+            "max_tokens": 8,
+            "n": 2,
+            "temperature": 1.0,
+            "messages": [{"role": "user", "content": "Name a tree."}],
+        },
+    )
     assert code == 200, out
     for i in (1, 0):
         code, fb = feedback(out["id"], 1.0, i)
@@ -135,15 +170,27 @@ def test_chat_with_n_choices_by_index(server):
 def test_every_response_names_the_adapter_version_that_answered(server):
     model, _, _ = server
     headers: dict = {}
-    code, out = call("POST", "/v1/chat/completions", {
-        "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi."}]},
-        headers=headers)
+    code, out = call(
+        "POST",
+        "/v1/chat/completions",
+        {"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi."}]},
+        headers=headers,
+    )
     assert code == 200 and headers.get("x-sona-adapter-version") == "0", headers  # base model
     code, fb = feedback(out["id"], 1.0)
     assert code == 200 and fb["adapter_version"] is None  # what the worker ran: no adapter
-    req = urllib.request.Request(BASE + "/v1/chat/completions", method="POST", data=json.dumps({
-        "model": model, "max_tokens": 4, "stream": True,
-        "messages": [{"role": "user", "content": "Hi."}]}).encode())
+    req = urllib.request.Request(
+        BASE + "/v1/chat/completions",
+        method="POST",
+        data=json.dumps(
+            {
+                "model": model,
+                "max_tokens": 4,
+                "stream": True,
+                "messages": [{"role": "user", "content": "Hi."}],
+            }
+        ).encode(),
+    )
     req.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(req, timeout=300) as r:
         assert r.headers["x-sona-adapter-version"] == "0"
@@ -162,8 +209,9 @@ def test_feedback_past_the_clients_rate_gets_429_with_retry_after(server):
     statuses, retry = [], None
     for i in range(150):  # default: 10/s per client, bursts of 50
         headers: dict = {}
-        code, err = call("POST", "/v1/feedback", {"id": f"chatcmpl-nope{i}", "reward": 1.0},
-                         headers=headers)
+        code, err = call(
+            "POST", "/v1/feedback", {"id": f"chatcmpl-nope{i}", "reward": 1.0}, headers=headers
+        )
         statuses.append(code)
         if code == 429:
             retry = headers.get("retry-after")
@@ -182,8 +230,11 @@ def test_sigterm_saves_what_the_micro_lora_learned(server):
 
     model, home, proc = server
     time.sleep(3)  # the rate limit's bucket refills
-    code, out = call("POST", "/v1/chat/completions", {
-        "model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Name a dog."}]})
+    code, out = call(
+        "POST",
+        "/v1/chat/completions",
+        {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Name a dog."}]},
+    )
     assert code == 200
     assert feedback(out["id"], 1.0)[0] == 200
     live = call("GET", "/sona/stats")[1]["micro_delta_norm"]

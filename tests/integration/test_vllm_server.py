@@ -30,9 +30,16 @@ class Server:
         self.log = log
         self.model = None
 
-    def call(self, method: str, path: str, body=None, token: str | None = None,
-             raw: bytes | None = None, timeout: float = 300,
-             headers: dict | None = None) -> tuple[int, dict]:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body=None,
+        token: str | None = None,
+        raw: bytes | None = None,
+        timeout: float = 300,
+        headers: dict | None = None,
+    ) -> tuple[int, dict]:
         return http_call(self.base, method, path, body, token, raw, timeout, headers)
 
 
@@ -44,12 +51,34 @@ def server(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     (state / "token").write_text(TOKEN + "\n")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sona_plugin.cli", "serve", "--port", str(port),
-         "--host", "0.0.0.0", "--state-dir", str(state), "--schedule", "manual",
-         "--sona-config", '{"feedback_rate": 1000, "feedback_burst": 1000}',
-         "--admin-token-file", str(state / "token"),
-         "--max-model-len", "1024", "--max-loras", "2", "--kv-cache-memory-bytes", str(1 << 30)],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
+        [
+            sys.executable,
+            "-m",
+            "sona_plugin.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--host",
+            "0.0.0.0",
+            "--state-dir",
+            str(state),
+            "--schedule",
+            "manual",
+            "--sona-config",
+            '{"feedback_rate": 1000, "feedback_burst": 1000}',
+            "--admin-token-file",
+            str(state / "token"),
+            "--max-model-len",
+            "1024",
+            "--max-loras",
+            "2",
+            "--kv-cache-memory-bytes",
+            str(1 << 30),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
     srv = Server(port, proc, log)
     if not wait_healthy(srv.base, proc):
         proc.kill()
@@ -62,10 +91,18 @@ def server(tmp_path_factory):
 
 
 def chat(srv: Server, q: str, max_tokens: int = 16, temperature: float = 0.0) -> dict:
-    code, out = srv.call("POST", "/v1/chat/completions", {
-        "model": srv.model, "messages": [{"role": "user", "content": q}],
-        "max_tokens": max_tokens, "temperature": temperature, "logprobs": True,
-        "return_tokens_as_token_ids": True})
+    code, out = srv.call(
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": srv.model,
+            "messages": [{"role": "user", "content": q}],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "logprobs": True,
+            "return_tokens_as_token_ids": True,
+        },
+    )
     assert code == 200, out
     return out
 
@@ -75,18 +112,32 @@ def token_ids(out: dict) -> list[int]:
 
 
 def prompt_ids(srv: Server, q: str) -> list[int]:
-    code, out = srv.call("POST", "/tokenize", {
-        "model": srv.model, "messages": [{"role": "user", "content": q}],
-        "add_generation_prompt": True})
+    code, out = srv.call(
+        "POST",
+        "/tokenize",
+        {
+            "model": srv.model,
+            "messages": [{"role": "user", "content": q}],
+            "add_generation_prompt": True,
+        },
+    )
     assert code == 200, out
     return out["tokens"]
 
 
 def score(srv: Server, p: list[int], r: list[int]) -> float:
     """Log-probability of response tokens r after prompt tokens p, as served now."""
-    code, out = srv.call("POST", "/v1/completions", {
-        "model": srv.model, "prompt": p + r, "max_tokens": 1, "temperature": 0.0,
-        "prompt_logprobs": 0})
+    code, out = srv.call(
+        "POST",
+        "/v1/completions",
+        {
+            "model": srv.model,
+            "prompt": p + r,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "prompt_logprobs": 0,
+        },
+    )
     assert code == 200, out
     lps = out["choices"][0]["prompt_logprobs"]
     ids = p + r
@@ -146,14 +197,21 @@ def test_hot_swaps_under_concurrent_load_fail_no_request_and_serve_no_stale_vers
     """A short soak: 4 clients, feedback on every response (one in ten hostile first),
     a swap every 0.3 s; every response's version header must be the version the worker
     ran (what the feedback record stores)."""
-    questions = ["Name a colour.", "What is 2+2?", "How do I make tea?", "Name a fruit.",
-                 "What is rain?", "Name a tool."]
+    questions = [
+        "Name a colour.",
+        "What is 2+2?",
+        "How do I make tea?",
+        "Name a fruit.",
+        "What is rain?",
+        "Name a tool.",
+    ]
     versions = []
     for k in range(2):
         for i, q in enumerate(questions):
             out = chat(server, q, max_tokens=12, temperature=1.0)
-            code, _ = server.call("POST", "/v1/feedback",
-                                  {"id": out["id"], "reward": 1.0 if (i + k) % 2 else -1.0})
+            code, _ = server.call(
+                "POST", "/v1/feedback", {"id": out["id"], "reward": 1.0 if (i + k) % 2 else -1.0}
+            )
             assert code == 200
         code, rep = server.call("POST", "/sona/learn", {"gate": False, "epochs": 1}, token=TOKEN)
         assert code == 200 and rep["published"], rep
@@ -167,10 +225,17 @@ def test_hot_swaps_under_concurrent_load_fail_no_request_and_serve_no_stale_vers
     def client(c: int) -> None:
         for i in range(25):
             headers: dict = {}
-            code, out = server.call("POST", "/v1/chat/completions", {
-                "model": server.model, "max_tokens": 6, "temperature": 0.0,
-                "messages": [{"role": "user", "content": questions[(c + i) % len(questions)]}]},
-                headers=headers)
+            code, out = server.call(
+                "POST",
+                "/v1/chat/completions",
+                {
+                    "model": server.model,
+                    "max_tokens": 6,
+                    "temperature": 0.0,
+                    "messages": [{"role": "user", "content": questions[(c + i) % len(questions)]}],
+                },
+                headers=headers,
+            )
             with lock:
                 results.append(code)
             if code != 200:
@@ -215,8 +280,10 @@ def test_hot_swaps_under_concurrent_load_fail_no_request_and_serve_no_stale_vers
     # every swap was checked by its canary: the engine served the version's weights
     assert st["last_swap"]["ok"] and st["last_swap"]["canary_error"] < 1e-3, st["last_swap"]
     assert st["counters"]["swaps"]["ok"] >= swaps and "refused" not in st["counters"]["swaps"]
-    print(f"\n{swaps} swaps, canary relative error {st['last_swap']['canary_error']:.2e}, "
-          f"swap p50 {st['counters']['swap_s_sum'] / st['counters']['swap_s_count']:.3f} s mean")
+    print(
+        f"\n{swaps} swaps, canary relative error {st['last_swap']['canary_error']:.2e}, "
+        f"swap p50 {st['counters']['swap_s_sum'] / st['counters']['swap_s_count']:.3f} s mean"
+    )
 
 
 def test_metrics_carry_sonas_series(server):
@@ -224,7 +291,12 @@ def test_metrics_carry_sonas_series(server):
 
     with urllib.request.urlopen(server.base + "/metrics", timeout=60) as r:
         text = r.read().decode()
-    for series in ("sona_feedback_total", "sona_swaps_total", "sona_served_version",
-                   "sona_swap_seconds_bucket", "sona_cycles_total"):
+    for series in (
+        "sona_feedback_total",
+        "sona_swaps_total",
+        "sona_served_version",
+        "sona_swap_seconds_bucket",
+        "sona_cycles_total",
+    ):
         assert series in text, series
     assert 'sona_feedback_total{outcome="accepted"}' in text

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 #   mid-write:    the writer has written adapter_config.json only
 #   after-rename: the complete version is renamed into place; CURRENT is about to be
 #                 replaced (the pause is injected at the os.replace of CURRENT)
-_CRASH_SRC = '''
+_CRASH_SRC = """
 import os, shutil, sys, time
 from pathlib import Path
 from sona_plugin.adapters import AdapterRegistry
@@ -66,15 +66,20 @@ os.replace = replace
 
 reg.publish(write, {"from": "crashing process"})
 print("DONE", flush=True)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny base model's weights and a probe batch, built once."""
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     base_sd = {k: v.clone() for k, v in transformers.LlamaForCausalLM(cfg).state_dict().items()}
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -90,8 +95,9 @@ def fresh_base(tiny):
 
 def make_adapter(tiny, seed: int):
     """A LoRA model whose adapter actually changes the output (B is not left at zero)."""
-    pm = peft.get_peft_model(fresh_base(tiny),
-                             peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm = peft.get_peft_model(
+        fresh_base(tiny), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -114,16 +120,24 @@ def publish_model(reg: AdapterRegistry, pm, **metadata) -> AdapterVersion:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def adapters(tiny):
     """Two adapters and the logits each gives, plus the base model's."""
     a1, a2 = make_adapter(tiny, 11), make_adapter(tiny, 22)
-    out = {"m1": a1, "m2": a2, "l1": logits(a1, tiny), "l2": logits(a2, tiny),
-           "base": logits(fresh_base(tiny), tiny)}
+    out = {
+        "m1": a1,
+        "m2": a2,
+        "l1": logits(a1, tiny),
+        "l2": logits(a2, tiny),
+        "base": logits(fresh_base(tiny), tiny),
+    }
     assert not torch.allclose(out["l1"], out["l2"], atol=1e-3)
     assert not torch.allclose(out["l1"], out["base"], atol=1e-3)
     return out
@@ -152,14 +166,12 @@ def test_publish_load_and_roll_back(tmp_path, tiny, adapters):
     assert reopened.latest() == v2
     cur = reopened.current()
     assert cur == v2
-    torch.testing.assert_close(load_logits(tiny, cur.path), adapters["l2"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_logits(tiny, cur.path), adapters["l2"], rtol=0, atol=1e-6)
 
     assert reopened.set_current(1) == v1
     cur = AdapterRegistry(tmp_path).current()
     assert cur.version == 1
-    torch.testing.assert_close(load_logits(tiny, cur.path), adapters["l1"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_logits(tiny, cur.path), adapters["l1"], rtol=0, atol=1e-6)
     with pytest.raises(InvalidValue, match=r"adapter version 7 not found.*available: \[1, 2\]"):
         reopened.set_current(7)
     assert reopened.current().version == 1
@@ -185,8 +197,12 @@ def test_published_versions_are_never_touched(tmp_path, adapters):
 def _crash_publish(root: Path, mode: str, source: Path) -> None:
     """Run a publish in a subprocess and SIGKILL it while it is paused at ``mode``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _CRASH_SRC, str(root), mode, str(source)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASH_SRC, str(root), mode, str(source)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         line = proc.stdout.readline()
         assert line.strip() == "PAUSED", line
@@ -210,8 +226,9 @@ def test_kill_9_while_writing_leaves_previous_version_current(tmp_path, tiny, ad
     # A reader that has not reopened sees only v1, served and loadable.
     assert [v.version for v in reg.versions()] == [1]
     assert reg.current() == v1
-    torch.testing.assert_close(load_logits(tiny, reg.current().path), adapters["l1"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        load_logits(tiny, reg.current().path), adapters["l1"], rtol=0, atol=1e-6
+    )
 
     reg = AdapterRegistry(root)  # opening removes the crashed publish's temp dir
     assert list(root.glob(".tmp-*")) == []
@@ -222,7 +239,8 @@ def test_kill_9_while_writing_leaves_previous_version_current(tmp_path, tiny, ad
 
 
 def test_kill_9_after_rename_before_current_leaves_previous_version_current(
-        tmp_path, tiny, adapters):
+    tmp_path, tiny, adapters
+):
     root, source = tmp_path / "reg", tmp_path / "source"
     adapters["m2"].save_pretrained(source)
     reg = AdapterRegistry(root)
@@ -232,14 +250,14 @@ def test_kill_9_after_rename_before_current_leaves_previous_version_current(
     assert (root / (CURRENT_FILE + ".tmp")).read_text() == "v000002\n"  # it got this far
     reg = AdapterRegistry(root)
     assert reg.current() == v1
-    torch.testing.assert_close(load_logits(tiny, reg.current().path), adapters["l1"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        load_logits(tiny, reg.current().path), adapters["l1"], rtol=0, atol=1e-6
+    )
     # The orphaned version is complete and loadable, just not served.
     orphan = reg.latest()
     assert orphan.version == 2 and orphan.parent == 1
     assert orphan.metadata == {"from": "crashing process"}
-    torch.testing.assert_close(load_logits(tiny, orphan.path), adapters["l2"],
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(load_logits(tiny, orphan.path), adapters["l2"], rtol=0, atol=1e-6)
     orphan_digest = tree_digest(orphan.path)
 
     v3 = publish_model(reg, adapters["m1"])  # a fresh number; v2 is not reused
@@ -296,8 +314,9 @@ def test_incomplete_and_foreign_dirs_are_ignored_and_skipped(tmp_path, adapters)
 def test_publish_without_serving_and_stale_tmp_cleanup(tmp_path, adapters):
     reg = AdapterRegistry(tmp_path)
     v1 = publish_model(reg, adapters["m1"])
-    v2 = reg.publish(lambda d: adapters["m2"].save_pretrained(d), {"gate": "pending"},
-                     make_current=False)
+    v2 = reg.publish(
+        lambda d: adapters["m2"].save_pretrained(d), {"gate": "pending"}, make_current=False
+    )
     assert reg.current() == v1 and reg.latest() == v2
     info = json.loads((v2.path / VERSION_FILE).read_text())
     assert info["version"] == 2 and info["parent"] == 1
@@ -341,8 +360,10 @@ def test_numbers_are_never_reused_after_the_newest_dir_is_deleted(tmp_path, adap
 
 def test_versions_with_missing_or_truncated_weights_are_not_listed(tmp_path, adapters, caplog):
     reg = AdapterRegistry(tmp_path)
-    vs = [reg.publish(lambda d: adapters["m1"].save_pretrained(d), {}, make_current=False)
-          for _ in range(5)]
+    vs = [
+        reg.publish(lambda d: adapters["m1"].save_pretrained(d), {}, make_current=False)
+        for _ in range(5)
+    ]
     good_bytes = (vs[2].path / WEIGHTS).read_bytes()
     (vs[0].path / "adapter_config.json").unlink()
     truncate(vs[1].path / WEIGHTS, 0)
@@ -353,8 +374,11 @@ def test_versions_with_missing_or_truncated_weights_are_not_listed(tmp_path, ada
     assert [v.version for v in reg.versions()] == [5]
     assert reg.latest() == vs[4]
     assert [v.version for v in AdapterRegistry(tmp_path).versions()] == [5]
-    with pytest.raises(UnknownAdapterVersion, match=r"v000002 is incomplete.*empty.*"
-                                                    r"available: \[5\]"):
+    with pytest.raises(
+        UnknownAdapterVersion,
+        match=r"v000002 is incomplete.*empty.*"
+        r"available: \[5\]",
+    ):
         reg.get(2)
     with pytest.raises(UnknownAdapterVersion, match=r"v000003 is incomplete.*unreadable"):
         reg.set_current(3)
@@ -362,9 +386,12 @@ def test_versions_with_missing_or_truncated_weights_are_not_listed(tmp_path, ada
 
     reg.versions()
     warned = [r.getMessage() for r in caplog.records]
-    for name, why in [("v000001", "adapter_config.json is missing"),
-                      ("v000002", f"{WEIGHTS} is empty"), ("v000003", f"{WEIGHTS} is unreadable"),
-                      ("v000004", f"{WEIGHTS} is unreadable")]:
+    for name, why in [
+        ("v000001", "adapter_config.json is missing"),
+        ("v000002", f"{WEIGHTS} is empty"),
+        ("v000003", f"{WEIGHTS} is unreadable"),
+        ("v000004", f"{WEIGHTS} is unreadable"),
+    ]:
         ours = [m for m in warned if m.startswith(f"ignoring {tmp_path / name}:")]
         assert len(ours) == 2 and why in ours[0], (name, ours)  # once per registry object
 
@@ -382,6 +409,7 @@ def test_publish_refuses_an_empty_or_truncated_safetensors(tmp_path, adapters):
         def write(d: Path) -> None:
             adapters["m2"].save_pretrained(d)
             truncate(d / WEIGHTS, size)
+
         return write
 
     with pytest.raises(InvalidValue, match=f"{WEIGHTS} is empty"):
@@ -403,8 +431,9 @@ def test_servable_falls_back_when_current_is_broken(tmp_path, adapters, caplog):
     caplog.set_level(logging.WARNING, logger="sona_plugin.adapters")
     shutil.rmtree(v2.path)
     assert reg.servable() == v3  # the newest complete one, here newer than CURRENT's
-    assert any("names v000002" in r.getMessage() and "v000003" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "names v000002" in r.getMessage() and "v000003" in r.getMessage() for r in caplog.records
+    )
     assert (tmp_path / CURRENT_FILE).read_text() == "v000002\n"  # the caller decides
     with pytest.raises(StateError, match="names v000002, which is missing"):
         reg.current()
@@ -484,11 +513,13 @@ def test_versions_does_not_reread_unchanged_dirs(tmp_path, adapters, monkeypatch
         def wrapper(path):
             calls[name] += 1
             return fn(path)
+
         return wrapper
 
     monkeypatch.setattr(adapters_mod, "_read_info", counted("info", adapters_mod._read_info))
-    monkeypatch.setattr(adapters_mod, "_safetensors_problem",
-                        counted("header", adapters_mod._safetensors_problem))
+    monkeypatch.setattr(
+        adapters_mod, "_safetensors_problem", counted("header", adapters_mod._safetensors_problem)
+    )
     first = reg.versions()
     assert calls == {"info": 3, "header": 3}
     for _ in range(3):
@@ -501,8 +532,12 @@ def test_versions_does_not_reread_unchanged_dirs(tmp_path, adapters, monkeypatch
     shutil.copytree(tmp_path / "v000001", tmp_path / "v000002")
     info = json.loads((tmp_path / "v000002" / VERSION_FILE).read_text())
     (tmp_path / "v000002" / VERSION_FILE).write_text(
-        json.dumps({**info, "version": 2, "metadata": {"restored": True}}))
+        json.dumps({**info, "version": 2, "metadata": {"restored": True}})
+    )
     assert reg.get(2).metadata == {"restored": True}
-    assert [v.metadata for v in reg.versions()] == [{"tag": "m1"}, {"restored": True},
-                                                    {"tag": "m1"}]
+    assert [v.metadata for v in reg.versions()] == [
+        {"tag": "m1"},
+        {"restored": True},
+        {"tag": "m1"},
+    ]
     assert calls == {"info": 4, "header": 4}

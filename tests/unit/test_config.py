@@ -19,19 +19,22 @@ def test_defaults_follow_the_seeds():
     assert c.micro_lora_scale == pytest.approx(c.lora_alpha / c.micro_lora_rank)
 
 
-@pytest.mark.parametrize("field,value,words", [
-    ("hidden_dim", 0, ["hidden_dim", ">= 1", "got 0"]),
-    ("hidden_dim", -1, ["hidden_dim", "got -1"]),
-    ("micro_lora_rank", 3, ["micro_lora_rank", "<= 2", "got 3"]),
-    ("micro_lora_rank", 0, ["micro_lora_rank", "got 0"]),
-    ("micro_lora_lr", 0.0, ["micro_lora_lr", "> 0"]),
-    ("micro_lora_lr", float("nan"), ["micro_lora_lr", "finite"]),
-    ("ewc_gamma", 1.5, ["ewc_gamma", "<= 1.0"]),
-    ("hidden_dim", 2.5, ["hidden_dim", "integer"]),
-    ("hidden_dim", True, ["hidden_dim", "integer"]),
-    ("enable_simd", 1, ["enable_simd", "bool"]),
-    ("database_url", 5, ["database_url", "string"]),
-])
+@pytest.mark.parametrize(
+    "field,value,words",
+    [
+        ("hidden_dim", 0, ["hidden_dim", ">= 1", "got 0"]),
+        ("hidden_dim", -1, ["hidden_dim", "got -1"]),
+        ("micro_lora_rank", 3, ["micro_lora_rank", "<= 2", "got 3"]),
+        ("micro_lora_rank", 0, ["micro_lora_rank", "got 0"]),
+        ("micro_lora_lr", 0.0, ["micro_lora_lr", "> 0"]),
+        ("micro_lora_lr", float("nan"), ["micro_lora_lr", "finite"]),
+        ("ewc_gamma", 1.5, ["ewc_gamma", "<= 1.0"]),
+        ("hidden_dim", 2.5, ["hidden_dim", "integer"]),
+        ("hidden_dim", True, ["hidden_dim", "integer"]),
+        ("enable_simd", 1, ["enable_simd", "bool"]),
+        ("database_url", 5, ["database_url", "string"]),
+    ],
+)
 def test_bad_field_is_named_with_its_range(field, value, words):
     with pytest.raises(ConfigError) as info:
         SonaConfig(**{field: value})
@@ -47,7 +50,9 @@ def test_lambda_bounds_are_consistent():
 
 
 def test_json_round_trip(tmp_path):
-    c = SonaConfig(hidden_dim=576, micro_lora_rank=1, pattern_clusters=8, database_url="sqlite:///x")
+    c = SonaConfig(
+        hidden_dim=576, micro_lora_rank=1, pattern_clusters=8, database_url="sqlite:///x"
+    )
     assert SonaConfig.from_json(c.to_json()) == c
     p = tmp_path / "sona.json"
     c.to_json(p)
@@ -56,10 +61,22 @@ def test_json_round_trip(tmp_path):
 
 
 def test_seed_spellings_are_accepted_and_unknown_keys_refused():
-    c = SonaConfig.from_dict({"hiddenDim": 128, "microLoraRank": 1, "trajectory_buffer_size": 7,
-                              "initial_lambda": 500.0, "k_clusters": 9})
-    assert (c.hidden_dim, c.micro_lora_rank, c.trajectory_capacity, c.ewc_lambda,
-            c.pattern_clusters) == (128, 1, 7, 500.0, 9)
+    c = SonaConfig.from_dict(
+        {
+            "hiddenDim": 128,
+            "microLoraRank": 1,
+            "trajectory_buffer_size": 7,
+            "initial_lambda": 500.0,
+            "k_clusters": 9,
+        }
+    )
+    assert (
+        c.hidden_dim,
+        c.micro_lora_rank,
+        c.trajectory_capacity,
+        c.ewc_lambda,
+        c.pattern_clusters,
+    ) == (128, 1, 7, 500.0, 9)
     with pytest.raises(ConfigError, match="unknown config key 'hidenDim'"):
         SonaConfig.from_dict({"hidenDim": 128})
     with pytest.raises(ConfigError, match="not valid JSON"):

@@ -39,12 +39,24 @@ class Cycle:
         return self.result
 
 
-def make(bg: Cycle, deep: Cycle | None = None, clock: FakeClock | None = None, pending=5,
-         deep_every=1000, **kw) -> LoopCoordinator:
-    return LoopCoordinator(pending=pending if callable(pending) else (lambda: pending),
-                           run_background=bg, run_deep=deep or Cycle(), trigger_count=1,
-                           interval_s=60.0, deep_every=deep_every,
-                           clock=clock or FakeClock(), **kw)
+def make(
+    bg: Cycle,
+    deep: Cycle | None = None,
+    clock: FakeClock | None = None,
+    pending=5,
+    deep_every=1000,
+    **kw,
+) -> LoopCoordinator:
+    return LoopCoordinator(
+        pending=pending if callable(pending) else (lambda: pending),
+        run_background=bg,
+        run_deep=deep or Cycle(),
+        trigger_count=1,
+        interval_s=60.0,
+        deep_every=deep_every,
+        clock=clock or FakeClock(),
+        **kw,
+    )
 
 
 def wait_for(pred, timeout: float = 10.0) -> bool:
@@ -253,9 +265,14 @@ def test_thread_keeps_running_after_failures_and_stop_joins_promptly(caplog):
     assert len(tracebacks) == 1  # the thread does not log the counted error a second time
 
 
-@pytest.mark.parametrize("kw, field", [({"base_backoff_s": -1.0}, "base_backoff_s"),
-                                       ({"base_backoff_s": float("nan")}, "base_backoff_s"),
-                                       ({"max_backoff_s": 1.0}, "max_backoff_s")])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"base_backoff_s": -1.0}, "base_backoff_s"),
+        ({"base_backoff_s": float("nan")}, "base_backoff_s"),
+        ({"max_backoff_s": 1.0}, "max_backoff_s"),
+    ],
+)
 def test_bad_backoff_settings_are_refused_naming_the_field(kw, field):
     with pytest.raises(ConfigError, match=field):
         make(Cycle(), **kw)

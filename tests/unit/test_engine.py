@@ -289,17 +289,33 @@ def _nan_at(i: int) -> np.ndarray:
 
 
 BAD_INPUTS = [
-    ("wrong dimension", DimensionMismatch, "dimension",
-     lambda e, t: e.apply_micro_lora(np.ones(D + 1, np.float32))),
-    ("wrong dimension begin", DimensionMismatch, "dimension",
-     lambda e, t: e.begin_trajectory(np.ones(D - 3))),
-    ("wrong dimension step", DimensionMismatch, "dimension",
-     lambda e, t: e.add_step(t, np.ones(7), (), 0.5)),
+    (
+        "wrong dimension",
+        DimensionMismatch,
+        "dimension",
+        lambda e, t: e.apply_micro_lora(np.ones(D + 1, np.float32)),
+    ),
+    (
+        "wrong dimension begin",
+        DimensionMismatch,
+        "dimension",
+        lambda e, t: e.begin_trajectory(np.ones(D - 3)),
+    ),
+    (
+        "wrong dimension step",
+        DimensionMismatch,
+        "dimension",
+        lambda e, t: e.add_step(t, np.ones(7), (), 0.5),
+    ),
     ("empty vector", InvalidValue, "empty", lambda e, t: e.apply_lora(np.zeros(0, np.float32))),
     ("empty embedding", InvalidValue, "empty", lambda e, t: e.begin_trajectory([])),
     ("nan in vector", InvalidValue, "non-finite", lambda e, t: e.apply_micro_lora(_nan_at(5))),
-    ("inf in step", InvalidValue, "non-finite",
-     lambda e, t: e.add_step(t, np.full(D, np.inf), (), 0.5)),
+    (
+        "inf in step",
+        InvalidValue,
+        "non-finite",
+        lambda e, t: e.add_step(t, np.full(D, np.inf), (), 0.5),
+    ),
     ("nan in find", InvalidValue, "non-finite", lambda e, t: e.find_patterns(_nan_at(0), 3)),
     ("nan quality", InvalidValue, "quality", lambda e, t: e.end_trajectory(t, float("nan"))),
     ("inf quality", InvalidValue, "quality", lambda e, t: e.end_trajectory(t, float("inf"))),
@@ -307,14 +323,25 @@ BAD_INPUTS = [
     ("quality < 0", InvalidValue, "quality", lambda e, t: e.end_trajectory(t, -0.5)),
     ("nan reward", InvalidValue, "reward", lambda e, t: e.add_step(t, x_ok, (), float("nan"))),
     ("reward out of range", InvalidValue, "reward", lambda e, t: e.add_step(t, x_ok, (), 1e9)),
-    ("feedback quality out of range", InvalidValue, "quality",
-     lambda e, t: e.learn_from_feedback(LearningSignal(quality=2.0))),
-    ("unknown trajectory", UnknownTrajectory, "never started",
-     lambda e, t: e.add_step(999999, x_ok, (), 0.5)),
-    ("negative trajectory id", UnknownTrajectory, "never started",
-     lambda e, t: e.end_trajectory(-1, 0.5)),
-    ("ended trajectory", UnknownTrajectory, "already ended",
-     lambda e, t: e.end_trajectory(1, 0.5)),
+    (
+        "feedback quality out of range",
+        InvalidValue,
+        "quality",
+        lambda e, t: e.learn_from_feedback(LearningSignal(quality=2.0)),
+    ),
+    (
+        "unknown trajectory",
+        UnknownTrajectory,
+        "never started",
+        lambda e, t: e.add_step(999999, x_ok, (), 0.5),
+    ),
+    (
+        "negative trajectory id",
+        UnknownTrajectory,
+        "never started",
+        lambda e, t: e.end_trajectory(-1, 0.5),
+    ),
+    ("ended trajectory", UnknownTrajectory, "already ended", lambda e, t: e.end_trajectory(1, 0.5)),
     ("k = 0", InvalidValue, "k", lambda e, t: e.find_patterns(x_ok, 0)),
     ("k < 0", InvalidValue, "k", lambda e, t: e.find_patterns(x_ok, -1)),
     ("layer out of range", InvalidValue, "layer", lambda e, t: e.apply_base_lora(99, x_ok)),
@@ -323,8 +350,12 @@ BAD_INPUTS = [
     ("rank 3", ConfigError, "micro_lora_rank", lambda e, t: SonaEngine(D, micro_lora_rank=3)),
     ("dimension 0", ConfigError, "hidden_dim", lambda e, t: SonaEngine(0)),
     ("negative dimension", ConfigError, "hidden_dim", lambda e, t: SonaEngine(-1)),
-    ("disabled then nan", InvalidValue, "non-finite",
-     lambda e, t: (e.set_enabled(False), e.apply_micro_lora(_nan_at(1)))),
+    (
+        "disabled then nan",
+        InvalidValue,
+        "non-finite",
+        lambda e, t: (e.set_enabled(False), e.apply_micro_lora(_nan_at(1))),
+    ),
 ]
 
 
@@ -377,8 +408,13 @@ def test_stats_are_json_and_use_the_seeds_names():
     eng = SonaEngine(D)
     _fill(eng)
     s = json.loads(eng.get_stats())
-    for key in ("trajectories_buffered", "patterns_stored", "micro_updates", "background_cycles",
-                "trajectories_dropped"):
+    for key in (
+        "trajectories_buffered",
+        "patterns_stored",
+        "micro_updates",
+        "background_cycles",
+        "trajectories_dropped",
+    ):
         assert key in s
     assert s["micro_updates"] == 32 and s["instant_pending"] == 2
 

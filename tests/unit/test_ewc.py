@@ -63,7 +63,7 @@ def test_penalty_keeps_task_a_parameters_near_their_optimum():
         ewc = EwcPlusPlus(cfg(ewc_gamma=0.9))
         ewc.register({"w": w})
         for i in range(0, len(yA), 10):  # per-minibatch gradients at the A optimum
-            ewc.update_fisher({"w": grad(w, XA[i:i + 10], yA[i:i + 10])})
+            ewc.update_fisher({"w": grad(w, XA[i : i + 10], yA[i : i + 10])})
         ewc.start_new_task({"w": w})
         assert ewc.set_lambda(lam) == lam
         wb = train(w.copy(), XB, yB, 300, 0.05, ewc)
@@ -79,8 +79,14 @@ def test_penalty_keeps_task_a_parameters_near_their_optimum():
 
 def test_online_fisher_formula():
     ewc = EwcPlusPlus(cfg(ewc_gamma=0.8))
-    g1, g2, g3, g4, g5, g6 = (np.array([1.0, -2.0]), np.array([3.0, 0.5]), np.array([0.5, 1.0]),
-                              np.array([2.0, 0.0]), np.array([1.0, 1.0]), np.array([0.0, 4.0]))
+    g1, g2, g3, g4, g5, g6 = (
+        np.array([1.0, -2.0]),
+        np.array([3.0, 0.5]),
+        np.array([0.5, 1.0]),
+        np.array([2.0, 0.0]),
+        np.array([1.0, 1.0]),
+        np.array([0.0, 4.0]),
+    )
     # warm start: the running mean while 1/n > 1 - gamma (n <= 5 here) ...
     ewc.update_fisher({"p": g1})
     np.testing.assert_allclose(ewc.fisher["p"], g1**2, rtol=1e-6)
@@ -114,8 +120,9 @@ def test_torch_penalty_is_differentiable_and_matches_penalty_grad():
     ewc = EwcPlusPlus(cfg(ewc_lambda=3.0))
     _remember(ewc, rng, shapes, tasks=2)
     np_params = {n: rng.standard_normal(s) for n, s in shapes.items()}
-    params = {n: torch.tensor(v, dtype=torch.float64, requires_grad=True)
-              for n, v in np_params.items()}
+    params = {
+        n: torch.tensor(v, dtype=torch.float64, requires_grad=True) for n, v in np_params.items()
+    }
     pen = ewc.penalty(params)
     assert pen.dtype == torch.float64 and pen.dim() == 0 and pen.requires_grad
     assert pen.item() == pytest.approx(ewc.penalty(np_params), rel=1e-6)
@@ -129,7 +136,9 @@ def test_torch_penalty_is_differentiable_and_matches_penalty_grad():
         np.testing.assert_allclose(pg_np[n], params[n].grad.numpy(), rtol=1e-5)
         assert pg_np[n].dtype == np.float64
     # float32 tensors stay float32 and the result enters a loss
-    p32 = {n: torch.tensor(v, dtype=torch.float32, requires_grad=True) for n, v in np_params.items()}
+    p32 = {
+        n: torch.tensor(v, dtype=torch.float32, requires_grad=True) for n, v in np_params.items()
+    }
     total = (p32["lora_A"] ** 2).sum() + ewc.penalty(p32)
     assert total.dtype == torch.float32
     total.backward()
@@ -227,24 +236,26 @@ def test_boundary_fires_on_a_shift_and_not_on_a_stationary_stream():
     assert not any(fired)
     # a single spike (a hard batch) does not fire either
     assert not ewc.detect_task_boundary(loss=5.0)
-    assert not any(ewc.detect_task_boundary(loss=1.0 + 0.1 * rng.standard_normal())
-                   for _ in range(20))
+    assert not any(
+        ewc.detect_task_boundary(loss=1.0 + 0.1 * rng.standard_normal()) for _ in range(20)
+    )
     shifted = [ewc.detect_task_boundary(loss=2.0 + 0.1 * rng.standard_normal()) for _ in range(10)]
     assert shifted.index(True) <= 3 and sum(shifted) == 1
     assert ewc.boundaries_detected == 1
     # the new regime is the new normal
-    assert not any(ewc.detect_task_boundary(loss=2.0 + 0.1 * rng.standard_normal())
-                   for _ in range(500))
+    assert not any(
+        ewc.detect_task_boundary(loss=2.0 + 0.1 * rng.standard_normal()) for _ in range(500)
+    )
 
 
 def test_boundary_from_gradient_norms():
     rng = np.random.default_rng(4)
     ewc = EwcPlusPlus(cfg(ewc_fisher_samples=30))
-    quiet = [ewc.detect_task_boundary(grads={"w": 0.1 * rng.standard_normal(16)})
-             for _ in range(300)]
+    quiet = [
+        ewc.detect_task_boundary(grads={"w": 0.1 * rng.standard_normal(16)}) for _ in range(300)
+    ]
     assert not any(quiet)
-    loud = [ewc.detect_task_boundary(grads={"w": 1.0 * rng.standard_normal(16)})
-            for _ in range(5)]
+    loud = [ewc.detect_task_boundary(grads={"w": 1.0 * rng.standard_normal(16)}) for _ in range(5)]
     assert sum(loud) == 1 and ewc.boundaries_detected == 1
 
 
@@ -302,8 +313,10 @@ def test_state_round_trip_is_exact(tmp_path):
     (tmp_path / "ewc.json").write_text(json.dumps(meta))
 
     back = EwcPlusPlus(c)
-    back.load_state_dict(load_file(str(tmp_path / "ewc.safetensors")),
-                         json.loads((tmp_path / "ewc.json").read_text()))
+    back.load_state_dict(
+        load_file(str(tmp_path / "ewc.safetensors")),
+        json.loads((tmp_path / "ewc.json").read_text()),
+    )
     assert back.stats() == ewc.stats() and back.names == ewc.names
     p = {n: rng.standard_normal(s) for n, s in shapes.items()}
     assert back.penalty(p) == ewc.penalty(p) and back.lambda_ == ewc.lambda_
@@ -311,8 +324,9 @@ def test_state_round_trip_is_exact(tmp_path):
         np.testing.assert_array_equal(back.fisher[n], ewc.fisher[n])
         np.testing.assert_array_equal(back.penalty_grad(p)[n], ewc.penalty_grad(p)[n])
     stream = [float(v) for v in rng.random(30)] + [5.0] * 5
-    assert ([ewc.detect_task_boundary(loss=v) for v in stream]
-            == [back.detect_task_boundary(loss=v) for v in stream])
+    assert [ewc.detect_task_boundary(loss=v) for v in stream] == [
+        back.detect_task_boundary(loss=v) for v in stream
+    ]
     g = {n: rng.standard_normal(s) for n, s in shapes.items()}
     ewc.update_fisher(g)
     back.update_fisher(g)

@@ -17,9 +17,17 @@ def state(tmp_path):
     store = open_store(tmp_path / "sona.db")
     rng = np.random.default_rng(0)
     for i, reward in enumerate((1.0, -1.0, 0.0, 0.5)):
-        store.add(FeedbackRecord(response_id=f"r{i}", prompt=f"<user>q{i}</user>", prompt_ids=[1, 2],
-                                 response_ids=[3, 4], response_text=f"answer {i}", reward=reward,
-                                 embedding=rng.standard_normal(384).astype(np.float32)))
+        store.add(
+            FeedbackRecord(
+                response_id=f"r{i}",
+                prompt=f"<user>q{i}</user>",
+                prompt_ids=[1, 2],
+                response_ids=[3, 4],
+                response_text=f"answer {i}",
+                reward=reward,
+                embedding=rng.standard_normal(384).astype(np.float32),
+            )
+        )
     store.close()
     eng = SonaEngine(16, embedding_dim=16)
     for i in range(12):

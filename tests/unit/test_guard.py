@@ -14,19 +14,22 @@ def parse_feedback(obj) -> guard.FeedbackBody:
     return guard.parse(guard.FeedbackBody, json.dumps(obj).encode())
 
 
-@pytest.mark.parametrize("obj, words", [
-    ({"id": "x", "reward": 3}, "field 'reward'"),
-    ({"id": "x", "reward": "good"}, "field 'reward'"),
-    ({"id": "x", "reward": True}, "field 'reward'"),
-    ({"id": "x", "liked": "yes"}, "field 'liked'"),
-    ({"id": "x", "liked": 1}, "field 'liked'"),
-    ({"id": "x", "reward": 1, "extra": 1}, "unknown field 'extra'"),
-    ({"id": "x" * (guard.MAX_ID_CHARS + 1), "reward": 1}, "field 'id'"),
-    ({"id": "", "reward": 1}, "field 'id'"),
-    ({"id": 7, "reward": 1}, "field 'id'"),
-    ({"id": "x", "reward": 1, "index": -1}, "field 'index'"),
-    ({"id": "x", "reward": 1, "index": 10**9}, "field 'index'"),
-])
+@pytest.mark.parametrize(
+    "obj, words",
+    [
+        ({"id": "x", "reward": 3}, "field 'reward'"),
+        ({"id": "x", "reward": "good"}, "field 'reward'"),
+        ({"id": "x", "reward": True}, "field 'reward'"),
+        ({"id": "x", "liked": "yes"}, "field 'liked'"),
+        ({"id": "x", "liked": 1}, "field 'liked'"),
+        ({"id": "x", "reward": 1, "extra": 1}, "unknown field 'extra'"),
+        ({"id": "x" * (guard.MAX_ID_CHARS + 1), "reward": 1}, "field 'id'"),
+        ({"id": "", "reward": 1}, "field 'id'"),
+        ({"id": 7, "reward": 1}, "field 'id'"),
+        ({"id": "x", "reward": 1, "index": -1}, "field 'index'"),
+        ({"id": "x", "reward": 1, "index": 10**9}, "field 'index'"),
+    ],
+)
 def test_bad_feedback_bodies_name_the_field(obj, words):
     with pytest.raises(guard.BadRequest) as e:
         parse_feedback(obj)
@@ -72,7 +75,7 @@ class _Request:
 
     async def stream(self):
         for i in range(0, len(self._body), 1000):
-            yield self._body[i:i + 1000]
+            yield self._body[i : i + 1000]
 
 
 def test_bodies_over_the_cap_get_413_even_when_the_length_lies():

@@ -54,7 +54,7 @@ def test_shift_detector_ignores_the_rise_that_learning_causes_and_round_trips():
     for _ in range(30):  # 0.3 -> 0.6 over 200 feedbacks: a deployment learning
         det = ShiftDetector()
         p = np.r_[np.linspace(0.3, 0.6, 200), np.full(100, 0.6)]
-        alarms += sum(det.update(r) is not None for r in np.where(rng.random(300) < p, 1., -1.))
+        alarms += sum(det.update(r) is not None for r in np.where(rng.random(300) < p, 1.0, -1.0))
     assert alarms <= 4, alarms
     det = ShiftDetector()
     stream = bernoulli(rng, 0.5, 100)
@@ -66,11 +66,19 @@ def test_shift_detector_ignores_the_rise_that_learning_causes_and_round_trips():
 
 
 # -------------------------------------------------------------------------- held-out split
-def record(i: int, prompt: str, emb: np.ndarray, reward: float = 1.0,
-           response: list[int] | None = None) -> FeedbackRecord:
-    return FeedbackRecord(response_id=f"r{i}", prompt=prompt, prompt_ids=[5, 6, 7],
-                          response_ids=response or [9, 10], response_text="", reward=reward,
-                          embedding=np.asarray(emb, np.float32), id=i)
+def record(
+    i: int, prompt: str, emb: np.ndarray, reward: float = 1.0, response: list[int] | None = None
+) -> FeedbackRecord:
+    return FeedbackRecord(
+        response_id=f"r{i}",
+        prompt=prompt,
+        prompt_ids=[5, 6, 7],
+        response_ids=response or [9, 10],
+        response_text="",
+        reward=reward,
+        embedding=np.asarray(emb, np.float32),
+        id=i,
+    )
 
 
 def test_prompt_split_keeps_near_duplicates_together_and_is_stable():
@@ -81,8 +89,10 @@ def test_prompt_split_keeps_near_duplicates_together_and_is_stable():
     sides = split.assign(recs)
     assert 0.1 < np.mean(sides) < 0.3  # about one prompt in five
     # the same prompts again, rephrased (cosine > 0.9), under new text: same side
-    again = [record(1000 + i, f"rephrased {i}", base[i] + 0.05 * rng.standard_normal(64))
-             for i in range(300)]
+    again = [
+        record(1000 + i, f"rephrased {i}", base[i] + 0.05 * rng.standard_normal(64))
+        for i in range(300)
+    ]
     assert split.assign(again) == sides
     # state round trip, and a fresh split built from the same stream agrees
     back = PromptSplit.from_state(*split.state())
@@ -146,9 +156,17 @@ def tiny_model_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -157,11 +175,17 @@ def tiny_model_dir(tmp_path_factory):
 def feed(host: TinyHost, start: int, n: int, rng) -> None:
     for i in range(start, start + n):
         liked = i % 2 == 0
-        host.store.add(FeedbackRecord(
-            response_id=f"resp{i}", prompt=f"question number {i}",
-            prompt_ids=rng.integers(10, V, 6).tolist(), response_ids=[7 if liked else 9] * 3,
-            response_text="", reward=1.0 if liked else -1.0,
-            embedding=rng.standard_normal(E).astype(np.float32)))
+        host.store.add(
+            FeedbackRecord(
+                response_id=f"resp{i}",
+                prompt=f"question number {i}",
+                prompt_ids=rng.integers(10, V, 6).tolist(),
+                response_ids=[7 if liked else 9] * 3,
+                response_text="",
+                reward=1.0 if liked else -1.0,
+                embedding=rng.standard_normal(E).astype(np.float32),
+            )
+        )
 
 
 def test_restart_trains_nothing_twice_and_restores_the_whole_state(tmp_path, tiny_model_dir):
@@ -177,7 +201,7 @@ def test_restart_trains_nothing_twice_and_restores_the_whole_state(tmp_path, tin
     assert learner.ewc.fisher_updates == 1
     saved = learner._state()
 
-    host2 = TinyHost(tmp_path, tiny_model_dir)   # a restart: everything from disk
+    host2 = TinyHost(tmp_path, tiny_model_dir)  # a restart: everything from disk
     again = Learner(host2, epochs=1)
     assert host2.served == 1 and host2.swaps == []
     assert again.last_id == learner.last_id == 40 and again.pending() == 0
@@ -231,19 +255,33 @@ def test_unhinted_shift_starts_a_new_ewc_task_from_the_served_weights(tmp_path, 
     for _ in range(2):  # taste A: 80 % liked
         for _i in range(40):
             liked = rng.random() < 0.8
-            host.store.add(FeedbackRecord(
-                response_id=f"a{n}", prompt=f"q{n}", prompt_ids=rng.integers(10, V, 6).tolist(),
-                response_ids=[7] * 3, response_text="", reward=1.0 if liked else -1.0,
-                embedding=rng.standard_normal(E).astype(np.float32)))
+            host.store.add(
+                FeedbackRecord(
+                    response_id=f"a{n}",
+                    prompt=f"q{n}",
+                    prompt_ids=rng.integers(10, V, 6).tolist(),
+                    response_ids=[7] * 3,
+                    response_text="",
+                    reward=1.0 if liked else -1.0,
+                    embedding=rng.standard_normal(E).astype(np.float32),
+                )
+            )
             n += 1
         assert "boundaries" not in learner.run(gate=False)
     served = {k: v.detach().clone() for k, v in learner.trainer.named_lora_params().items()}
     for i in range(60):  # taste B: the same answers now mostly disliked
         liked = rng.random() < 0.15
-        host.store.add(FeedbackRecord(
-            response_id=f"b{i}", prompt=f"q{n + i}", prompt_ids=rng.integers(10, V, 6).tolist(),
-            response_ids=[7] * 3, response_text="", reward=1.0 if liked else -1.0,
-            embedding=rng.standard_normal(E).astype(np.float32)))
+        host.store.add(
+            FeedbackRecord(
+                response_id=f"b{i}",
+                prompt=f"q{n + i}",
+                prompt_ids=rng.integers(10, V, 6).tolist(),
+                response_ids=[7] * 3,
+                response_text="",
+                reward=1.0 if liked else -1.0,
+                embedding=rng.standard_normal(E).astype(np.float32),
+            )
+        )
     rep = learner.run(gate=False)
     assert rep["boundaries"] and rep["boundaries"][0]["direction"] == "down", rep
     assert learner.ewc.task_count == 1 and learner.boundaries[-1]["ewc_task_started"]

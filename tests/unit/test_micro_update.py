@@ -36,8 +36,17 @@ RTOL, ATOL = 1e-4, 1e-6
 SENTINEL = F32(-1234.5)
 
 # Keyword order of the scalar arguments (between v and the outputs).
-SCALARS = ("t", "scale", "lr", "beta2", "decay", "grad_clip", "norm_cap", "trust_region",
-           "max_halvings")
+SCALARS = (
+    "t",
+    "scale",
+    "lr",
+    "beta2",
+    "decay",
+    "grad_clip",
+    "norm_cap",
+    "trust_region",
+    "max_halvings",
+)
 
 
 @contextmanager
@@ -50,8 +59,17 @@ def simd(level: str):
         K.set_simd_level(old)
 
 
-def make_case(seed: int, T: int, d: int, r: int, *, a_scale: float = 0.1, b_noise: float = 0.05,
-              v_scale: float = 1e-4, **hyper) -> tuple[list[np.ndarray], dict]:
+def make_case(
+    seed: int,
+    T: int,
+    d: int,
+    r: int,
+    *,
+    a_scale: float = 0.1,
+    b_noise: float = 0.05,
+    v_scale: float = 1e-4,
+    **hyper,
+) -> tuple[list[np.ndarray], dict]:
     """Inputs [H, G, adv, A, B, B0, v] and the scalar hyper-parameters (defaults overridable)."""
     rng = np.random.default_rng(seed)
     H = rng.standard_normal((T, d)).astype(F32)
@@ -61,15 +79,27 @@ def make_case(seed: int, T: int, d: int, r: int, *, a_scale: float = 0.1, b_nois
     B0 = (rng.standard_normal((d, r)) / math.sqrt(d)).astype(F32)
     B = (B0 + b_noise * rng.standard_normal((d, r))).astype(F32)
     v = (v_scale * rng.random(2 * r * d)).astype(F32)
-    hp = dict(t=3, scale=0.5, lr=3e-3, beta2=0.99, decay=0.01, grad_clip=1.0, norm_cap=0.3,
-              trust_region=0.05, max_halvings=6)
+    hp = dict(
+        t=3,
+        scale=0.5,
+        lr=3e-3,
+        beta2=0.99,
+        decay=0.01,
+        grad_clip=1.0,
+        norm_cap=0.3,
+        trust_region=0.05,
+        max_halvings=6,
+    )
     hp.update(hyper)
     return [H, G, adv, A, B, B0, v], hp
 
 
 def outputs(r: int, d: int) -> list[np.ndarray]:
-    return [np.full((r, d), SENTINEL, F32), np.full((d, r), SENTINEL, F32),
-            np.full(2 * r * d, SENTINEL, F32)]
+    return [
+        np.full((r, d), SENTINEL, F32),
+        np.full((d, r), SENTINEL, F32),
+        np.full(2 * r * d, SENTINEL, F32),
+    ]
 
 
 def call(impl, arrays, hp, outs=None):
@@ -99,7 +129,9 @@ def borderline(arrays, hp) -> bool:
 def assert_same(got, want):
     (acc_g, frac_g, div_g, gn_g, dn_g), outs_g = got
     (acc_w, frac_w, div_w, gn_w, dn_w), outs_w = want
-    assert isinstance(acc_g, bool) and all(isinstance(x, float) for x in (frac_g, div_g, gn_g, dn_g))
+    assert isinstance(acc_g, bool) and all(
+        isinstance(x, float) for x in (frac_g, div_g, gn_g, dn_g)
+    )
     assert (acc_g, frac_g) == (acc_w, frac_w)
     np.testing.assert_allclose([div_g, gn_g, dn_g], [div_w, gn_w, dn_w], rtol=RTOL, atol=ATOL)
     for og, ow in zip(outs_g, outs_w):
@@ -133,7 +165,7 @@ def naive(arrays, hp):
     frac, div = 1.0, 0.0
     for _ in range(hp["max_halvings"] + 1):
         new = (theta + frac * step).astype(F32).astype(np.float64)
-        An, Bn = new[: r * d].reshape(r, d), new[r * d:].reshape(d, r)
+        An, Bn = new[: r * d].reshape(r, d), new[r * d :].reshape(d, r)
         dn = s * np.linalg.norm(Bn @ An)
         if dn > hp["norm_cap"]:
             An = (An * (hp["norm_cap"] / dn)).astype(F32).astype(np.float64)
@@ -171,8 +203,19 @@ def test_reference_follows_the_specification(regime):
 def test_reference_gradient_is_reinforce_accumulate():
     """Zero decay and v, beta2 = 0: the Adam step is lr * sign(g) (up to eps), so its sign
     pattern is the gradient's, which must be the REINFORCE kernel's."""
-    arrays, hp = make_case(3, 3, 40, 2, decay=0.0, beta2=0.0, v_scale=0.0, t=1, lr=1e-3,
-                           trust_region=10.0, norm_cap=math.inf)
+    arrays, hp = make_case(
+        3,
+        3,
+        40,
+        2,
+        decay=0.0,
+        beta2=0.0,
+        v_scale=0.0,
+        t=1,
+        lr=1e-3,
+        trust_region=10.0,
+        norm_cap=math.inf,
+    )
     H, G, adv, A, B, _, _ = arrays
     (acc, frac, *_), (Ao, Bo, vo) = call(ref, arrays, hp)
     assert acc and frac == 1.0
@@ -247,14 +290,18 @@ def test_large_input_releases_gil_and_matches():
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_non_finite_inputs_raise_and_leave_outputs_untouched(impl, which, bad):
     T, d, r = 3, 37, 2
-    for level in (LEVELS if impl is K else [None]):
+    for level in LEVELS if impl is K else [None]:
         arrays, hp = make_case(2, T, d, r)
         idx = {"H": (1, 20), "G": (2, 36), "adv": (1,)}[which]
         arrays[{"H": 0, "G": 1, "adv": 2}[which]][idx] = bad
         where = str(idx[0]) if len(idx) == 1 else f"({idx[0]}, {idx[1]})"
         outs = outputs(r, d)
-        with simd(level) if level else nullcontext(), pytest.raises(
-            InvalidValue, match=rf"{which} contains a non-finite value at index {re_escape(where)}"
+        with (
+            simd(level) if level else nullcontext(),
+            pytest.raises(
+                InvalidValue,
+                match=rf"{which} contains a non-finite value at index {re_escape(where)}",
+            ),
         ):
             call(impl, arrays, hp, outs)
         for o in outs:
@@ -282,21 +329,25 @@ def _shape_cases():
     H, G, adv, A, B, B0, v = arrays
     z = np.zeros
     # (name, replaced argument index, value, expected, actual)
-    return arrays, hp, [
-        ("H dim", 0, z((T, d + 1), F32), d, d + 1),
-        ("G rows", 1, z((T + 1, d), F32), T, T + 1),
-        ("G dim", 1, z((T, d - 1), F32), d, d - 1),
-        ("adv len", 2, z(T + 2, F32), T, T + 2),
-        ("B rows", 4, z((d + 1, r), F32), d, d + 1),
-        ("B cols", 4, z((d, r + 1), F32), r, r + 1),
-        ("B0 rows", 5, z((d - 1, r), F32), d, d - 1),
-        ("B0 cols", 5, z((d, 1), F32), r, 1),
-        ("v len", 6, z(2 * r * d - 1, F32), 2 * r * d, 2 * r * d - 1),
-        ("A_out rows", 7, z((r + 1, d), F32), r, r + 1),
-        ("A_out cols", 7, z((r, d + 2), F32), d, d + 2),
-        ("B_out", 8, z((d, r + 1), F32), r, r + 1),
-        ("v_out", 9, z(2 * r * d + 1, F32), 2 * r * d, 2 * r * d + 1),
-    ]
+    return (
+        arrays,
+        hp,
+        [
+            ("H dim", 0, z((T, d + 1), F32), d, d + 1),
+            ("G rows", 1, z((T + 1, d), F32), T, T + 1),
+            ("G dim", 1, z((T, d - 1), F32), d, d - 1),
+            ("adv len", 2, z(T + 2, F32), T, T + 2),
+            ("B rows", 4, z((d + 1, r), F32), d, d + 1),
+            ("B cols", 4, z((d, r + 1), F32), r, r + 1),
+            ("B0 rows", 5, z((d - 1, r), F32), d, d - 1),
+            ("B0 cols", 5, z((d, 1), F32), r, 1),
+            ("v len", 6, z(2 * r * d - 1, F32), 2 * r * d, 2 * r * d - 1),
+            ("A_out rows", 7, z((r + 1, d), F32), r, r + 1),
+            ("A_out cols", 7, z((r, d + 2), F32), d, d + 2),
+            ("B_out", 8, z((d, r + 1), F32), r, r + 1),
+            ("v_out", 9, z(2 * r * d + 1, F32), 2 * r * d, 2 * r * d + 1),
+        ],
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -325,7 +376,11 @@ def _invalid_cases():
         ("H must be 2-D", {0: H[0]}, {}),
         ("v must be 1-D", {6: v.reshape(2, -1)}, {}),
         ("A must be a C-contiguous float32 array, got float64", {3: A.astype(np.float64)}, {}),
-        ("G must be a C-contiguous float32 array, got a non-contiguous", {1: np.asfortranarray(G)}, {}),
+        (
+            "G must be a C-contiguous float32 array, got a non-contiguous",
+            {1: np.asfortranarray(G)},
+            {},
+        ),
         ("t must be >= 1, got 0", {}, {"t": 0}),
         ("max_halvings must be >= 0, got -1", {}, {"max_halvings": -1}),
         ("beta2 must be in", {}, {"beta2": 1.0}),
@@ -334,8 +389,11 @@ def _invalid_cases():
         ("scale must be finite", {}, {"scale": math.inf}),
         ("A_out is read-only", {7: ro}, {}),
         ("must not share memory with the inputs", {7: A}, {}),
-        ("must not share memory with each other", {8: out[2][: 2 * d].reshape(d, r),
-                                                   9: out[2]}, {}),
+        (
+            "must not share memory with each other",
+            {8: out[2][: 2 * d].reshape(d, r), 9: out[2]},
+            {},
+        ),
     ]
     return arrays, hp, out, cases
 
@@ -366,8 +424,14 @@ def test_error_messages_identical_between_backends():
                 args[i] = val
             with pytest.raises((InvalidValue, DimensionMismatch)) as ei:
                 call(impl, args[:7], {**hp, **hrepl}, args[7:])
-            msgs.append((type(ei.value), str(ei.value), getattr(ei.value, "expected", None),
-                         getattr(ei.value, "actual", None)))
+            msgs.append(
+                (
+                    type(ei.value),
+                    str(ei.value),
+                    getattr(ei.value, "expected", None),
+                    getattr(ei.value, "actual", None),
+                )
+            )
         assert msgs[0] == msgs[1]
 
 
@@ -379,6 +443,7 @@ def test_torch_tensors_written_in_place(impl):
     arrays, hp = make_case(9, 3, 64, 2, lr=0.02, t=1, trust_region=0.01)
     want = call(ref, arrays, hp)
     outs = [torch.from_numpy(o) for o in outputs(2, 64)]
-    res = impl.micro_update(*(torch.from_numpy(a) for a in arrays), *(hp[k] for k in SCALARS),
-                            *outs)
+    res = impl.micro_update(
+        *(torch.from_numpy(a) for a in arrays), *(hp[k] for k in SCALARS), *outs
+    )
     assert_same((res, [o.numpy() for o in outs]), want)

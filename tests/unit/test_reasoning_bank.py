@@ -77,13 +77,14 @@ def test_find_patterns_returns_the_query_clusters_pattern_first():
         q = mu[j] + 0.5 * rng.standard_normal(D).astype(np.float32)
         best = b.find_patterns(q, 3)
         assert len(best) == 3
-        assert best[0] is b.patterns[int(nearest(mu[j:j + 1], C)[0])]
+        assert best[0] is b.patterns[int(nearest(mu[j : j + 1], C)[0])]
         scored = b.find_patterns_with_scores(q, 3)
         sims = [s for _, s in scored]
         assert sims == sorted(sims, reverse=True)
         assert sims[0] == pytest.approx(
             float(q @ best[0].centroid / np.linalg.norm(q) / np.linalg.norm(best[0].centroid)),
-            abs=1e-5)
+            abs=1e-5,
+        )
 
 
 def test_find_patterns_counts_accesses():
@@ -108,7 +109,9 @@ def test_single_trajectory_gives_one_pattern():
     (p,) = b.extract_patterns()
     np.testing.assert_array_equal(p.centroid, e)
     assert p.cluster_size == 1 and p.avg_quality == pytest.approx(0.8)
-    assert p.total_weight == pytest.approx(0.8) and p.route_stats == {"r1": [1.0, pytest.approx(0.8)]}
+    assert p.total_weight == pytest.approx(0.8) and p.route_stats == {
+        "r1": [1.0, pytest.approx(0.8)]
+    }
     assert b.get_pattern(p.id) is p and b.get_pattern(p.id + 1) is None
 
 
@@ -178,8 +181,11 @@ def test_route_stats_and_route_quality():
     u[0], v[1] = 1.0, 1.0
     b = ReasoningBank(SonaConfig(embedding_dim=16, pattern_clusters=2))
     for i in range(40):
-        b.add_trajectory(u + 0.01 * rng.standard_normal(16), 0.9 if i % 2 else 0.1,
-                         route="fast" if i % 2 else "slow")
+        b.add_trajectory(
+            u + 0.01 * rng.standard_normal(16),
+            0.9 if i % 2 else 0.1,
+            route="fast" if i % 2 else "slow",
+        )
         b.add_trajectory(v + 0.01 * rng.standard_normal(16), 0.3, route="fast")
     b.extract_patterns()
     near_u = b.route_quality(u, k=1)
@@ -192,8 +198,14 @@ def test_route_stats_and_route_quality():
 
 # ------------------------------------------------------------------------ bank upkeep
 def _pattern(c, q=0.5, w=1.0, n=1) -> LearnedPattern:
-    return LearnedPattern(id=0, centroid=np.asarray(c, np.float32), cluster_size=n,
-                          total_weight=w, avg_quality=q, quality_sq_sum=w * q * q)
+    return LearnedPattern(
+        id=0,
+        centroid=np.asarray(c, np.float32),
+        cluster_size=n,
+        total_weight=w,
+        avg_quality=q,
+        quality_sq_sum=w * q * q,
+    )
 
 
 def test_near_duplicates_merge_on_add():
@@ -284,7 +296,9 @@ def test_strong_patterns_and_clear():
     b.add_trajectory([1, 1, 1, 1], 0.5)
     last_id = max(p.id for p in b.patterns)
     b.clear()
-    assert b.pattern_count == 0 and b.trajectory_count == 0 and b.find_patterns([1, 0, 0, 0], 3) == []
+    assert (
+        b.pattern_count == 0 and b.trajectory_count == 0 and b.find_patterns([1, 0, 0, 0], 3) == []
+    )
     assert b.add_pattern(_pattern([1, 0, 0, 0])).id > last_id
 
 
@@ -299,14 +313,17 @@ def test_pending_pool_is_bounded_and_drops_the_oldest():
 
 
 # ---------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("emb,exc,words", [
-    (np.zeros(7, np.float32), DimensionMismatch, ["embedding", "8"]),
-    (np.zeros((2, 8), np.float32), DimensionMismatch, ["embedding", "1-D"]),
-    (np.zeros(0, np.float32), InvalidValue, ["embedding", "empty"]),
-    (np.r_[np.zeros(7), np.nan].astype(np.float32), InvalidValue, ["embedding", "non-finite"]),
-    (np.r_[np.zeros(7), np.inf], InvalidValue, ["embedding", "non-finite"]),
-    ("abc", InvalidValue, ["embedding"]),
-])
+@pytest.mark.parametrize(
+    "emb,exc,words",
+    [
+        (np.zeros(7, np.float32), DimensionMismatch, ["embedding", "8"]),
+        (np.zeros((2, 8), np.float32), DimensionMismatch, ["embedding", "1-D"]),
+        (np.zeros(0, np.float32), InvalidValue, ["embedding", "empty"]),
+        (np.r_[np.zeros(7), np.nan].astype(np.float32), InvalidValue, ["embedding", "non-finite"]),
+        (np.r_[np.zeros(7), np.inf], InvalidValue, ["embedding", "non-finite"]),
+        ("abc", InvalidValue, ["embedding"]),
+    ],
+)
 def test_bad_embedding_raises_and_changes_nothing(emb, exc, words):
     b = ReasoningBank(SonaConfig(embedding_dim=8))
     b.add_trajectory(np.ones(8), 0.5)
@@ -322,14 +339,17 @@ def test_bad_embedding_raises_and_changes_nothing(emb, exc, words):
         assert (ei.value.expected, ei.value.actual) == (8, 7)
 
 
-@pytest.mark.parametrize("kwargs,words", [
-    ({"quality": float("nan")}, ["quality"]),
-    ({"quality": 1.5}, ["quality", "1.5"]),
-    ({"quality": -0.1}, ["quality"]),
-    ({"quality": 0.5, "weight": 0.0}, ["weight", "> 0"]),
-    ({"quality": 0.5, "weight": float("inf")}, ["weight"]),
-    ({"quality": 0.5, "route": 3}, ["route"]),
-])
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"quality": float("nan")}, ["quality"]),
+        ({"quality": 1.5}, ["quality", "1.5"]),
+        ({"quality": -0.1}, ["quality"]),
+        ({"quality": 0.5, "weight": 0.0}, ["weight", "> 0"]),
+        ({"quality": 0.5, "weight": float("inf")}, ["weight"]),
+        ({"quality": 0.5, "route": 3}, ["route"]),
+    ],
+)
 def test_bad_quality_weight_route_raise_and_change_nothing(kwargs, words):
     b = ReasoningBank(SonaConfig(embedding_dim=4))
     b.add_trajectory(np.ones(4), 0.5)
@@ -341,14 +361,17 @@ def test_bad_quality_weight_route_raise_and_change_nothing(kwargs, words):
     assert_same_state(before, snapshot(b))
 
 
-@pytest.mark.parametrize("query,k,exc,words", [
-    (np.ones(4), 0, InvalidValue, ["k", "> 0", "got 0"]),
-    (np.ones(4), -2, InvalidValue, ["k", "got -2"]),
-    (np.ones(4), 1.5, InvalidValue, ["k"]),
-    (np.ones(5), 1, DimensionMismatch, ["query", "5", "expected 4"]),
-    ([1.0, np.nan, 0, 0], 1, InvalidValue, ["query", "non-finite"]),
-    ([], 1, InvalidValue, ["query", "empty"]),
-])
+@pytest.mark.parametrize(
+    "query,k,exc,words",
+    [
+        (np.ones(4), 0, InvalidValue, ["k", "> 0", "got 0"]),
+        (np.ones(4), -2, InvalidValue, ["k", "got -2"]),
+        (np.ones(4), 1.5, InvalidValue, ["k"]),
+        (np.ones(5), 1, DimensionMismatch, ["query", "5", "expected 4"]),
+        ([1.0, np.nan, 0, 0], 1, InvalidValue, ["query", "non-finite"]),
+        ([], 1, InvalidValue, ["query", "empty"]),
+    ],
+)
 def test_bad_lookup_raises_and_changes_nothing(query, k, exc, words):
     b = ReasoningBank(SonaConfig(embedding_dim=4))
     b.add_pattern(_pattern([1, 0, 0, 0]))
@@ -386,8 +409,10 @@ def test_state_round_trip_through_safetensors_and_json(tmp_path):
 
     assert b.dropped == (400 - 30) + (50 - 30)
     c = ReasoningBank(SonaConfig(**cfg))
-    c.load_state_dict(load_file(str(tmp_path / "bank.safetensors")),
-                      json.loads((tmp_path / "bank.json").read_text()))
+    c.load_state_dict(
+        load_file(str(tmp_path / "bank.safetensors")),
+        json.loads((tmp_path / "bank.json").read_text()),
+    )
     assert c.stats() == b.stats()
     assert_same_state(snapshot(b), snapshot(c))
     rng = np.random.default_rng(0)

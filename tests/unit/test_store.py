@@ -31,7 +31,7 @@ from sona_plugin.store import sqlite as sqlite_store
 REPO = Path(__file__).resolve().parents[2]
 
 # One source of truth for the records the crash subprocess writes and the test expects.
-_MAKE_SRC = '''
+_MAKE_SRC = """
 import numpy as np
 from sona_plugin.store import FeedbackRecord
 
@@ -43,25 +43,38 @@ def make(i):
         reward=float(rng.uniform(-1, 1)), embedding=rng.standard_normal(16).astype(np.float32),
         adapter_version=None if i % 3 == 0 else i, created_at=1.7e9 + i * 0.125,
         task=None if i % 2 else f"task-{i % 5}")
-'''
+"""
 _ns: dict = {}
 exec(_MAKE_SRC, _ns)
 make = _ns["make"]
 
-_WRITER_SRC = _MAKE_SRC + '''
+_WRITER_SRC = (
+    _MAKE_SRC
+    + """
 import sys
 from sona_plugin.store import SqliteStore
 store = SqliteStore(sys.argv[1])
 for i in range(int(sys.argv[2])):
     store.add(make(i))
     print(f"ACK {i}", flush=True)
-'''
+"""
+)
 
 
 def assert_same(got: FeedbackRecord, want: FeedbackRecord) -> None:
-    for name in ("response_id", "prompt", "prompt_ids", "response_ids", "response_text",
-                 "reward", "adapter_version", "created_at", "task", "quarantined_at",
-                 "quarantine_reason"):
+    for name in (
+        "response_id",
+        "prompt",
+        "prompt_ids",
+        "response_ids",
+        "response_text",
+        "reward",
+        "adapter_version",
+        "created_at",
+        "task",
+        "quarantined_at",
+        "quarantine_reason",
+    ):
         assert getattr(got, name) == getattr(want, name), name
     assert got.embedding.dtype == np.float32
     assert got.embedding.tobytes() == np.asarray(want.embedding, np.float32).tobytes()
@@ -114,8 +127,12 @@ def test_durability_settings(store):
 def test_acknowledged_records_survive_kill_9(tmp_path, kill_after):
     path = tmp_path / "sona.db"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER_SRC, str(path), "100000"],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER_SRC, str(path), "100000"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     acked = -1
     try:
         for line in proc.stdout:
@@ -137,24 +154,27 @@ def test_acknowledged_records_survive_kill_9(tmp_path, kill_after):
             assert_same(r, make(i))
 
 
-@pytest.mark.parametrize(("field", "value", "match"), [
-    ("reward", float("nan"), "reward"),
-    ("reward", 1.5, "reward"),
-    ("reward", -2, "reward"),
-    ("reward", math.inf, "reward"),
-    ("reward", "0.5", "reward"),
-    ("response_id", "", "response_id"),
-    ("response_id", 7, "response_id"),
-    ("embedding", np.array([1.0, np.nan], np.float32), "embedding"),
-    ("embedding", np.array([1.0, np.inf], np.float32), "embedding"),
-    ("embedding", np.ones((2, 3), np.float32), "embedding"),
-    ("embedding", np.ones(0, np.float32), "embedding"),
-    ("prompt_ids", [1, 2.5], "prompt_ids"),
-    ("response_ids", None, "response_ids"),
-    ("adapter_version", "v1", "adapter_version"),
-    ("quarantined_at", math.nan, "quarantined_at"),
-    ("quarantine_reason", "why", "quarantine_reason"),  # a reason on a live record
-])
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("reward", float("nan"), "reward"),
+        ("reward", 1.5, "reward"),
+        ("reward", -2, "reward"),
+        ("reward", math.inf, "reward"),
+        ("reward", "0.5", "reward"),
+        ("response_id", "", "response_id"),
+        ("response_id", 7, "response_id"),
+        ("embedding", np.array([1.0, np.nan], np.float32), "embedding"),
+        ("embedding", np.array([1.0, np.inf], np.float32), "embedding"),
+        ("embedding", np.ones((2, 3), np.float32), "embedding"),
+        ("embedding", np.ones(0, np.float32), "embedding"),
+        ("prompt_ids", [1, 2.5], "prompt_ids"),
+        ("response_ids", None, "response_ids"),
+        ("adapter_version", "v1", "adapter_version"),
+        ("quarantined_at", math.nan, "quarantined_at"),
+        ("quarantine_reason", "why", "quarantine_reason"),  # a reason on a live record
+    ],
+)
 def test_bad_values_are_refused_and_nothing_is_stored(store, field, value, match):
     store.add(make(0))
     r = make(1)
@@ -312,9 +332,20 @@ def write_v1_file(path: Path, r: FeedbackRecord, extra_sql: str = "") -> int:
         "INSERT INTO feedback (response_id, prompt, prompt_ids, response_ids, response_text, "
         "reward, embedding, embedding_dim, adapter_version, created_at, task) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (r.response_id, r.prompt, json.dumps(r.prompt_ids), json.dumps(r.response_ids),
-         r.response_text, r.reward, emb.astype("<f4").tobytes(), emb.size, r.adapter_version,
-         r.created_at, r.task))
+        (
+            r.response_id,
+            r.prompt,
+            json.dumps(r.prompt_ids),
+            json.dumps(r.response_ids),
+            r.response_text,
+            r.reward,
+            emb.astype("<f4").tobytes(),
+            emb.size,
+            r.adapter_version,
+            r.created_at,
+            r.task,
+        ),
+    )
     conn.execute("PRAGMA user_version=1")
     conn.commit()
     conn.close()
@@ -323,8 +354,7 @@ def write_v1_file(path: Path, r: FeedbackRecord, extra_sql: str = "") -> int:
 
 def schema_of(path: Path) -> list[tuple]:
     conn = sqlite3.connect(path)
-    rows = sorted(conn.execute("SELECT type, name, sql FROM sqlite_master").fetchall(),
-                  key=str)
+    rows = sorted(conn.execute("SELECT type, name, sql FROM sqlite_master").fetchall(), key=str)
     conn.close()
     return rows
 
@@ -371,16 +401,20 @@ def test_quarantined_record_is_never_trained_on_and_still_blocks_new_feedback(tm
         q = s.quarantine("resp-1", "prompt injection")
         assert q.id == ids[1] and q.quarantine_reason == "prompt injection"
         assert q.quarantined_at is not None and math.isfinite(q.quarantined_at)
-        assert_same(q, replace(make(1), quarantined_at=q.quarantined_at,
-                               quarantine_reason="prompt injection"))
+        assert_same(
+            q,
+            replace(make(1), quarantined_at=q.quarantined_at, quarantine_reason="prompt injection"),
+        )
         assert [r.response_id for r in s.records()] == ["resp-0", "resp-2", "resp-3"]
         assert s.count() == 3 and s.count(since_id=ids[0]) == 2
         assert s.has("resp-1")
         with pytest.raises(DuplicateFeedback, match="resp-1"):
             s.add(make(1))
         again = s.quarantine("resp-1", "other reason")  # a retried request changes nothing
-        assert (again.quarantined_at, again.quarantine_reason) == (q.quarantined_at,
-                                                                   "prompt injection")
+        assert (again.quarantined_at, again.quarantine_reason) == (
+            q.quarantined_at,
+            "prompt injection",
+        )
     with SqliteStore(path) as s:  # committed, not just cached
         assert s.count() == 3
         assert "resp-1" not in {r.response_id for r in s.records()}
@@ -388,8 +422,7 @@ def test_quarantined_record_is_never_trained_on_and_still_blocks_new_feedback(tm
 
 
 def test_count_reads_the_small_live_index(store):
-    plan = store._conn.execute("EXPLAIN QUERY PLAN " + sqlite_store._COUNT_SQL,
-                               (0,)).fetchall()
+    plan = store._conn.execute("EXPLAIN QUERY PLAN " + sqlite_store._COUNT_SQL, (0,)).fetchall()
     assert "COVERING INDEX feedback_live" in str(plan), plan
 
 
@@ -429,19 +462,35 @@ def test_list_records_fields_and_truncation(store):
     rows = store.list_records()
     assert [d["response_id"] for d in rows] == ["resp-0", "resp-1", "resp-2"]
     first = rows[0]
-    assert set(first) == {"id", "response_id", "reward", "adapter_version", "task",
-                          "created_at", "quarantined", "quarantined_at", "quarantine_reason",
-                          "prompt", "response_text"}
+    assert set(first) == {
+        "id",
+        "response_id",
+        "reward",
+        "adapter_version",
+        "task",
+        "created_at",
+        "quarantined",
+        "quarantined_at",
+        "quarantine_reason",
+        "prompt",
+        "response_text",
+    }
     assert first["prompt"] == long.prompt[:200] and len(first["prompt"]) == 200
     assert first["response_text"] == "x" * 199 + "y"
     assert (first["reward"], first["adapter_version"], first["task"], first["created_at"]) == (
-        long.reward, long.adapter_version, long.task, long.created_at)
+        long.reward,
+        long.adapter_version,
+        long.task,
+        long.created_at,
+    )
     assert first["quarantined"] is False and first["quarantine_reason"] is None
     assert rows[1]["quarantined"] is True and rows[1]["quarantine_reason"] == "spam"
     assert rows[1]["quarantined_at"] is not None
     assert rows[2]["prompt"] == make(2).prompt  # short texts are whole
     assert [d["response_id"] for d in store.list_records(include_quarantined=False)] == [
-        "resp-0", "resp-2"]
+        "resp-0",
+        "resp-2",
+    ]
     page = store.list_records(since_id=first["id"], limit=1)
     assert [d["response_id"] for d in page] == ["resp-1"]
 
@@ -478,11 +527,14 @@ def test_prune_deletes_by_age_in_short_transactions(store):
     assert store.prune(1e12) == 3 and store.count() == 0
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"older_than": math.nan}, "older_than"),
-    ({"older_than": "yesterday"}, "older_than"),
-    ({"older_than": 1e12, "batch_size": 0}, "batch_size"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"older_than": math.nan}, "older_than"),
+        ({"older_than": "yesterday"}, "older_than"),
+        ({"older_than": 1e12, "batch_size": 0}, "batch_size"),
+    ],
+)
 def test_prune_refuses_bad_arguments_and_deletes_nothing(store, kwargs, match):
     store.add(make(0))
     with pytest.raises(InvalidValue, match=match):

@@ -55,18 +55,33 @@ NO_PSYCOPG = "psycopg / psycopg-pool not installed: pip install 'sona_plugin[pos
 def make(i: int) -> FeedbackRecord:
     rng = np.random.default_rng(i)
     return FeedbackRecord(
-        response_id=f"resp-{i}", prompt=f"prompt {i} \u00e9\u4e2d\U0001f600",
-        prompt_ids=[1, i, 2 ** 40], response_ids=list(range(i % 7)),
-        response_text=f"answer {i} \u00df", reward=float(rng.uniform(-1, 1)),
+        response_id=f"resp-{i}",
+        prompt=f"prompt {i} \u00e9\u4e2d\U0001f600",
+        prompt_ids=[1, i, 2**40],
+        response_ids=list(range(i % 7)),
+        response_text=f"answer {i} \u00df",
+        reward=float(rng.uniform(-1, 1)),
         embedding=rng.standard_normal(16).astype(np.float32),
-        adapter_version=None if i % 3 == 0 else i, created_at=1.7e9 + i * 0.125,
-        task=None if i % 2 else f"task-{i % 5}")
+        adapter_version=None if i % 3 == 0 else i,
+        created_at=1.7e9 + i * 0.125,
+        task=None if i % 2 else f"task-{i % 5}",
+    )
 
 
 def assert_same(got: FeedbackRecord, want: FeedbackRecord) -> None:
-    for name in ("response_id", "prompt", "prompt_ids", "response_ids", "response_text",
-                 "reward", "adapter_version", "created_at", "task", "quarantined_at",
-                 "quarantine_reason"):
+    for name in (
+        "response_id",
+        "prompt",
+        "prompt_ids",
+        "response_ids",
+        "response_text",
+        "reward",
+        "adapter_version",
+        "created_at",
+        "task",
+        "quarantined_at",
+        "quarantine_reason",
+    ):
         assert getattr(got, name) == getattr(want, name), name
     assert got.embedding.dtype == np.float32
     assert got.embedding.tobytes() == np.asarray(want.embedding, np.float32).tobytes()
@@ -117,7 +132,7 @@ def raw(url: str):
 
 def set_schema_version(url: str, version: int) -> None:
     if url.startswith("sqlite://"):
-        with sqlite3.connect(url[len("sqlite://"):]) as conn:
+        with sqlite3.connect(url[len("sqlite://") :]) as conn:
             conn.execute(f"PRAGMA user_version={version}")
         return
     with raw(url) as conn:
@@ -126,18 +141,23 @@ def set_schema_version(url: str, version: int) -> None:
 
 def stored_version_and_rows(url: str) -> tuple[int, int]:
     if url.startswith("sqlite://"):
-        conn = sqlite3.connect(url[len("sqlite://"):])
+        conn = sqlite3.connect(url[len("sqlite://") :])
         try:
-            return (conn.execute("PRAGMA user_version").fetchone()[0],
-                    conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0])
+            return (
+                conn.execute("PRAGMA user_version").fetchone()[0],
+                conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0],
+            )
         finally:
             conn.close()
     with raw(url) as conn:
-        return (conn.execute("SELECT version FROM sona_schema").fetchone()[0],
-                conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0])
+        return (
+            conn.execute("SELECT version FROM sona_schema").fetchone()[0],
+            conn.execute("SELECT COUNT(*) FROM feedback").fetchone()[0],
+        )
 
 
 # ---- the SQLite store's behaviours, on both backends
+
 
 def test_every_field_round_trips_and_survives_reopen(url):
     recs = [make(i) for i in range(6)]
@@ -183,8 +203,9 @@ def test_duplicate_response_id_is_refused_and_original_kept(store):
     store.add(first)
     dup = make(5)
     dup.response_id = first.response_id
-    with pytest.raises(DuplicateFeedback,
-                       match="^feedback for response 'resp-4' already stored$") as ei:
+    with pytest.raises(
+        DuplicateFeedback, match="^feedback for response 'resp-4' already stored$"
+    ) as ei:
         store.add(dup)
     assert isinstance(ei.value, InvalidValue)
     assert store.count() == 1
@@ -270,8 +291,10 @@ def test_quarantined_record_is_never_trained_on_and_still_blocks_new_feedback(ur
         with pytest.raises(DuplicateFeedback, match="resp-1"):
             s.add(make(1))
         again = s.quarantine("resp-1", "other reason")  # a retried request changes nothing
-        assert (again.quarantined_at, again.quarantine_reason) == (q.quarantined_at,
-                                                                   "prompt injection")
+        assert (again.quarantined_at, again.quarantine_reason) == (
+            q.quarantined_at,
+            "prompt injection",
+        )
     with open_store(url) as s:  # committed, not just cached
         assert s.count() == 3
         assert "resp-1" not in {r.response_id for r in s.records()}
@@ -313,25 +336,42 @@ def test_list_records_fields_truncation_and_limits(store):
     rows = store.list_records()
     assert [d["response_id"] for d in rows] == ["resp-0", "resp-1", "resp-2"]
     first = rows[0]
-    assert set(first) == {"id", "response_id", "reward", "adapter_version", "task",
-                          "created_at", "quarantined", "quarantined_at", "quarantine_reason",
-                          "prompt", "response_text"}
+    assert set(first) == {
+        "id",
+        "response_id",
+        "reward",
+        "adapter_version",
+        "task",
+        "created_at",
+        "quarantined",
+        "quarantined_at",
+        "quarantine_reason",
+        "prompt",
+        "response_text",
+    }
     assert first["prompt"] == long.prompt[:200] and len(first["prompt"]) == 200
     assert first["response_text"] == "x" * 199 + "y"
     assert (first["reward"], first["adapter_version"], first["task"], first["created_at"]) == (
-        long.reward, long.adapter_version, long.task, long.created_at)
+        long.reward,
+        long.adapter_version,
+        long.task,
+        long.created_at,
+    )
     assert first["quarantined"] is False and first["quarantine_reason"] is None
     assert rows[1]["quarantined"] is True and rows[1]["quarantine_reason"] == "spam"
     assert rows[1]["quarantined_at"] is not None
     assert rows[2]["prompt"] == make(2).prompt  # short texts are whole
     assert [d["response_id"] for d in store.list_records(include_quarantined=False)] == [
-        "resp-0", "resp-2"]
+        "resp-0",
+        "resp-2",
+    ]
     page = store.list_records(since_id=first["id"], limit=1)
     assert [d["response_id"] for d in page] == ["resp-1"]
     assert len(store.list_records(limit=1000)) == 3
     for limit in (0, -1, 1001, 2.5, True, None, "10"):
-        with pytest.raises(InvalidValue,
-                           match=re.escape(f"limit must be an int in 1..1000, got {limit!r}")):
+        with pytest.raises(
+            InvalidValue, match=re.escape(f"limit must be an int in 1..1000, got {limit!r}")
+        ):
             store.list_records(limit=limit)
 
 
@@ -345,9 +385,11 @@ def test_prune_deletes_by_age_quarantined_or_not(store):
     assert [r.created_at for r in store.records()] == [1005.0, 1006.0, 1007.0]
     assert not store.has("resp-0") and not store.has("resp-4") and store.has("resp-5")
     assert store.prune(1005.0) == 0
-    for kwargs, match in (({"older_than": math.nan}, "older_than"),
-                          ({"older_than": "yesterday"}, "older_than"),
-                          ({"older_than": 1e12, "batch_size": 0}, "batch_size")):
+    for kwargs, match in (
+        ({"older_than": math.nan}, "older_than"),
+        ({"older_than": "yesterday"}, "older_than"),
+        ({"older_than": 1e12, "batch_size": 0}, "batch_size"),
+    ):
         with pytest.raises(InvalidValue, match=match):
             store.prune(**kwargs)
     assert store.count() == 3
@@ -368,13 +410,16 @@ def test_newer_schema_is_refused_and_left_alone(url):
     with open_store(url) as s:
         s.add(make(0))
     set_schema_version(url, SCHEMA_VERSION + 1)
-    with pytest.raises(StateError, match=f"schema version {SCHEMA_VERSION + 1}; this "
-                                         f"sona_plugin reads up to {SCHEMA_VERSION}"):
+    with pytest.raises(
+        StateError,
+        match=f"schema version {SCHEMA_VERSION + 1}; this sona_plugin reads up to {SCHEMA_VERSION}",
+    ):
         open_store(url)
     assert stored_version_and_rows(url) == (SCHEMA_VERSION + 1, 1)
 
 
 # ---- PostgreSQL only
+
 
 def test_schema_table_and_encodings_match_the_sqlite_store(pg_url, tmp_path):
     r = make(5)
@@ -383,27 +428,38 @@ def test_schema_table_and_encodings_match_the_sqlite_store(pg_url, tmp_path):
         s.add(r)
     with SqliteStore(tmp_path / "twin.db") as s:
         s.add(r)
-    cols = ("prompt_ids, response_ids, embedding, embedding_dim, reward, created_at, "
-            "adapter_version, task")
+    cols = (
+        "prompt_ids, response_ids, embedding, embedding_dim, reward, created_at, "
+        "adapter_version, task"
+    )
     with raw(pg_url) as conn:
         assert conn.execute("SELECT one_row, version FROM sona_schema").fetchall() == [
-            (True, SCHEMA_VERSION)]
-        types = dict(conn.execute(
-            "SELECT column_name, data_type FROM information_schema.columns "
-            "WHERE table_name = 'feedback'").fetchall())
+            (True, SCHEMA_VERSION)
+        ]
+        types = dict(
+            conn.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_name = 'feedback'"
+            ).fetchall()
+        )
         default = conn.execute(
             "SELECT column_default FROM information_schema.columns "
-            "WHERE table_name = 'feedback' AND column_name = 'id'").fetchone()[0]
+            "WHERE table_name = 'feedback' AND column_name = 'id'"
+        ).fetchone()[0]
         pg_row = conn.execute(f"SELECT {cols} FROM feedback").fetchone()
-    assert (types["id"], types["embedding"], types["created_at"], types["reward"],
-            types["quarantined_at"]) == ("bigint", "bytea", "double precision",
-                                         "double precision", "double precision")
+    assert (
+        types["id"],
+        types["embedding"],
+        types["created_at"],
+        types["reward"],
+        types["quarantined_at"],
+    ) == ("bigint", "bytea", "double precision", "double precision", "double precision")
     assert default.startswith("nextval(")
     with sqlite3.connect(tmp_path / "twin.db") as conn:
         lite_row = conn.execute(f"SELECT {cols} FROM feedback").fetchone()
     # token ids as the same JSON text, the embedding as the same little-endian float32 bytes
     assert pg_row == lite_row
-    assert json.loads(pg_row[0]) == [1, 5, 2 ** 40]
+    assert json.loads(pg_row[0]) == [1, 5, 2**40]
     assert pg_row[2] == r.embedding.astype("<f4").tobytes()
 
 
@@ -441,11 +497,15 @@ def test_records_become_visible_in_id_order(pg_url):
     """An add that drew its id but has not committed holds back later adds: a trainer that
     read up to id N never later finds a record below N."""
     with raw(pg_url) as conn, PostgresStore(pg_url) as s:
-        conn.execute("CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                     "BEGIN IF NEW.response_id = 'resp-0' THEN PERFORM pg_sleep(2); END IF; "
-                     "RETURN NEW; END $$")
-        conn.execute("CREATE TRIGGER slow BEFORE INSERT ON feedback FOR EACH ROW "
-                     "EXECUTE FUNCTION slow_insert()")
+        conn.execute(
+            "CREATE FUNCTION slow_insert() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            "BEGIN IF NEW.response_id = 'resp-0' THEN PERFORM pg_sleep(2); END IF; "
+            "RETURN NEW; END $$"
+        )
+        conn.execute(
+            "CREATE TRIGGER slow BEFORE INSERT ON feedback FOR EACH ROW "
+            "EXECUTE FUNCTION slow_insert()"
+        )
         errors: list[BaseException] = []
 
         def slow_add() -> None:
@@ -476,8 +536,9 @@ def test_count_is_served_from_the_live_index(pg_url):
         assert s.count() == 2
     with raw(pg_url) as conn:
         conn.execute("SET enable_seqscan = off")  # a 3-row table is scanned otherwise
-        plan = "\n".join(row[0] for row in conn.execute(
-            "EXPLAIN " + pg_store._COUNT_SQL, (0,)).fetchall())
+        plan = "\n".join(
+            row[0] for row in conn.execute("EXPLAIN " + pg_store._COUNT_SQL, (0,)).fetchall()
+        )
     assert "feedback_live" in plan, plan
 
 
@@ -489,15 +550,20 @@ def test_prune_deletes_in_short_transactions(pg_url):
             s.add(r)
         with raw(pg_url) as conn:
             conn.execute("CREATE TABLE deleted_in (xid BIGINT)")
-            conn.execute("CREATE FUNCTION log_delete() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                         "BEGIN INSERT INTO deleted_in VALUES (txid_current()); RETURN OLD; "
-                         "END $$")
-            conn.execute("CREATE TRIGGER log AFTER DELETE ON feedback FOR EACH ROW "
-                         "EXECUTE FUNCTION log_delete()")
+            conn.execute(
+                "CREATE FUNCTION log_delete() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN INSERT INTO deleted_in VALUES (txid_current()); RETURN OLD; "
+                "END $$"
+            )
+            conn.execute(
+                "CREATE TRIGGER log AFTER DELETE ON feedback FOR EACH ROW "
+                "EXECUTE FUNCTION log_delete()"
+            )
             assert s.prune(1005.0, batch_size=2) == 5
             # 5 rows, 2 per transaction: 3 committed transactions, not one long one
-            assert conn.execute("SELECT COUNT(*), COUNT(DISTINCT xid) FROM deleted_in"
-                                ).fetchone() == (5, 3)
+            assert conn.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT xid) FROM deleted_in"
+            ).fetchone() == (5, 3)
 
 
 def test_commits_are_durable_even_where_the_database_defaults_to_async(pg_url):
@@ -510,7 +576,9 @@ def test_commits_are_durable_even_where_the_database_defaults_to_async(pg_url):
         s.add(make(0))
         with s._connection() as a, s._connection() as b:  # every pooled connection
             assert [c.execute("SHOW synchronous_commit").fetchone()[0] for c in (a, b)] == [
-                "on", "on"]
+                "on",
+                "on",
+            ]
 
 
 def test_text_with_nul_is_refused_naming_the_field(pg_url):
@@ -533,7 +601,8 @@ def test_connections_dropped_by_the_server_are_replaced(pg_url):
             killed = conn.execute(
                 "SELECT COUNT(*) FILTER (WHERE pg_terminate_backend(pid)) FROM "
                 "pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid()").fetchone()[0]
+                "AND pid <> pg_backend_pid()"
+            ).fetchone()[0]
         assert killed >= 2
         assert s.count() == 1
         s.add(make(1))
@@ -562,18 +631,25 @@ def test_unreachable_server_is_a_state_error_that_hides_the_password():
     if psycopg is None:
         pytest.skip(NO_PSYCOPG)
     url = f"postgresql://sona:s3cret@127.0.0.1:{_postgres.free_port()}/sona?password=s3cret"
-    with pytest.raises(StateError, match="cannot open trajectory store "
-                                         "postgresql://sona:\\*\\*\\*@127.0.0.1") as ei:
+    with pytest.raises(
+        StateError, match="cannot open trajectory store postgresql://sona:\\*\\*\\*@127.0.0.1"
+    ) as ei:
         PostgresStore(url)
     assert "s3cret" not in str(ei.value)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"min_size": -1}, "min_size must be an int >= 0, got -1"),
-    ({"min_size": 4, "max_size": 2}, "max_size must be an int >= max\\(1, min_size=4\\), got 2"),
-    ({"max_size": 0}, "max_size"),
-    ({"timeout_s": 0}, "timeout_s"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_size": -1}, "min_size must be an int >= 0, got -1"),
+        (
+            {"min_size": 4, "max_size": 2},
+            "max_size must be an int >= max\\(1, min_size=4\\), got 2",
+        ),
+        ({"max_size": 0}, "max_size"),
+        ({"timeout_s": 0}, "timeout_s"),
+    ],
+)
 def test_pool_arguments_are_checked_before_connecting(kwargs, match):
     if psycopg is None:
         pytest.skip(NO_PSYCOPG)

@@ -40,17 +40,32 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                      bos_token_id=1, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
-def rec(i: int, prompt: list[int], response: list[int], reward: float,
-        emb: np.ndarray | None = None) -> FeedbackRecord:
-    return FeedbackRecord(response_id=f"r{i}", prompt="", prompt_ids=list(prompt),
-                          response_ids=list(response), response_text="", reward=float(reward),
-                          embedding=np.zeros(4, np.float32) if emb is None else emb)
+def rec(
+    i: int, prompt: list[int], response: list[int], reward: float, emb: np.ndarray | None = None
+) -> FeedbackRecord:
+    return FeedbackRecord(
+        response_id=f"r{i}",
+        prompt="",
+        prompt_ids=list(prompt),
+        response_ids=list(response),
+        response_text="",
+        reward=float(reward),
+        embedding=np.zeros(4, np.float32) if emb is None else emb,
+    )
 
 
 def prompts(n: int, seed: int, length: int = 6) -> list[list[int]]:
@@ -95,7 +110,7 @@ def test_response_logprobs_match_unpadded_scoring():
         for r, lp in zip(recs, batched):
             ids = torch.tensor([r.prompt_ids + r.response_ids])
             full = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-            want = full[len(r.prompt_ids) - 1:].gather(-1, ids[0, len(r.prompt_ids):, None])[:, 0]
+            want = full[len(r.prompt_ids) - 1 :].gather(-1, ids[0, len(r.prompt_ids) :, None])[:, 0]
             assert lp.shape == (len(r.response_ids),)
             torch.testing.assert_close(lp, want, atol=1e-5, rtol=0)
 
@@ -190,7 +205,9 @@ def test_adapter_round_trip_and_mismatch(tmp_path):
     with pytest.raises(StateError, match="shape"):
         BaseLoRATrainer(tiny_llama(), config(base_lora_rank=2)).load_adapter_weights(path)
     with pytest.raises(StateError, match="does not match"):
-        BaseLoRATrainer(tiny_llama(), config(), target_modules=("q_proj",)).load_adapter_weights(path)
+        BaseLoRATrainer(tiny_llama(), config(), target_modules=("q_proj",)).load_adapter_weights(
+            path
+        )
     with pytest.raises(StateError, match="no adapter"):
         tr.load_adapter_weights(tmp_path / "missing")
 
@@ -207,11 +224,17 @@ def test_ewc_penalty_keeps_lora_near_task_a():
         theta_a = {n: p.detach().clone() for n, p in tr.named_lora_params().items()}
         assert ewc.start_new_task({n: p.numpy() for n, p in theta_a.items()})
         ewc.set_lambda(lam)
-        report = tr.train(preference_records(8, seed=3, liked=DISLIKED, disliked=LIKED),
-                          epochs=4, lr=5e-3)  # task B: the opposite preference
+        report = tr.train(
+            preference_records(8, seed=3, liked=DISLIKED, disliked=LIKED), epochs=4, lr=5e-3
+        )  # task B: the opposite preference
         assert (report.penalty > 0) == (lam > 0)
-        return sum(float((p.detach() - theta_a[n]).pow(2).sum())
-                   for n, p in tr.named_lora_params().items()) ** 0.5
+        return (
+            sum(
+                float((p.detach() - theta_a[n]).pow(2).sum())
+                for n, p in tr.named_lora_params().items()
+            )
+            ** 0.5
+        )
 
     # the default λ (1000) is not inert: with the per-token Fisher the penalty is in KL
     # units (update_fisher's mean); the squared batch-loss gradients used before
@@ -289,7 +312,11 @@ def test_selection_caps_new_records_and_handles_edge_cases():
     bank, replay, new, truth = _bank_and_pool()
     capped = select_training_set(new, bank=bank, max_records=6, seed=1)
     assert len(capped) == 6
-    assert np.bincount([int(r.response_id[1:]) % 3 for r in capped], minlength=3).tolist() == [2, 2, 2]
+    assert np.bincount([int(r.response_id[1:]) % 3 for r in capped], minlength=3).tolist() == [
+        2,
+        2,
+        2,
+    ]
     assert select_training_set([], bank=bank, replay=replay) == []
     assert select_training_set(new, replay=replay, replay_fraction=0.0) == new
     no_bank = select_training_set(new, replay=replay, replay_fraction=0.5, seed=0)
@@ -369,8 +396,15 @@ def test_gate_on_topic_check_rejects_drift(fluent_tiny):
     tok = CharTokenizer()
     probes = [t[:30] for t in ANCHOR_TEXTS[:4]]
     gate = PromotionGate(tolerance_nll=1e6, max_new_tokens=16)  # isolate check 3
-    same = gate.evaluate(tr.model, ModelView.base(tr.model), [], None, tok, embedder=bag_of_chars,
-                         probe_prompts=probes)
+    same = gate.evaluate(
+        tr.model,
+        ModelView.base(tr.model),
+        [],
+        None,
+        tok,
+        embedder=bag_of_chars,
+        probe_prompts=probes,
+    )
     assert same.passed and same.metrics["on_topic_ratio"] == pytest.approx(1.0)
     assert same.samples["candidate"] == same.samples["current"]
     assert len(same.samples["candidate"]) == 4
@@ -379,23 +413,40 @@ def test_gate_on_topic_check_rejects_drift(fluent_tiny):
     with torch.no_grad():
         for p in lora(tr, "B").values():
             p.copy_(torch.randn(p.shape, generator=g) * 3.0)
-    drift = gate.evaluate(tr.model, ModelView.base(tr.model), [], None, tok,
-                          embedder=bag_of_chars, probe_prompts=probes)
+    drift = gate.evaluate(
+        tr.model,
+        ModelView.base(tr.model),
+        [],
+        None,
+        tok,
+        embedder=bag_of_chars,
+        probe_prompts=probes,
+    )
     assert drift.metrics["on_topic_candidate"] < 0.9 * drift.metrics["on_topic_current"]
     assert not drift.passed and any("off the question" in r for r in drift.reasons)
 
     # a drifted model serving now does not lower the bar: against the base model as a
     # fixed reference the same drift fails, although it equals the current model's
-    assert gate.evaluate(tr.model, tr.model, [], None, tok, embedder=bag_of_chars,
-                         probe_prompts=probes).passed
+    assert gate.evaluate(
+        tr.model, tr.model, [], None, tok, embedder=bag_of_chars, probe_prompts=probes
+    ).passed
     cache: dict = {}
     for _ in range(2):  # the second call answers from the cache
-        fixed = gate.evaluate(tr.model, tr.model, [], None, tok, embedder=bag_of_chars,
-                              probe_prompts=probes, reference=ModelView.base(tr.model),
-                              reference_cache=cache)
+        fixed = gate.evaluate(
+            tr.model,
+            tr.model,
+            [],
+            None,
+            tok,
+            embedder=bag_of_chars,
+            probe_prompts=probes,
+            reference=ModelView.base(tr.model),
+            reference_cache=cache,
+        )
         assert not fixed.passed and any("reference" in r for r in fixed.reasons)
         assert fixed.metrics["on_topic_reference"] == pytest.approx(
-            same.metrics["on_topic_current"])
+            same.metrics["on_topic_current"]
+        )
         assert fixed.samples["reference"] == same.samples["current"]
     assert len(cache) == 1 + len(probes)  # anchor NLL + one answer per probe
 
@@ -409,13 +460,31 @@ def test_gate_on_topic_check_answers_heldout_prompts(fluent_tiny):
     for r in held:
         r.embedding = bag_of_chars([tok.decode(r.prompt_ids)])[0].astype(np.float32)
     gate = PromotionGate(tolerance_nll=1e6, tolerance_heldout=1e6, max_new_tokens=8)
-    res = gate.evaluate(tr.model, ModelView.base(tr.model), held, None, tok,
-                        embedder=bag_of_chars, probe_prompts=["abc"])
+    res = gate.evaluate(
+        tr.model,
+        ModelView.base(tr.model),
+        held,
+        None,
+        tok,
+        embedder=bag_of_chars,
+        probe_prompts=["abc"],
+    )
     assert res.metrics["on_topic_prompts"] == 1 + len(held)
     assert len(res.samples["candidate"]) == 1 + len(held)
-    assert PromotionGate(on_topic_records=0, tolerance_nll=1e6, tolerance_heldout=1e6).evaluate(
-        tr.model, ModelView.base(tr.model), held, None, tok, embedder=bag_of_chars,
-        probe_prompts=["abc"]).metrics["on_topic_prompts"] == 1
+    assert (
+        PromotionGate(on_topic_records=0, tolerance_nll=1e6, tolerance_heldout=1e6)
+        .evaluate(
+            tr.model,
+            ModelView.base(tr.model),
+            held,
+            None,
+            tok,
+            embedder=bag_of_chars,
+            probe_prompts=["abc"],
+        )
+        .metrics["on_topic_prompts"]
+        == 1
+    )
     with pytest.raises(InvalidValue, match="on_topic_records"):
         PromotionGate(on_topic_records=-1)
 
@@ -424,8 +493,9 @@ def test_gate_heldout_check_rejects_reversed_preference():
     tr = BaseLoRATrainer(tiny_llama(), config())
     tr.train(preference_records(8, seed=1, liked=DISLIKED, disliked=LIKED), epochs=4, lr=5e-3)
     held = preference_records(4, seed=2)
-    res = PromotionGate(tolerance_nll=10.0).evaluate(tr.model, ModelView.base(tr.model), held,
-                                                     None, CharTokenizer())
+    res = PromotionGate(tolerance_nll=10.0).evaluate(
+        tr.model, ModelView.base(tr.model), held, None, CharTokenizer()
+    )
     assert not res.passed and any("held-out" in r for r in res.reasons)
     assert res.metrics["heldout_candidate"] < res.metrics["heldout_current"]
     assert json.loads(json.dumps(res.to_dict()))["passed"] is False
@@ -451,8 +521,14 @@ def test_gate_refuses_a_candidate_that_lowers_every_heldout_answer():
     model = tiny_llama()
     held = []
     for i, p in enumerate(prompts(8, seed=5)):
-        held.append(rec(i, p, [LIKED] * 3 if i % 4 == 0 else [DISLIKED + i % 3] * 3,
-                        1.0 if i % 4 == 0 else -1.0))
+        held.append(
+            rec(
+                i,
+                p,
+                [LIKED] * 3 if i % 4 == 0 else [DISLIKED + i % 3] * 3,
+                1.0 if i % 4 == 0 else -1.0,
+            )
+        )
     # a candidate under which every held-out answer is less likely: the answers' tokens
     # get a lower logit (the rest of the vocabulary gains)
     cand = _LoweredTokens(model, sorted({t for x in held for t in x.response_ids}), 1.0)
@@ -483,8 +559,9 @@ def test_inverted_feedback_flood_cannot_get_a_candidate_served():
     assert len(flood) == 500
     tr.train(flood, epochs=1, batch_size=25, lr=5e-3)
     held = preference_records(6, seed=12)
-    res = PromotionGate(tolerance_nll=1e6).evaluate(tr.model, ModelView.base(tr.model), held,
-                                                   None, CharTokenizer())
+    res = PromotionGate(tolerance_nll=1e6).evaluate(
+        tr.model, ModelView.base(tr.model), held, None, CharTokenizer()
+    )
     assert not res.passed
     assert res.metrics["heldout_candidate"] < res.metrics["heldout_current"]
 
@@ -497,16 +574,28 @@ def test_gate_kl_budget_refuses_a_candidate_that_spends_too_much_drift():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     held = preference_records(4, seed=2)
     base = ModelView.base(tr.model)
-    loose = PromotionGate(tolerance_nll=1e6, tolerance_heldout=1e6, tolerance_liked=1e6,
-                          max_kl_per_answer=1e6, max_new_tokens=8)
+    loose = PromotionGate(
+        tolerance_nll=1e6,
+        tolerance_heldout=1e6,
+        tolerance_liked=1e6,
+        max_kl_per_answer=1e6,
+        max_new_tokens=8,
+    )
     res = loose.evaluate(tr.model, base, held, None, CharTokenizer())
     kl = res.metrics["kl_per_answer"]
     assert kl > 0 and res.passed
-    tight = PromotionGate(tolerance_nll=1e6, tolerance_heldout=1e6, tolerance_liked=1e6,
-                          max_kl_per_answer=kl / 10, max_new_tokens=8)
+    tight = PromotionGate(
+        tolerance_nll=1e6,
+        tolerance_heldout=1e6,
+        tolerance_liked=1e6,
+        max_kl_per_answer=kl / 10,
+        max_new_tokens=8,
+    )
     res = tight.evaluate(tr.model, base, held, None, CharTokenizer())
     assert not res.passed and any("drift budget" in r for r in res.reasons)
     same = tight.evaluate(base, base, held, None, CharTokenizer())  # the base spends nothing
     assert same.metrics["kl_per_answer"] == pytest.approx(0.0, abs=1e-6) and same.passed
-    assert "kl_per_answer" not in PromotionGate().evaluate(
-        tr.model, base, held, None, CharTokenizer()).metrics  # off by default
+    assert (
+        "kl_per_answer"
+        not in PromotionGate().evaluate(tr.model, base, held, None, CharTokenizer()).metrics
+    )  # off by default

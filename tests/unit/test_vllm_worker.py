@@ -23,8 +23,9 @@ class FakeRunner:
     def __init__(self):
         g = torch.Generator().manual_seed(0)
         W = torch.randn(V, H, generator=g)
-        self.model = SimpleNamespace(lm_head=SimpleNamespace(weight=W),
-                                     config=SimpleNamespace(vocab_size=V))
+        self.model = SimpleNamespace(
+            lm_head=SimpleNamespace(weight=W), config=SimpleNamespace(vocab_size=V)
+        )
         self.model.compute_logits = lambda h: h @ W.T
         self.input_batch = SimpleNamespace(req_ids=[])
         self.requests: dict = {}
@@ -66,16 +67,23 @@ def sona():
     from sona_plugin.integrations.vllm.worker import WorkerSona
 
     runner = FakeRunner()
-    st = WorkerSona(runner, {"micro_lora_init": "zero_b", "micro_lora_norm_cap": 0.05,
-                             "max_trajectory_steps": 4}, capacity=3)
+    st = WorkerSona(
+        runner,
+        {"micro_lora_init": "zero_b", "micro_lora_norm_cap": 0.05, "max_trajectory_steps": 4},
+        capacity=3,
+    )
     runner._sona = st
     return runner, st
 
 
 def test_recordings_follow_request_ids_through_slot_reuse_and_preemption(sona):
     runner, st = sona
-    for rid, p in (("a-11111111", [1, 2]), ("b-22222222", [3]), ("c-33333333", [4, 5, 6]),
-                   ("d-44444444", [7])):
+    for rid, p in (
+        ("a-11111111", [1, 2]),
+        ("b-22222222", [3]),
+        ("c-33333333", [4, 5, 6]),
+        ("d-44444444", [7]),
+    ):
         runner.add(rid, p, "sona-v000004" if rid.startswith("b") else None)
     expected: dict[str, list[int]] = {}
 
@@ -102,8 +110,9 @@ def test_recordings_follow_request_ids_through_slot_reuse_and_preemption(sona):
     assert st.recordings["c-33333333"].version is None
     assert st.recordings["d-44444444"].tokens == expected["d-44444444"]  # 1 token, not 2
     # the recorded hidden state of the last step is the runner's row for that request
-    np.testing.assert_allclose(st.recordings["b-22222222"].hidden[-1],
-                               runner.hidden["b-22222222"].numpy())
+    np.testing.assert_allclose(
+        st.recordings["b-22222222"].hidden[-1], runner.hidden["b-22222222"].numpy()
+    )
 
 
 def test_long_answers_keep_all_token_ids_but_bounded_steps(sona):
@@ -124,9 +133,16 @@ def test_find_by_client_id_and_choice_index():
     st = WorkerSona(runner, {"micro_lora_init": "zero_b"}, capacity=16)
     # engine ids as vLLM's OpenAI server makes them: a completion's prompt p is submitted
     # as {id}-{p}, n > 1 children as {k}_{...}, and the engine appends 8 random characters
-    ids = ["cmpl-x-0-abcdefgh", "0_chatcmpl-y-aaaaaaaa", "1_chatcmpl-y-bbbbbbbb",
-           "0_cmpl-z-0-cccccccc", "1_cmpl-z-0-dddddddd", "0_cmpl-z-1-eeeeeeee",
-           "1_cmpl-z-1-ffffffff", "chatcmpl-w-gggggggg"]
+    ids = [
+        "cmpl-x-0-abcdefgh",
+        "0_chatcmpl-y-aaaaaaaa",
+        "1_chatcmpl-y-bbbbbbbb",
+        "0_cmpl-z-0-cccccccc",
+        "1_cmpl-z-0-dddddddd",
+        "0_cmpl-z-1-eeeeeeee",
+        "1_cmpl-z-1-ffffffff",
+        "chatcmpl-w-gggggggg",
+    ]
     for i, rid in enumerate(ids):
         runner.add(rid, [i + 1])
     step(runner, ids)
@@ -188,9 +204,16 @@ def test_sona_serve_builds_the_vllm_command():
 
     from sona_plugin.cli import serve_command
 
-    args = argparse.Namespace(model="/m", host="127.0.0.1", port=9000, state_dir="/s",
-                              schedule="manual", admin_token_file=None, max_lora_rank=None,
-                              sona_config='{"base_lora_rank": 16}')
+    args = argparse.Namespace(
+        model="/m",
+        host="127.0.0.1",
+        port=9000,
+        state_dir="/s",
+        schedule="manual",
+        admin_token_file=None,
+        max_lora_rank=None,
+        sona_config='{"base_lora_rank": 16}',
+    )
     cmd = serve_command(args, ["--max-model-len", "512", "--dtype", "bfloat16"])
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--max-lora-rank") + 1] == "16"
