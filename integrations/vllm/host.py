@@ -207,15 +207,23 @@ class VllmHost(LearningHost):
 
     def _shrink_micro(self, factor: float) -> None:
         self._rpc("sona_decay", factor)
+        self.micro_lora()  # the mirror follows
 
     def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         if self._generate_ids is None:
             raise NotImplementedError("dreams need an offline engine (SonaLLM)")
         return self._generate_ids(prompt_ids, max_new_tokens)
 
-    def save_engine(self) -> None:
-        self.micro_lora()  # the workers' weights into the engine that is saved
-        super().save_engine()
+    def _mirror_micro(self, A: list, B: list) -> None:
+        """Keep the front-end engine's MicroLoRA equal to the workers' (float32 -> Python
+        float -> float32 is exact): a save, even at shutdown when the engine processes
+        may already be gone, needs no RPC."""
+        import numpy as np
+
+        with self._save_lock:
+            m = self.engine.micro_lora
+            m.A[...] = np.asarray(A, np.float32)
+            m.B[...] = np.asarray(B, np.float32)
 
     # -- feedback -------------------------------------------------------------------------
     def feedback(
@@ -278,6 +286,8 @@ class VllmHost(LearningHost):
                 metrics.instant(bool(instant.get("accepted")))
             if learned and "recordings_dropped" in learned:
                 metrics.evictions(learned["recordings_dropped"])
+            if learned and "A" in learned:
+                self._mirror_micro(learned["A"], learned["B"])
             self._saved_after_feedback()
         return FeedbackResult(
             id=response_id,
@@ -291,13 +301,10 @@ class VllmHost(LearningHost):
     # -- the rest -------------------------------------------------------------------------
     def micro_lora(self):
         """The workers' MicroLoRA (a copy, in the front-end engine's MicroLoRA)."""
-        import numpy as np
 
         st = self._rpc("sona_micro_state")
-        m = self.engine.micro_lora
-        m.A[...] = np.asarray(st["A"], np.float32)
-        m.B[...] = np.asarray(st["B"], np.float32)
-        return m
+        self._mirror_micro(st["A"], st["B"])
+        return self.engine.micro_lora
 
     def export_peft(self, path: str | Path) -> Path:
         """A PEFT adapter directory reproducing the served model's logits: the served

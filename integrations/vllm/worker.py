@@ -356,7 +356,14 @@ class SonaWorkerExtension:
         rec = st.find(response_id, index)
         if rec is None:
             return None
-        return {"instant": st.learn(rec, float(reward)), "recordings_dropped": st.dropped}
+        instant = st.learn(rec, float(reward))
+        m = st.engine.micro_lora  # ~9 kB at rank 2, 576-d: the front end mirrors it
+        return {
+            "instant": instant,
+            "recordings_dropped": st.dropped,
+            "A": m.A.tolist(),
+            "B": m.B.tolist(),
+        }
 
     def sona_take_hidden(self, response_id: str) -> dict | None:
         """The first recorded hidden state of a request (before the MicroLoRA) and the
