@@ -98,6 +98,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The vLLM OpenAI-server command line ``sona serve`` runs (SONA switched on)."""
+    from sona_plugin.integrations.vllm import cpu_defaults
     from sona_plugin.integrations.vllm.host import split_settings
 
     try:
@@ -137,16 +138,9 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         "--additional-config",
         json.dumps({"sona": settings}),
     ]
-    given = {a.split("=", 1)[0] for a in extra if a.startswith("--")}
-    import torch
-
-    if not torch.cuda.is_available():
-        # the CPU backend's bfloat16 ruins small models
-        if "--dtype" not in given:
-            cmd += ["--dtype", "float32"]
-        if not given & {"--gpu-memory-utilization", "--kv-cache-memory-bytes"}:
-            # a fixed 2 GiB KV cache: the default reserves 92 % of the machine's memory
-            cmd += ["--kv-cache-memory-bytes", str(2 << 30)]
+    # on CPU: float32 and a fixed KV cache, unless given (the same as SonaLLM)
+    for key, value in cpu_defaults(a for a in extra if a.startswith("--")).items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
     return cmd + extra
 
 

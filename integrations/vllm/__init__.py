@@ -21,13 +21,47 @@ Pieces: ``plugin.py`` (the switch), ``worker.py`` (recording + MicroLoRA in each
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from . import _compat
 from .host import VllmHost
 from .worker import adapter_name
 
 CPU_KV_CACHE_BYTES = 2 << 30
+
+
+def cpu_defaults(given: Iterable[str], *, on_gpu: bool | None = None) -> dict[str, Any]:
+    """The vLLM options SONA sets when vLLM runs on CPU and the user did not set them.
+
+    ``dtype="float32"``: the CPU backend's bfloat16 ruins small models.
+    ``kv_cache_memory_bytes`` = 2 GiB, unless ``gpu_memory_utilization`` is given: otherwise
+    the CPU backend reserves a share of the machine's memory for the KV cache (92 % by
+    default), and refuses to start when others hold it.
+
+    Args:
+        given: option names the user set, as ``vllm.LLM`` keywords (``kv_cache_memory_bytes``)
+            or command-line flags (``--kv-cache-memory-bytes``).
+        on_gpu: whether vLLM runs on a GPU; None asks ``torch.cuda.is_available()``.
+
+    Returns:
+        ``vllm.LLM`` keyword -> value (empty on GPU); ``sona serve`` turns each key into
+        ``--key-with-dashes``.
+    """
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        return {}
+    names = {g.split("=", 1)[0].lstrip("-").replace("-", "_") for g in given}
+    out: dict[str, Any] = {}
+    if "dtype" not in names:
+        out["dtype"] = "float32"
+    if not names & {"gpu_memory_utilization", "kv_cache_memory_bytes"}:
+        out["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
+    return out
 
 
 class SonaLLM:
@@ -39,8 +73,8 @@ class SonaLLM:
             schedule defaults to 'manual' here: call ``learn()``).
         state_dir: shorthand for ``sona_config["state_dir"]``.
         **llm_kwargs: passed to ``vllm.LLM``; defaults ``enable_lora=True``,
-            ``max_lora_rank`` = the BaseLoRA rank (at least 8); on CPU ``dtype="float32"``
-            (bfloat16 ruins a 135M model) and a 2 GiB KV cache unless
+            ``max_lora_rank`` = the BaseLoRA rank (at least 8); on CPU ``cpu_defaults``:
+            ``dtype="float32"`` (bfloat16 ruins a 135M model) and a 2 GiB KV cache unless
             ``gpu_memory_utilization`` or ``kv_cache_memory_bytes`` is given.
     """
 
@@ -52,7 +86,6 @@ class SonaLLM:
         state_dir: str | Path | None = None,
         **llm_kwargs: Any,
     ):
-        import torch
         from vllm import LLM
 
         from sona_plugin.models import default_llm_path
@@ -65,12 +98,7 @@ class SonaLLM:
         llm_kwargs.setdefault("enable_lora", True)
         if llm_kwargs["enable_lora"]:
             llm_kwargs.setdefault("max_lora_rank", max(8, int(settings.get("base_lora_rank", 8))))
-        if not torch.cuda.is_available():
-            llm_kwargs.setdefault("dtype", "float32")
-            if "gpu_memory_utilization" not in llm_kwargs:
-                # a fixed KV cache: the CPU backend otherwise reserves a share of the
-                # machine's memory (and refuses to start when others hold it)
-                llm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        llm_kwargs.update(cpu_defaults(llm_kwargs))
         extra = dict(llm_kwargs.pop("additional_config", None) or {})
         extra["sona"] = settings
         self.llm = LLM(model=str(source), additional_config=extra, **llm_kwargs)
@@ -99,7 +127,7 @@ class SonaLLM:
         from sona_plugin.learner import canary
 
         new = LoRARequest(adapter_name(version), version, str(path))
-        self.llm.llm_engine.add_lora(new)  # load now, not on the next request
+        _compat.add_lora(self.llm, new)  # load now, not on the next request
         err = None
         expected = canary.read(path)
         if expected is not None:
@@ -115,11 +143,11 @@ class SonaLLM:
                 )
             except Exception:
                 if self._lora is None or self._lora.lora_int_id != version:
-                    self.llm.llm_engine.remove_lora(version)
+                    _compat.remove_lora(self.llm, version)
                 raise
         old, self._lora = self._lora, new
         if old is not None and old.lora_int_id != version:
-            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            _compat.remove_lora(self.llm, old.lora_int_id)
         return err
 
     def _generate_ids(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -191,7 +219,7 @@ class SonaLLM:
     def close(self) -> None:
         """Save SONA's state and shut the vLLM engine down (its processes and memory)."""
         self.host.close()
-        self.llm.llm_engine.engine_core.shutdown()
+        _compat.shutdown(self.llm)
 
 
-__all__ = ["SonaLLM", "VllmHost"]
+__all__ = ["SonaLLM", "VllmHost", "cpu_defaults"]

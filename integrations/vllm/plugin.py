@@ -5,18 +5,19 @@ SONA is on when the engine config carries a ``sona`` entry:
     vllm serve MODEL --enable-lora --max-lora-rank 8 --additional-config '{"sona": {}}'
 
 (``{"sona": {...}}`` may hold SonaConfig fields and the host options of ``host.py``).
-``register()`` runs in every vLLM process and changes nothing by itself: it wraps
-``EngineArgs.create_engine_config`` so that, only when that config has ``sona``, the
-worker gets SONA's extension class (``worker_extension_cls``) and the OpenAI server adds
-SONA's routes (``server.py``) without anyone setting ``VLLM_PLUGINS``. Without ``sona``
-in the config, vLLM runs exactly as it would without this package.
+``register()`` runs in every vLLM process and changes nothing by itself: it hooks the
+building of the engine config (``_compat.wrap_engine_config``) so that, only when that
+config has ``sona``, the installed vLLM is checked for everything SONA relies on
+(``_compat.check``), the worker gets SONA's extension class (``worker_extension_cls``) and
+the OpenAI server adds SONA's routes (``server.py``) without anyone setting
+``VLLM_PLUGINS`` (``_compat.add_endpoint_plugin`` says why). Without ``sona`` in the
+config, vLLM runs exactly as it would without this package.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -41,43 +42,26 @@ def sona_settings(additional_config: Any) -> dict | None:
 
 def register() -> None:
     """Re-entrant: every vLLM process calls it, maybe more than once."""
-    args_mod = sys.modules.get("vllm.engine.arg_utils")
-    if args_mod is not None:
-        cls = args_mod.EngineArgs
-        if not getattr(cls.create_engine_config, "_sona", False):
-            orig = cls.create_engine_config
+    from . import _compat
 
-            def create_engine_config(self, *a, **k):
-                cfg = orig(self, *a, **k)
-                _enable(cfg)
-                return cfg
+    _compat.wrap_engine_config(_enable)
+    _compat.add_endpoint_plugin("sona_feedback", _endpoint_plugin, lambda: _enabled is not None)
 
-            create_engine_config._sona = True
-            cls.create_engine_config = create_engine_config
-    plugins_mod = sys.modules.get("vllm.plugins")
-    if plugins_mod is not None and not getattr(plugins_mod.load_endpoint_plugins, "_sona", False):
-        orig_load = plugins_mod.load_endpoint_plugins
 
-        def load_endpoint_plugins(supported_tasks):
-            plugins = orig_load(supported_tasks)
-            if _enabled is not None and not any(
-                getattr(p, "name", "") == "sona_feedback" for p in plugins
-            ):
-                from .server import SonaEndpointPlugin
+def _endpoint_plugin():
+    from .server import SonaEndpointPlugin
 
-                plugins.append(SonaEndpointPlugin())
-            return plugins
-
-        load_endpoint_plugins._sona = True
-        plugins_mod.load_endpoint_plugins = load_endpoint_plugins
+    return SonaEndpointPlugin()
 
 
 def _enable(cfg) -> None:
     settings = sona_settings(getattr(cfg, "additional_config", None))
     if settings is None:
         return
+    from . import _compat
     from .host import split_settings
 
+    _compat.check(cfg)  # a vLLM without what SONA relies on fails here, naming it
     split_settings(settings)  # a bad option fails the launch, naming it
     pc = cfg.parallel_config
     if pc.worker_extension_cls and pc.worker_extension_cls != EXTENSION:

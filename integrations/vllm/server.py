@@ -47,7 +47,7 @@ from typing import Any
 # at module level: FastAPI resolves the (string) annotation `Request` in module globals
 from fastapi import APIRouter, Request
 
-from . import guard
+from . import _compat, guard
 from .worker import ADAPTER_PREFIX, adapter_name, adapter_version
 
 logger = logging.getLogger(__name__)
@@ -83,17 +83,10 @@ def _error(status: int, message: str, kind: str | None = None, headers: dict | N
 def _patch_serving() -> None:
     """Requests for the served base model get the current SONA adapter, and every request
     notes the version it got (for the ``x-sona-adapter-version`` header)."""
-    from vllm.entrypoints.serve.engine.serving import BaseServing
 
-    if getattr(BaseServing._maybe_get_adapters, "_sona", False):
-        return
-    orig = BaseServing._maybe_get_adapters
-
-    def _maybe_get_adapters(self, request, *a, **k):
-        lora = orig(self, request, *a, **k)
+    def choose(lora, names_base_model):
         cur = _current["lora"]
-        model = getattr(request, "model", None)
-        if lora is None and cur is not None and (model is None or self.models.is_base_model(model)):
+        if lora is None and cur is not None and names_base_model():
             lora = cur
         holder = _answered_by.get()
         if holder is not None:
@@ -101,8 +94,7 @@ def _patch_serving() -> None:
             holder["version"] = v if v is not None else (0 if lora is None else None)
         return lora
 
-    _maybe_get_adapters._sona = True
-    BaseServing._maybe_get_adapters = _maybe_get_adapters
+    _compat.wrap_adapter_choice(choose)
 
 
 class VersionHeader:
@@ -348,17 +340,14 @@ class SonaEndpointPlugin:
             return (await engine_client.collective_rpc("sona_take_hidden", args=(rid,)))[0]
 
         async def serve_async(version: int, path: Path) -> float | None:
-            from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-            from vllm.entrypoints.serve.lora.protocol import LoadLoRAAdapterRequest
-
             name = adapter_name(version)
             fresh = name not in models.lora_requests
             if fresh:
                 res = await models.load_lora_adapter(
-                    LoadLoRAAdapterRequest(lora_name=name, lora_path=str(path)),
+                    _compat.lora_load_request(name, str(path)),
                     base_model_name=models.base_model_paths[0].name,
                 )
-                if isinstance(res, ErrorResponse):
+                if _compat.is_error_response(res):
                     from sona_plugin.errors import SwapRefused
 
                     raise SwapRefused(f"vLLM refused adapter {name}: {res}")

@@ -3,7 +3,8 @@
 vLLM mixes :class:`SonaWorkerExtension` into its worker class (``worker_extension_cls``,
 set for you by the ``sona`` launch config, see ``plugin.py``); the front end reaches its
 ``sona_*`` methods with ``collective_rpc``. ``sona_install`` wraps three methods of the
-worker's model runner, all of which run *outside* vLLM's compiled / graph-captured region,
+worker's model runner (through ``_compat``, which names the vLLM source each relies on), all
+of which run *outside* vLLM's compiled / graph-captured region,
 so they work in every compilation mode (a forward hook on the final norm does not fire
 under the default CPU compile; ``shared/notes/vllm-integration.md`` §3):
 
@@ -28,6 +29,7 @@ separately (vLLM names them ``{index}_{id}``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import OrderedDict
@@ -35,6 +37,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from . import _compat
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ class WorkerSona:
         from sona_plugin.engine import SonaEngine
 
         self.runner = runner
-        model = runner.get_model()
+        model = _compat.runner_model(runner)
         head = _full_head_weight(model)
         cfg = SonaConfig.from_dict({**settings, "hidden_dim": int(head.shape[1])})
         self.engine = SonaEngine(cfg)
@@ -114,36 +118,24 @@ class WorkerSona:
 
     # -- the wrapped runner methods ------------------------------------------------------
     def _install(self, model) -> None:
-        runner = self.runner
-        orig_logits = model.compute_logits
-        orig_sample = runner.sample_tokens
-        orig_execute = runner.execute_model
+        _compat.wrap_compute_logits(model, self._compute_logits)
+        _compat.wrap_sample_tokens(self.runner, self._after_sample)
+        _compat.wrap_execute_model(self.runner, self._step)
 
-        def compute_logits(hidden_states, *args, **kwargs):
-            return self._compute_logits(orig_logits, hidden_states, *args, **kwargs)
-
-        def sample_tokens(*args, **kwargs):
-            out = orig_sample(*args, **kwargs)
-            self._after_sample(out)
-            return out
-
-        def execute_model(scheduler_output, *args, **kwargs):
-            self._finished(getattr(scheduler_output, "finished_req_ids", ()) or ())
-            self._in_step = True  # the logits rows computed now are the sampled ones
-            try:
-                return orig_execute(scheduler_output, *args, **kwargs)
-            finally:
-                self._in_step = False
-
-        model.compute_logits = compute_logits
-        runner.sample_tokens = sample_tokens
-        runner.execute_model = execute_model
+    @contextlib.contextmanager
+    def _step(self, finished_ids):
+        self._finished(finished_ids)
+        self._in_step = True  # the logits rows computed now are the sampled ones
+        try:
+            yield
+        finally:
+            self._in_step = False
 
     def _compute_logits(self, orig, h: torch.Tensor, *args, **kwargs):
         n = h.shape[0]
         # prompt log-probs and warm-up runs also call compute_logits: record only the rows
         # of a model step (one per request), which is what sample_tokens samples from
-        ids = list(self.runner.input_batch.req_ids[:n]) if self._in_step else []
+        ids = _compat.batch_req_ids(self.runner, n) if self._in_step else []
         record = len(ids) == n
         h_rec = h.detach().to(torch.float32).cpu().numpy().copy() if record else None
         micro = self.engine.micro_lora
@@ -159,12 +151,7 @@ class WorkerSona:
                     self.pending[rid] = (h_rec[i], ti[i], tl[i])
         return logits
 
-    def _after_sample(self, out) -> None:
-        req_ids = getattr(out, "req_ids", None)
-        sampled = getattr(out, "sampled_token_ids", None)
-        if not req_ids or sampled is None:
-            return
-        requests = self.runner.requests
+    def _after_sample(self, req_ids: list[str], sampled: list[list[int]]) -> None:
         with self.lock:
             for i, rid in enumerate(req_ids):
                 row = self.pending.pop(rid, None)
@@ -173,12 +160,8 @@ class WorkerSona:
                     continue  # a partial prefill samples nothing
                 rec = self.recordings.get(rid)
                 if rec is None:
-                    state = requests.get(rid)
-                    rec = Recording(
-                        rid,
-                        list(getattr(state, "prompt_token_ids", None) or []),
-                        adapter_version(getattr(state, "lora_request", None)),
-                    )
+                    prompt_ids, lora = _compat.request_state(self.runner, rid)
+                    rec = Recording(rid, prompt_ids, adapter_version(lora))
                     self.recordings[rid] = rec
                     self._evict()
                 rec.tokens.append(int(toks[0]))
@@ -296,20 +279,7 @@ def _apply_micro(h: torch.Tensor, A: np.ndarray, B: np.ndarray, scale: float) ->
 def _full_head_weight(model) -> np.ndarray:
     """The LM head [vocab, hidden] as float32 NumPy; with tensor parallelism each rank
     holds a vocab shard, gathered here so every rank takes the same instant update."""
-    head = getattr(model, "lm_head", None)
-    w = getattr(head, "weight", None)
-    if w is None:
-        w = model.get_input_embeddings().weight
-    w = w.detach()
-    try:
-        from vllm.distributed import get_tensor_model_parallel_world_size, get_tp_group
-
-        if get_tensor_model_parallel_world_size() > 1:
-            w = get_tp_group().all_gather(w, dim=0)
-    except Exception:  # noqa: BLE001 - no distributed state (single process)
-        pass
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or w.shape[0]
-    return w[:vocab].to(torch.float32).cpu().numpy()
+    return _compat.lm_head_weight(model).to(torch.float32).cpu().numpy()
 
 
 class SonaWorkerExtension:
@@ -319,7 +289,7 @@ class SonaWorkerExtension:
     """
 
     def sona_install(self, settings: dict, max_recordings: int = 1000) -> dict:
-        runner = self.model_runner
+        runner = _compat.model_runner(self)
         st = getattr(runner, "_sona", None)
         if st is None:
             st = WorkerSona(runner, settings, max_recordings)
@@ -332,7 +302,7 @@ class SonaWorkerExtension:
         return {"hidden_dim": st.engine.config.hidden_dim}
 
     def _sona(self) -> WorkerSona:
-        st = getattr(self.model_runner, "_sona", None)
+        st = getattr(_compat.model_runner(self), "_sona", None)
         if st is None:
             raise RuntimeError("SONA is not installed in this worker (call sona_install first)")
         return st
