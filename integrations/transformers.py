@@ -18,6 +18,7 @@ version and hot-swaps it in; each response says which adapter version answered i
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import threading
 import time
@@ -44,8 +45,6 @@ from sona_plugin.types import Trajectory, TrajectoryStep
 from ._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, parse_reward
 
 logger = logging.getLogger(__name__)
-
-_TOPK = 64
 
 
 class _RWLock:
@@ -223,7 +222,7 @@ class SonaPipeline(LearningHost):
         if rec is not None:
             last = logits[:, -1, :].detach().float()
             lp = torch.log_softmax(last, dim=-1)
-            top = torch.topk(lp, _TOPK, dim=-1)
+            top = torch.topk(lp, min(self.engine.config.logit_top_k, lp.shape[-1]), dim=-1)
             rec.topk_ids.append(top.indices.cpu().numpy())
             rec.topk_lp.append(top.values.cpu().numpy())
         return None
@@ -565,10 +564,10 @@ def pipeline(
     *,
     state_dir: str | Path | None = None,
     store=None,
-    save_every: int = 25,
-    save_interval_s: float = 60.0,
-    keep_versions: int = 20,
-    retain_days: float = 90.0,
+    save_every: int | None = None,
+    save_interval_s: float | None = None,
+    keep_versions: int | None = None,
+    retain_days: float | None = None,
     **pipeline_kwargs,
 ) -> SonaPipeline:
     """A transformers text-generation pipeline with SONA on.
@@ -578,19 +577,24 @@ def pipeline(
         model: a model path or a loaded causal LM; None means the embedded default
             (SmolLM2-135M-Instruct, converted once under ``$SONA_HOME``).
         tokenizer: tokenizer (or path); default: the model's.
-        sona_config: SonaConfig (or dict); ``hidden_dim`` defaults to the model's hidden
-            size and ``embedding_dim`` to the embedder's (384).
-        state_dir: where the feedback store and the adapter versions live (default
-            ``$SONA_HOME/state``).
-        store: a TrajectoryStore (default SQLite in ``state_dir``).
+        sona_config: SonaConfig (or a dict of its keys, flat or nested); for a dict,
+            ``hidden_dim`` defaults to the model's hidden size and ``embedding_dim`` to the
+            embedder's (384). Its host options (``HostConfig``: ``state_dir``,
+            ``store_url``, ``save_every``, ``save_interval_s``, ``keep_versions``,
+            ``retain_days``) apply; the keywords below override them.
+        state_dir: where the feedback store and the adapter versions live (None: the
+            config's ``host.state_dir``, default ``$SONA_HOME/state``).
+        store: a TrajectoryStore (default: the config's ``host.store_url`` or
+            ``database_url``, else SQLite in ``state_dir``).
         save_every: save the engine (MicroLoRA, patterns) every this many feedbacks, so
             that a crash loses at most that many instant updates (their records are
-            durable in the store at once).
+            durable in the store at once). None: ``host.save_every`` (default 25).
         save_interval_s: also save it this many seconds after an unsaved feedback (0: off).
+            None: ``host.save_interval_s`` (default 60).
         keep_versions: adapter versions kept on disk (older ones pruned after each
-            cycle; never the served one).
+            cycle; never the served one). None: ``host.keep_versions`` (default 20).
         retain_days: feedback records older than this are deleted after each cycle (0:
-            kept forever).
+            kept forever). None: ``host.retain_days`` (default 90).
         **pipeline_kwargs: passed to ``transformers.pipeline``.
     """
 
@@ -602,22 +606,21 @@ def pipeline(
 
     if task != "text-generation":
         raise ConfigError(f"task must be 'text-generation', got {task!r}")
-    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 0:
-        raise ConfigError(
-            f"save_every must be an integer >= 0 (0: only on close), got {save_every!r}"
-        )
-    for name, v, lo in (
-        ("save_interval_s", save_interval_s, 0.0),
-        ("retain_days", retain_days, 0.0),
-        ("keep_versions", keep_versions, 1),
-    ):
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            or not lo <= v < float("inf")
-            or (name == "keep_versions" and not isinstance(v, int))
-        ):
-            raise ConfigError(f"{name} must be a finite number >= {lo}, got {v!r}")
+    # the whole config is checked before the model loads: a bad option fails at once
+    if isinstance(sona_config, SonaConfig):
+        cfg, given_hidden = sona_config, sona_config.hidden_dim
+    else:
+        d = dict(sona_config or {})
+        given_hidden = d.pop("hidden_dim", None)
+        cfg = SonaConfig.from_dict({"embedding_dim": 384, **LM_DEFAULTS, **d})
+    given = {
+        "state_dir": state_dir,
+        "save_every": save_every,
+        "save_interval_s": save_interval_s,
+        "keep_versions": keep_versions,
+        "retain_days": retain_days,
+    }
+    host = dataclasses.replace(cfg.host, **{k: v for k, v in given.items() if v is not None})
     source: Any = None
     if model is None or isinstance(model, (str, Path)):
         source = Path(model) if model is not None else default_llm_path()
@@ -641,25 +644,20 @@ def pipeline(
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     hidden = int(model.get_output_embeddings().weight.shape[1])
-    d = (
-        {}
-        if sona_config is None
-        else (sona_config.to_dict() if isinstance(sona_config, SonaConfig) else dict(sona_config))
-    )
-    d.setdefault("embedding_dim", 384)
-    for k, v in LM_DEFAULTS.items():
-        d.setdefault(k, v)
-    if d.get("hidden_dim", hidden) != hidden:
+    if given_hidden is not None and given_hidden != hidden:
         raise ConfigError(
-            f"hidden_dim must equal the model's hidden size {hidden}, got {d['hidden_dim']}"
+            f"hidden_dim must equal the model's hidden size {hidden}, got {given_hidden}"
         )
-    d["hidden_dim"] = hidden
-    cfg = SonaConfig.from_dict(d)
-    sd = Path(state_dir) if state_dir is not None else sona_home() / "state"
+    cfg = dataclasses.replace(cfg, hidden_dim=hidden, host=host)
+    sd = Path(host.state_dir) if host.state_dir is not None else sona_home() / "state"
     sd.mkdir(parents=True, exist_ok=True)
     engine = load_engine(sd / "engine", cfg)  # a restart keeps what the engine learned
     engine.set_output_head(model.get_output_embeddings().weight)
-    st = store if store is not None else open_store(cfg.database_url or sd / "sona.db")
+    st = (
+        store
+        if store is not None
+        else open_store(host.store_url or cfg.database_url or sd / "sona.db")
+    )
     pipe = hf_pipeline(
         "text-generation",
         model=model,
@@ -668,12 +666,12 @@ def pipeline(
         **pipeline_kwargs,
     )
     sp = SonaPipeline(
-        pipe, engine, state_dir=sd, store=st, model_source=source, save_every=save_every
+        pipe, engine, state_dir=sd, store=st, model_source=source, save_every=host.save_every
     )
     sp.save_interval_s, sp.keep_versions, sp.retain_days = (
-        float(save_interval_s),
-        keep_versions,
-        float(retain_days),
+        float(host.save_interval_s),
+        host.keep_versions,
+        float(host.retain_days),
     )
     return sp
 

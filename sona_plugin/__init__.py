@@ -5,7 +5,18 @@ live in ``sona_plugin.integrations``.
 """
 
 from .base_lora import BaseLoRA
-from .config import SonaConfig
+from .config import (
+    BaseLoraConfig,
+    EwcConfig,
+    GateConfig,
+    HostConfig,
+    LoopsConfig,
+    MicroLoraConfig,
+    PatternConfig,
+    RoutingConfig,
+    SonaConfig,
+    TrajectoryConfig,
+)
 from .engine import SonaEngine
 from .errors import (
     ConfigError,
@@ -38,16 +49,24 @@ def pipeline(task: str = "text-generation", model=None, tokenizer=None, sona_con
 
 __all__ = [
     "BaseLoRA",
+    "BaseLoraConfig",
     "ConfigError",
     "DimensionMismatch",
     "DuplicateFeedback",
+    "EwcConfig",
     "EwcPlusPlus",
+    "GateConfig",
+    "HostConfig",
     "InvalidValue",
     "LearnedPattern",
     "LearningSignal",
+    "LoopsConfig",
     "MicroLoRA",
+    "MicroLoraConfig",
+    "PatternConfig",
     "PatternType",
     "ReasoningBank",
+    "RoutingConfig",
     "SonaConfig",
     "SonaEngine",
     "SonaError",
@@ -55,8 +74,9 @@ __all__ = [
     "Trajectory",
     "TrajectoryBuffer",
     "TrajectoryBuilder",
+    "TrajectoryConfig",
     "TrajectoryStep",
     "UnknownTrajectory",
-    "__version__",
     "pipeline",
+    "__version__",
 ]

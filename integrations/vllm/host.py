@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sona_plugin.config import SonaConfig
+from sona_plugin.config import HostConfig, SonaConfig, _snake
 from sona_plugin.errors import ConfigError, DuplicateFeedback, InvalidValue, UnknownResponse
 from sona_plugin.faults import failpoint
 
@@ -27,94 +27,37 @@ from .._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, pars
 
 logger = logging.getLogger(__name__)
 
-# keys of the launch config that are not SonaConfig fields
-HOST_OPTIONS = {
-    "state_dir": "where the feedback store, adapter versions and engine state live "
-    "(default $SONA_HOME/state)",
-    "store_url": "feedback store: a SQLite path or sqlite:/// URL, or postgresql://... "
-    "(pip install 'sona_plugin[postgres]'); default state_dir/sona.db",
-    "schedule": "'background' (loop B/C in a thread on the config's schedule, default) or "
-    "'manual' (only POST /sona/learn or learn())",
-    "admin_token_file": "file holding the bearer token the admin routes require (default: "
-    "$SONA_ADMIN_TOKEN; never the token itself in the config: vLLM logs it)",
-    "open_admin": "true: admin routes answer without a token even when the server listens "
-    "beyond loopback (default false: then they answer 403)",
-    "feedback_rate": "feedback requests a second per client (API key when vLLM checks keys, "
-    "else address), token bucket; 0 = no limit (default 10)",
-    "feedback_burst": "feedback requests a client may send at once (default 50)",
-    "keep_versions": "adapter versions kept on disk; older ones are pruned after each cycle, "
-    "never the served one (default 20)",
-    "retain_days": "feedback records older than this are deleted after each cycle; 0 = keep "
-    "forever (default 90)",
-    "save_interval_s": "also save the MicroLoRA this many seconds after an unsaved feedback "
-    "(default 60; 0 = only every save_every feedbacks)",
-    "save_every": "save the workers' MicroLoRA every this many feedbacks (default 25): a "
-    "crash loses at most that many instant updates",
-    "max_recordings": "requests a worker keeps recordings of, for feedback (default 1000; "
-    "about 150 kB each at 50 steps of a 576-d model); older ones are evicted",
-    "lora_targets": "modules the BaseLoRA trains (default q_proj, k_proj, v_proj, o_proj; "
-    "never lm_head: vLLM 0.32 leaks an lm_head LoRA into other requests)",
-}
-SCHEDULES = ("background", "manual")
+# the launch config's host options (HostConfig's fields) -> their documentation
+HOST_OPTIONS = HostConfig.help()
+SCHEDULES = HostConfig.__dataclass_fields__["schedule"].metadata["choices"]
 
 
 def split_settings(settings: dict | None) -> tuple[dict, dict]:
-    """(SonaConfig fields, host options) from the ``sona`` launch config; names the bad key."""
+    """(SonaConfig fields, host options) from the ``sona`` launch config; names the bad key.
+
+    The host options are :class:`~sona_plugin.config.HostConfig`'s fields, given flat
+    (``"save_every": 10``) or nested (``"host": {"save_every": 10}``; keys apply in order,
+    a later one winning); they come back flat, as given. Everything else must build a
+    :class:`~sona_plugin.config.SonaConfig` (flat names or the nested form).
+    """
     if settings is None:
         settings = {}
     if not isinstance(settings, dict):
         raise ConfigError(f"the sona config must be a JSON object, got {settings!r}")
-    engine = {k: v for k, v in settings.items() if k not in HOST_OPTIONS}
-    opts = {k: v for k, v in settings.items() if k in HOST_OPTIONS}
-    if opts.get("schedule", "background") not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {opts['schedule']!r}")
-    every = opts.get("save_every", 25)
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ConfigError(f"save_every must be an integer >= 0 (0: only on close), got {every!r}")
-    max_rec = opts.get("max_recordings", 1000)
-    if isinstance(max_rec, bool) or not isinstance(max_rec, int) or max_rec < 1:
-        raise ConfigError(f"max_recordings must be an integer >= 1, got {max_rec!r}")
-    if "admin_token" in settings:
-        raise ConfigError(
-            "admin_token: give the admin token in $SONA_ADMIN_TOKEN or a file "
-            "named by 'admin_token_file', not in the launch config (vLLM logs the "
-            "config and the command line is visible to every user)"
-        )
-    for key, lo, default in (
-        ("feedback_rate", 0.0, 10.0),
-        ("feedback_burst", 1.0, 50),
-        ("retain_days", 0.0, 90),
-        ("save_interval_s", 0.0, 60),
-    ):
-        v = opts.get(key, default)
-        if (
-            isinstance(v, bool)
-            or not isinstance(v, (int, float))
-            or not v >= lo
-            or v == float("inf")
-        ):
-            raise ConfigError(f"{key} must be a finite number >= {lo:g}, got {v!r}")
-    keep = opts.get("keep_versions", 20)
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-        raise ConfigError(f"keep_versions must be an integer >= 1, got {keep!r}")
-    if not isinstance(opts.get("open_admin", False), bool):
-        raise ConfigError(f"open_admin must be true or false, got {opts['open_admin']!r}")
-    tf = opts.get("admin_token_file")
-    if tf is not None and not isinstance(tf, str):
-        raise ConfigError(f"admin_token_file must be a path, got {tf!r}")
-    targets = opts.get("lora_targets")
-    if targets is not None and (
-        not isinstance(targets, list)
-        or not targets
-        or "lm_head" in targets
-        or "embed_tokens" in targets
-    ):
-        raise ConfigError(
-            "lora_targets must be a non-empty list of attention/MLP module names "
-            f"(not lm_head or embed_tokens), got {targets!r}"
-        )
+    engine: dict = {}
+    opts: dict = {}
+    for k, v in settings.items():
+        if k == "host":
+            if not isinstance(v, dict):
+                raise ConfigError(f"host must be a JSON object of host options, got {v!r}")
+            opts.update(v)
+        elif _snake(k) in HOST_OPTIONS or _snake(k) == "admin_token":
+            opts[k] = v
+        else:
+            engine[k] = v
+    HostConfig.from_dict(opts)  # raise now, naming the bad option
     try:
-        SonaConfig.from_dict({**LM_DEFAULTS, **engine})  # raise now, naming the bad field
+        engine_config(engine)  # raise now, naming the bad field
     except ConfigError as e:
         raise ConfigError(
             f"{e} (sona options are SonaConfig fields or one of {sorted(HOST_OPTIONS)})"
@@ -122,9 +65,14 @@ def split_settings(settings: dict | None) -> tuple[dict, dict]:
     return engine, opts
 
 
-def admin_token(opts: dict) -> str | None:
+def engine_config(engine: dict) -> SonaConfig:
+    """The SonaConfig of the engine fields of a launch config, over the LM defaults."""
+    return SonaConfig.from_dict({**LM_DEFAULTS, **engine})
+
+
+def admin_token(opts: HostConfig | dict) -> str | None:
     """The admin token: the file named by ``admin_token_file``, else $SONA_ADMIN_TOKEN."""
-    path = opts.get("admin_token_file")
+    path = opts.admin_token_file if isinstance(opts, HostConfig) else opts.get("admin_token_file")
     if path:
         try:
             token = Path(path).read_text().strip()
@@ -164,31 +112,37 @@ class VllmHost(LearningHost):
         from sona_plugin.store import open_store
 
         engine_cfg, opts = split_settings(settings)
-        self.options = opts
+        self.options = opts  # as given
+        self.host_config = host = HostConfig.from_dict(opts)  # with the defaults
         self._rpc = rpc
         self._serve_path = serve
         self._generate_ids = generate_ids
         self.model_source = Path(model_source)
-        self.lora_targets = opts.get("lora_targets")
+        self.lora_targets = host.lora_targets
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_source))
         worker_cfg = {**LM_DEFAULTS, **engine_cfg}
-        info = rpc("sona_install", worker_cfg, opts.get("max_recordings", 1000))
-        cfg = {"embedding_dim": 384, **worker_cfg, "hidden_dim": int(info["hidden_dim"])}
-        self.state_dir = Path(opts.get("state_dir") or sona_home() / "state")
+        info = rpc("sona_install", worker_cfg, host.max_recordings)
+        cfg = {
+            "embedding_dim": 384,
+            **worker_cfg,
+            "hidden_dim": int(info["hidden_dim"]),
+            "host": host.to_dict(),  # the engine's config says what ran
+        }
+        self.state_dir = Path(host.state_dir or sona_home() / "state")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # a restart keeps what was learned: patterns here, the MicroLoRA in the workers
         self.engine = load_engine(self.state_dir / "engine", SonaConfig.from_dict(cfg))
         m = self.engine.micro_lora  # float32 -> Python floats -> float32: bit-identical
         rpc("sona_set_micro", m.A.tolist(), m.B.tolist())
         self.store = open_store(
-            opts.get("store_url") or engine_cfg.get("database_url") or self.state_dir / "sona.db"
+            host.store_url or self.engine.config.database_url or self.state_dir / "sona.db"
         )
         self.registry = AdapterRegistry(self.state_dir / "adapters")
         self._version: int | None = None
-        self.save_every = opts.get("save_every", 25)
-        self.save_interval_s = float(opts.get("save_interval_s", 60))
-        self.keep_versions = opts.get("keep_versions", 20)
-        self.retain_days = float(opts.get("retain_days", 90))
+        self.save_every = host.save_every
+        self.save_interval_s = float(host.save_interval_s)
+        self.keep_versions = host.keep_versions
+        self.retain_days = float(host.retain_days)
         self._feedback_lock = threading.Lock()
         self._serve_at_start()
         self._start_learner()
@@ -262,7 +216,7 @@ class VllmHost(LearningHost):
                 metrics.feedback("unknown")
                 raise UnknownResponse(
                     f"unknown response id {response_id!r} (index {index}): never generated by "
-                    f"this server, or evicted after {self.options.get('max_recordings', 1000)} "
+                    f"this server, or evicted after {self.host_config.max_recordings} "
                     f"newer requests"
                 )
             prompt = self.tokenizer.decode(info["prompt_ids"])

@@ -4,7 +4,7 @@ SONA is on when the engine config carries a ``sona`` entry:
 
     vllm serve MODEL --enable-lora --max-lora-rank 8 --additional-config '{"sona": {}}'
 
-(``{"sona": {...}}`` may hold SonaConfig fields and the host options of ``host.py``).
+(``{"sona": {...}}`` holds a SonaConfig, flat or nested, host options included).
 ``register()`` runs in every vLLM process and changes nothing by itself: it hooks the
 building of the engine config (``_compat.wrap_engine_config``) so that, only when that
 config has ``sona``, the installed vLLM is checked for everything SONA relies on

@@ -379,17 +379,15 @@ class SonaEndpointPlugin:
             VllmHost, model_source=model_dir, settings=settings, rpc=rpc, serve=serve
         )
         state.sona = h
-        opts = h.options
+        opts = h.host_config
         state.sona_admin = guard.AdminPolicy(
-            admin_token(opts), getattr(args, "host", None), opts.get("open_admin", False)
+            admin_token(opts), getattr(args, "host", None), opts.open_admin
         )
-        state.sona_limiter = guard.RateLimiter(
-            opts.get("feedback_rate", 10.0), opts.get("feedback_burst", 50)
-        )
+        state.sona_limiter = guard.RateLimiter(opts.feedback_rate, opts.feedback_burst)
         state.sona_keys_checked = bool(
             getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
         )
-        if opts.get("schedule", "background") == "background":
+        if opts.schedule == "background":
             h.start_background()
         logger.info(
             "SONA ready: state in %s, serving adapter version %s, admin routes: %s",

@@ -42,7 +42,6 @@ from . import _compat
 
 logger = logging.getLogger(__name__)
 
-_TOPK = 64
 ADAPTER_PREFIX = "sona-v"
 
 
@@ -107,6 +106,7 @@ class WorkerSona:
         self.engine.set_output_head(head)
         self.capacity = int(capacity)
         self.max_steps = cfg.max_trajectory_steps
+        self.top_k = cfg.logit_top_k
         self.recordings: OrderedDict[str, Recording] = OrderedDict()
         self.pending: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.dropped = 0
@@ -144,7 +144,7 @@ class WorkerSona:
         logits = orig(h, *args, **kwargs)
         if h_rec is not None and logits is not None:
             lp = torch.log_softmax(logits.detach().float(), dim=-1)
-            top = torch.topk(lp, min(_TOPK, lp.shape[-1]), dim=-1)
+            top = torch.topk(lp, min(self.top_k, lp.shape[-1]), dim=-1)
             ti, tl = top.indices.cpu().numpy(), top.values.cpu().numpy()
             with self.lock:
                 for i, rid in enumerate(ids):

@@ -159,6 +159,25 @@ def test_find_by_client_id_and_choice_index():
     assert st.find("chatcmpl-w", 1) is None
 
 
+def test_the_recorded_top_k_is_the_configs_logit_top_k():
+    from sona_plugin.integrations.vllm.worker import WorkerSona
+
+    runner = FakeRunner()
+    st = WorkerSona(runner, {"micro_lora": {"init": "zero_b", "logit_top_k": 5}}, capacity=4)
+    runner.add("a-11111111", [1])
+    step(runner, ["a-11111111"])
+    step(runner, ["a-11111111"])
+    rec = st.find("a", 0)
+    assert [k.shape for k in rec.topk_ids] == [(5,), (5,)]
+    # the five are the head's five most likely tokens, by log-prob
+    assert np.all(np.diff(rec.topk_lp[0]) <= 0)
+    wide = WorkerSona(FakeRunner(), {"logit_top_k": 1000}, capacity=4)
+    assert wide.top_k == 1000  # more than the vocabulary: the whole of it is kept
+    wide.runner.add("b-22222222", [1])
+    step(wide.runner, ["b-22222222"])
+    assert wide.find("b", 0).topk_ids[0].shape == (V,)
+
+
 def test_a_like_changes_the_logits_of_later_steps(sona):
     runner, st = sona
     runner.add("a-11111111", [1])
@@ -197,6 +216,26 @@ def test_launch_config_errors_name_the_option():
         split_settings({"max_recordings": 0})
     with pytest.raises(ConfigError, match="lm_head"):
         split_settings({"lora_targets": ["q_proj", "lm_head"]})
+
+
+def test_launch_config_takes_the_nested_form():
+    from sona_plugin.integrations.vllm.host import split_settings
+
+    eng, opts = split_settings(
+        {"ewc": {"initial_lambda": 500.0}, "host": {"save_every": 3}, "schedule": "manual"}
+    )
+    assert eng == {"ewc": {"initial_lambda": 500.0}}
+    assert opts == {"save_every": 3, "schedule": "manual"}
+    with pytest.raises(ConfigError, match=r"save_every must be an integer >= 0 .*got -1"):
+        split_settings({"host": {"save_every": -1}})
+    with pytest.raises(ConfigError, match=r"ewc\.gamma \(ewc_gamma\) must be <= 1\.0"):
+        split_settings({"ewc": {"gamma": 2.0}})
+    with pytest.raises(ConfigError, match=r"\$SONA_ADMIN_TOKEN"):
+        split_settings({"admin_token": "secret"})
+    with pytest.raises(ConfigError, match=r"\$SONA_ADMIN_TOKEN"):
+        split_settings({"host": {"admin_token": "secret"}})
+    with pytest.raises(ConfigError, match="host must be a JSON object"):
+        split_settings({"host": 3})
 
 
 def test_sona_serve_builds_the_vllm_command():
