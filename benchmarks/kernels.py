@@ -9,9 +9,11 @@ same operations on the same shapes and data distribution: 8 Gaussian clusters in
 query, a softmax of attention weights), rewards 0.8-1.0. Timings are medians over
 repeats of calibrated loops, ns per operation, Python-call overhead included (inputs
 are float32 NumPy arrays, what a Python caller holds; Node's are number[]).
-Ratios are Node time / Python time (> 1: Python faster). Note what each side does: our
-flush applies 100 REINFORCE updates with a trust region; the peer's flush moves its
-output by ~1e-6 relative (its own behaviour probe).
+Ratios are Node time / Python time (> 1: Python faster). Recording is timed two ways on
+our side, both against the peer's one way (begin, 3 steps, end): step by step, and in one
+``record_trajectory`` call with the steps as [3, 256] arrays (the peer has no batched
+call). Note what each side does: our flush applies 100 REINFORCE updates with a trust
+region; the peer's flush moves its output by ~1e-6 relative (its own behaviour probe).
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ def record(eng: SonaEngine, t: dict) -> None:
     eng.end_trajectory(tid, t["quality"])
 
 
+def as_batch(t: dict) -> dict:
+    """The same trajectory as a caller holding whole arrays has it: [T, d] steps."""
+    acts, attn, rewards = zip(*t["steps"])
+    return {**t, "H": np.stack(acts), "A": np.stack(attn), "R": list(rewards)}
+
+
+def record_batched(eng: SonaEngine, b: dict) -> None:
+    eng.record_trajectory(b["q"], b["H"], b["R"], b["quality"], b["A"])
+
+
 # ----------------------------------------------------------------------------- timing
 def bench_loop(fn, repeats: int, target_s: float = 0.1) -> dict:
     calls, t0 = 0, time.perf_counter()
@@ -105,15 +117,20 @@ def run_python(repeats: int) -> dict:
 
     _, sample, trajectory = make_clusters(42)
     pool = [trajectory(i % K_TRUE) for i in range(64)]
+    batches = [as_batch(t) for t in pool]
     n = 2000
-    samples = []
-    for _ in range(repeats):
-        eng = SonaEngine(D)
-        t0 = time.perf_counter_ns()
-        for i in range(n):
-            record(eng, pool[i & 63])
-        samples.append((time.perf_counter_ns() - t0) / n)
-    B["record_trajectory_256d_3steps"] = summarize(samples, trajectories_per_repeat=n)
+    samples: dict[str, list[float]] = {"per_step": [], "batched": []}
+    for _ in range(repeats):  # the two paths alternate, so both see the same machine
+        for path, fn, data in (("per_step", record, pool), ("batched", record_batched, batches)):
+            eng = SonaEngine(D)
+            t0 = time.perf_counter_ns()
+            for i in range(n):
+                fn(eng, data[i & 63])
+            samples[path].append((time.perf_counter_ns() - t0) / n)
+    B["record_trajectory_256d_3steps"] = summarize(samples["per_step"], trajectories_per_repeat=n)
+    B["record_trajectory_batched_256d_3steps"] = summarize(
+        samples["batched"], trajectories_per_repeat=n
+    )
 
     samples = []
     for _ in range(repeats):
@@ -242,12 +259,15 @@ ROWS = [
     ("applyMicroLora_256d", "apply_micro_lora, 256-d"),
     ("applyMicroLora_576d", "apply_micro_lora, 576-d"),
     ("applyMicroLora_4096d", "apply_micro_lora, 4096-d"),
-    ("record_trajectory_256d_3steps", "record trajectory (begin + 3 steps + end)"),
+    ("record_trajectory_256d_3steps", "record trajectory, per step (begin+3+end)"),
+    ("record_trajectory_batched_256d_3steps", "record trajectory, one record_trajectory"),
     ("flush_after_100_trajectories", "flush after 100 trajectories"),
     ("forceLearn_1000traj_8clusters_default_config", "background cycle, 1,000 traj, k=50"),
     ("forceLearn_1000traj_8clusters_patternClusters_8", "background cycle, 1,000 traj, k=8"),
     ("findPatterns_k5", "find_patterns k=5"),
 ]
+# the peer's measurement a row is compared with, where its key differs (no batched call)
+PEER_KEY = {"record_trajectory_batched_256d_3steps": "record_trajectory_256d_3steps"}
 
 
 def fmt_ns(ns: float) -> str:
@@ -275,7 +295,7 @@ def main() -> None:
     print(f"\n{'operation':<44} {'sona_plugin':>12} {'@ruvector/sona':>15} {'ratio':>8}")
     for key, label in ROWS:
         a = py[key]["median_ns"]
-        b = nd["bench"][key]["median_ns"] if nd else None
+        b = nd["bench"][PEER_KEY.get(key, key)]["median_ns"] if nd else None
         ratio = f"{b / a:7.1f}x" if b else "   n/a"
         print(f"{label:<44} {fmt_ns(a):>12} {fmt_ns(b) if b else 'n/a':>15} {ratio:>8}")
     a = py_mem["rss_per_trajectory_bytes"]["median"]

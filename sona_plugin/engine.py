@@ -28,7 +28,7 @@ from .loops.deep import DeepLoop, DeepResult
 from .loops.instant import InstantLoop, InstantReport
 from .micro_lora import MicroLoRA
 from .reasoning_bank import ReasoningBank
-from .trajectory import TrajectoryBuffer, TrajectoryBuilder, as_vector, make_step
+from .trajectory import TrajectoryBuffer, TrajectoryBuilder, as_vector, make_step, make_steps
 from .types import LearnedPattern, LearningSignal, Trajectory, TrajectoryStep, check_unit
 
 logger = logging.getLogger(__name__)
@@ -193,13 +193,13 @@ class SonaEngine:
         return self._begin(query_embedding)
 
     def _begin(self, query_embedding) -> int:
-        q = as_vector("query_embedding", query_embedding, self.config.embed_dim)
+        c = self.config
+        # checked and copied once, before the lock: a refused query consumes no id
+        b = TrajectoryBuilder(0, query_embedding, c.hidden_dim, c.embed_dim, c.max_trajectory_steps)
         with self._lock:
-            tid = self._next_id
+            tid = b.trajectory.id = self._next_id
             self._next_id += 1
-            self._open[tid] = TrajectoryBuilder(
-                tid, q, self.config.hidden_dim, None, self.config.max_trajectory_steps
-            )
+            self._open[tid] = b
             self._counters["trajectories_started"] += 1
             if len(self._open) > self.config.max_pending_signals:
                 self._open.popitem(last=False)
@@ -234,14 +234,17 @@ class SonaEngine:
         **extra: Any,
     ) -> None:
         """Record one step: ``activations`` (hidden_dim), attention weights, reward in [-1, 1]."""
-        b = self._builder(trajectory_id)
+        b = self._open.get(trajectory_id)
+        if b is None:
+            b = self._builder(trajectory_id)  # raises, naming why
+        c = self.config
         b.append(
             make_step(
                 activations,
                 attention_weights,
                 reward,
-                self.config.hidden_dim,
-                keep_attention=self.config.keep_attention_weights,
+                c.hidden_dim,
+                keep_attention=c.keep_attention_weights,
                 **extra,
             )
         )
@@ -273,27 +276,111 @@ class SonaEngine:
             trajectory_id = trajectory_id.id
         q = check_unit("quality", quality)
         with self._lock:
-            b = self._builder(trajectory_id)
-            t = b.build(q)
+            b = self._open.get(trajectory_id)
+            if b is None:
+                b = self._builder(trajectory_id)  # raises, naming why
+            t = b._end(q)
             del self._open[trajectory_id]
-            self._counters["trajectories_ended"] += 1
-            self._last_ended = t
-            if not self._enabled:
-                return t.id
-            self._buffer.record(t)
-            self._recent[t.id] = t
-            if len(self._recent) > self.config.max_pending_signals:
-                self._recent.popitem(last=False)
-            self._pending[t.id] = t
-            if len(self._pending) > self.config.max_pending_signals:
-                self._pending.popitem(last=False)
-                self._counters["instant_dropped"] += 1
-        if self._learn_lock.acquire(blocking=False):
+            learn = self._ended(t)
+        if learn and self._learn_lock.acquire(blocking=False):
             try:
                 self._apply_pending()
             finally:
                 self._learn_lock.release()
         return t.id
+
+    def record_trajectory(
+        self,
+        query_embedding,
+        activations,
+        rewards,
+        quality: float,
+        attention_weights=None,
+        *,
+        actions=None,
+        route: str | None = None,
+        context_ids=(),
+        latency_us: int = 0,
+    ) -> int:
+        """Record a whole trajectory in one call: ``begin_trajectory``, one ``add_step`` per
+        row and ``end_trajectory``, with the same checks, state and learning, at less cost.
+
+        Args:
+            query_embedding: the query (embedding_dim).
+            activations: ``[T, hidden_dim]``, one row per step (or a sequence of T vectors).
+            rewards: T step rewards in [-1, 1].
+            quality: the trajectory's quality in [0, 1]: a feedback, learned from at once
+                as by :meth:`end_trajectory`.
+            attention_weights: None, or T vectors (a ``[T, k]`` array or a sequence).
+            actions: None, or T non-negative integers (each step's token or route).
+            route: the trajectory's route label (``TrajectoryBuilder.set_route``).
+            context_ids: context ids (``TrajectoryBuilder.add_context``).
+            latency_us: the trajectory's latency (the per-step path measures it from
+                ``begin_trajectory`` to ``end_trajectory``).
+
+        Returns:
+            The trajectory id.
+
+        Raises:
+            DimensionMismatch, InvalidValue: as the per-step calls would, for the first bad
+                input in their order (query, then each step, then quality); a step's
+                message is add_step's with `` (step i)`` appended. Every input is checked
+                before anything is recorded: a refused trajectory leaves no trace (the
+                per-step path keeps the steps added before a refused one) and uses no id.
+        """
+        c = self.config
+        qe = as_vector("query_embedding", query_embedding, c.embed_dim, copy=True)
+        steps, dropped = make_steps(
+            activations,
+            rewards,
+            c.hidden_dim,
+            attention_weights=attention_weights,
+            actions=actions,
+            keep_attention=c.keep_attention_weights,
+            max_steps=c.max_trajectory_steps,
+        )
+        q = check_unit("quality", quality)
+        if latency_us < 0:
+            raise InvalidValue(f"latency_us must be >= 0, got {latency_us!r}")
+        t = Trajectory(
+            0,
+            qe,
+            steps,
+            q,
+            int(latency_us),
+            None if route is None else str(route),
+            [str(x) for x in context_ids],
+            steps_dropped=dropped,
+        )
+        with self._lock:
+            t.id = self._next_id
+            self._next_id += 1
+            self._counters["trajectories_started"] += 1
+            learn = self._ended(t)
+        if learn and self._learn_lock.acquire(blocking=False):
+            try:
+                self._apply_pending()
+            finally:
+                self._learn_lock.release()
+        return t.id
+
+    def _ended(self, t: Trajectory) -> bool:
+        """Bookkeeping of a trajectory that has just ended (``self._lock`` held): buffered,
+        held for feedback and queued for its instant update. False when disabled."""
+        self._counters["trajectories_ended"] += 1
+        self._last_ended = t
+        if not self._enabled:
+            return False
+        self._buffer.record(t)
+        limit = self.config.max_pending_signals
+        self._recent[t.id] = t
+        if len(self._recent) > limit:
+            self._recent.popitem(last=False)
+        self._pending[t.id] = t
+        if len(self._pending) > limit:
+            self._pending.popitem(last=False)
+            self._counters["instant_dropped"] += 1
+        return True
 
     def submit_trajectory(self, builder: TrajectoryBuilder, quality: float) -> int:
         return self.end_trajectory(builder.id, quality)
