@@ -207,15 +207,7 @@ class SonaPipeline(LearningHost):
             rec.hidden.append(h[:, -1, :].detach().to(torch.float32).cpu().numpy().copy())
         if not self.engine.is_enabled():
             return None
-        A, B, s = micro.A, micro.B, micro.scale
-        if h.requires_grad or h.device.type != "cpu" or h.dtype != torch.float32:
-            At = torch.from_numpy(A).to(h.device, h.dtype)
-            Bt = torch.from_numpy(B).to(h.device, h.dtype)
-            return (h + s * (h @ At.T) @ Bt.T, *args[1:])
-        x = h.contiguous()
-        out = torch.empty_like(x)
-        kernels.micro_lora_forward(x.view(-1, x.shape[-1]), A, B, s, out.view(-1, x.shape[-1]))
-        return (out, *args[1:])
+        return (kernels.apply_micro_lora_torch(h, micro.A, micro.B, micro.scale), *args[1:])
 
     def _post_hook(self, module, args, logits):
         rec: _Recorder | None = getattr(self._local, "rec", None)

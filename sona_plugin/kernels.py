@@ -46,6 +46,7 @@ from sona_plugin.errors import DimensionMismatch, InvalidValue
 __all__ = [
     "BACKEND",
     "Backend",
+    "apply_micro_lora_torch",
     "cosine_topk",
     "kmeans_assign",
     "micro_lora_forward",
@@ -116,6 +117,26 @@ reinforce_accumulate = _impl.reinforce_accumulate
 cosine_topk = _impl.cosine_topk
 kmeans_assign = _impl.kmeans_assign
 micro_update = _impl.micro_update
+
+
+def apply_micro_lora_torch(h: Any, A: np.ndarray, B: np.ndarray, scale: float) -> Any:
+    """``h + scale * B (A h)`` over the last axis of a torch tensor, for the hosts' hooks.
+
+    Float32 CPU tensors outside autograd go through :func:`micro_lora_forward` (the C++
+    kernel); anything else (GPU, other dtypes, a tensor a gradient must flow through) takes
+    the same product in torch ops on its device.
+    """
+    import torch
+
+    if h.requires_grad or h.device.type != "cpu" or h.dtype != torch.float32:
+        At = torch.from_numpy(A).to(h.device, h.dtype)
+        Bt = torch.from_numpy(B).to(h.device, h.dtype)
+        return h + scale * (h @ At.T) @ Bt.T
+    x = h.contiguous()
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    micro_lora_forward(x.view(-1, d), A, B, scale, out.view(-1, d))
+    return out
 
 
 def simd_levels() -> list[str]:

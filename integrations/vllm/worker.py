@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sona_plugin import kernels
+
 from . import _compat
 
 logger = logging.getLogger(__name__)
@@ -140,7 +142,7 @@ class WorkerSona:
         h_rec = h.detach().to(torch.float32).cpu().numpy().copy() if record else None
         micro = self.engine.micro_lora
         if self.engine.is_enabled() and micro.B.any():
-            h = _apply_micro(h, micro.A, micro.B, micro.scale)
+            h = kernels.apply_micro_lora_torch(h, micro.A, micro.B, micro.scale)
         logits = orig(h, *args, **kwargs)
         if h_rec is not None and logits is not None:
             lp = torch.log_softmax(logits.detach().float(), dim=-1)
@@ -261,19 +263,6 @@ class WorkerSona:
             }
         )
         return s
-
-
-def _apply_micro(h: torch.Tensor, A: np.ndarray, B: np.ndarray, scale: float) -> torch.Tensor:
-    if h.device.type == "cpu" and h.dtype == torch.float32:
-        from sona_plugin import kernels
-
-        x = h.contiguous()
-        out = torch.empty_like(x)
-        kernels.micro_lora_forward(x, A, B, scale, out)
-        return out
-    At = torch.from_numpy(A).to(h.device, h.dtype)
-    Bt = torch.from_numpy(B).to(h.device, h.dtype)
-    return h + scale * (h @ At.T) @ Bt.T
 
 
 def _full_head_weight(model) -> np.ndarray:

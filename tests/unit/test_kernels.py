@@ -682,3 +682,19 @@ def test_concurrent_calls_from_threads():
     for g, w in zip(got, want, strict=True):
         for y in g:
             np.testing.assert_array_equal(y, w)
+
+
+def test_the_hosts_torch_apply_takes_the_kernel_or_torch_ops_with_one_result():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((2, 16)).astype(np.float32)
+    B = rng.standard_normal((16, 2)).astype(np.float32)
+    h = torch.from_numpy(rng.standard_normal((3, 5, 16)).astype(np.float32))
+    fast = K.apply_micro_lora_torch(h, A, B, 0.5)  # float32 CPU: the kernel
+    slow = K.apply_micro_lora_torch(h.clone().requires_grad_(True), A, B, 0.5)  # torch ops
+    want = h.numpy() + 0.5 * (h.numpy() @ A.T) @ B.T
+    assert fast.shape == h.shape and slow.requires_grad
+    np.testing.assert_allclose(fast.numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(slow.detach().numpy(), want, rtol=1e-5, atol=1e-5)
+    as64 = K.apply_micro_lora_torch(h.double(), A, B, 0.5)
+    assert as64.dtype == torch.float64
