@@ -49,6 +49,18 @@ def load_engine(path: Path, config: Any) -> Any:
     return SonaEngine(config)
 
 
+def _trainer_lease(store: Any) -> Any:
+    """The trainer lease on ``store``'s database when replicas share it (a PostgresStore),
+    else None."""
+    try:
+        from sona_plugin.store.leader import lease_for
+    except ImportError as e:  # without psycopg the store cannot be a PostgresStore
+        if e.name not in ("psycopg", "psycopg_pool"):
+            raise
+        return None
+    return lease_for(store)
+
+
 class FeedbackResult(TypedDict):
     """What ``feedback()`` answers, from every host (and ``POST /v1/feedback``)."""
 
@@ -98,6 +110,7 @@ class LearningHost:
     learner: Any = None
     _embedder: Any = None
     _coordinator: Any = None
+    _trainer_lease: Any = None  # replicas on one PostgreSQL store: only its holder trains
     save_every: int = 25
     save_interval_s: float = 60.0
     keep_versions: int = 20
@@ -271,15 +284,30 @@ class LearningHost:
         ``background_trigger_count`` new feedback records are stored, or when
         ``background_interval_ms`` has passed with any new feedback; a deep cycle every
         ``consolidation_interval`` records. Generation is never blocked by training (it
-        waits only for the adapter swap itself)."""
+        waits only for the adapter swap itself).
+
+        On a PostgreSQL store shared by replicas, only the holder of the trainer lease
+        (``sona_plugin/store/leader.py``) runs loops B and C: another replica's coordinator
+        sees nothing pending, and its forced cycle reports ``{"skipped": "not the trainer"}``;
+        it takes over when the holder goes away."""
         from sona_plugin.loops.coordinator import LoopCoordinator
 
         if self._coordinator is None:
             c = self.engine.config
+            pending, run_background, run_deep = self.learner.pending, self.learn, self.deep_cycle
+            self._trainer_lease = _trainer_lease(self.store)
+            if self._trainer_lease is not None:
+                from sona_plugin.store.leader import only_while_leading
+
+                lease = self._trainer_lease
+                # pending 0 off the lease: a follower's poll neither runs nor logs a cycle
+                pending = only_while_leading(lease, pending, otherwise=0)
+                run_background = only_while_leading(lease, run_background)
+                run_deep = only_while_leading(lease, run_deep)
             self._coordinator = LoopCoordinator(
-                pending=self.learner.pending,
-                run_background=self.learn,
-                run_deep=self.deep_cycle,
+                pending=pending,
+                run_background=run_background,
+                run_deep=run_deep,
                 trigger_count=c.background_trigger_count,
                 interval_s=c.background_interval_ms / 1000.0,
                 deep_every=c.consolidation_interval,
@@ -289,8 +317,14 @@ class LearningHost:
         self._coordinator.start()
 
     def stop_background(self) -> None:
-        if self._coordinator is not None:
-            self._coordinator.stop()
+        """Stop the background thread and give the trainer lease up (hosts' ``close()``
+        calls this; ``start_background`` takes the lease again when it is free)."""
+        ended = self._coordinator.stop() if self._coordinator is not None else True
+        if self._trainer_lease is not None:
+            if ended:
+                self._trainer_lease.close()
+            else:  # a replica taking over now would train alongside the cycle still running
+                logger.warning("a cycle is still running: keeping the trainer lease until it ends")
 
     @property
     def coordinator(self):
@@ -330,6 +364,8 @@ class LearningHost:
         s["background"] = (
             self._coordinator.stats() if self._coordinator is not None else {"running": False}
         )
+        if self._trainer_lease is not None:
+            s["trainer_lease"] = self._trainer_lease.stats()
         s["counters"] = metrics.snapshot()
         return s
 

@@ -225,12 +225,16 @@ class LoopCoordinator:
         self._thread = threading.Thread(target=self._loop, name="sona-coordinator", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float | None = 10.0) -> None:
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """Stop the thread, waiting up to ``timeout`` s for a cycle in progress; returns
+        whether the thread has ended (False: a cycle was still running)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
         self._thread = None
+        return thread is None or not thread.is_alive()
 
     def _background_done(self, n: int, res: object) -> None:
         self.last_background = self._clock()

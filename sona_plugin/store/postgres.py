@@ -174,6 +174,7 @@ class PostgresStore:
         ):
             raise InvalidValue(f"timeout_s must be a finite number > 0, got {timeout_s!r}")
         self.url = _redacted(url)
+        self._conninfo = url  # with its password: the trainer lease connects on its own
         self._close_lock = threading.Lock()
         self._pool: ConnectionPool | None = None
         try:

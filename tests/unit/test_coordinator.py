@@ -305,3 +305,29 @@ def test_stats_does_not_wait_for_a_running_cycle():
         release.set()
         worker.join(10)
     assert coord.stats()["cycles_ok"] == 1
+
+
+def test_stop_says_whether_the_thread_ended():
+    """A host gives its trainer lease up only once no cycle of its own is left running."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        started.set()
+        release.wait(10)
+        return "ok"
+
+    coord = make(slow, poll_s=60.0)
+    assert coord.stop() is True  # never started
+    coord.start()
+    thread = coord._thread
+    try:
+        coord.tick()
+        assert started.wait(10)
+        assert coord.stop(timeout=0.05) is False  # the cycle outlived the wait
+        assert thread.is_alive()
+    finally:
+        release.set()
+        thread.join(10)
+    assert coord.stats()["cycles_ok"] == 1
+    coord.start()
+    assert coord.stop(timeout=5.0) is True
