@@ -15,7 +15,23 @@ def _state_dir(arg: str | None) -> Path:
     return Path(arg) if arg else sona_home() / "state"
 
 
+def _quiet(verbose: bool) -> None:
+    """The demo prints its progress and results; libraries' logs and load bars only with -v."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    _quiet(args.verbose)
     from sona_plugin.demo import RULES, run_demo
 
     rule = RULES[args.rule]
@@ -174,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--max-new-tokens", type=int, default=40)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="sona-demo", help="output directory (plot, adapter, state)")
+    d.add_argument("-v", "--verbose", action="store_true", help="log what the loops do")
     d.set_defaults(fn=cmd_demo)
     e = sub.add_parser("export", help="export a PEFT adapter, patterns or preference pairs")
     e.add_argument("path", nargs="?", help="directory for the PEFT adapter")
