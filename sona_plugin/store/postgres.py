@@ -49,6 +49,7 @@ from .sqlite import (
     _check_list_limit,
     _check_prune_args,
     _check_records_limit,
+    _listed,
     _record,
     _unknown,
     _validated_row,
@@ -396,22 +397,7 @@ class PostgresStore:
                 "ORDER BY id LIMIT %s",
                 (LIST_TEXT_CHARS, LIST_TEXT_CHARS, int(since_id), int(limit)),
             ).fetchall()
-        return [
-            {
-                "id": id_,
-                "response_id": rid,
-                "reward": reward,
-                "adapter_version": av,
-                "task": task,
-                "created_at": created_at,
-                "quarantined": qa is not None,
-                "quarantined_at": qa,
-                "quarantine_reason": why,
-                "prompt": prompt,
-                "response_text": text,
-            }
-            for id_, rid, reward, av, task, created_at, qa, why, prompt, text in rows
-        ]
+        return [_listed(row) for row in rows]
 
     def prune(self, older_than: float, *, batch_size: int = PRUNE_BATCH) -> int:
         """Delete every record (quarantined or not) created before ``older_than``.

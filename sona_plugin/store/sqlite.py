@@ -241,6 +241,24 @@ def _check_prune_args(older_than: object, batch_size: object) -> None:
         raise InvalidValue(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
+def _listed(row: tuple) -> dict:
+    """One row of ``list_records`` (columns in the order both stores select them)."""
+    id_, rid, reward, av, task, created_at, qa, why, prompt, text = row
+    return {
+        "id": id_,
+        "response_id": rid,
+        "reward": reward,
+        "adapter_version": av,
+        "task": task,
+        "created_at": created_at,
+        "quarantined": qa is not None,
+        "quarantined_at": qa,
+        "quarantine_reason": why,
+        "prompt": prompt,
+        "response_text": text,
+    }
+
+
 class SqliteStore:
     """A :class:`~sona_plugin.store.base.TrajectoryStore` in one SQLite file.
 
@@ -497,22 +515,7 @@ class SqliteStore:
                 )
                 .fetchall()
             )
-        return [
-            {
-                "id": id_,
-                "response_id": rid,
-                "reward": reward,
-                "adapter_version": av,
-                "task": task,
-                "created_at": created_at,
-                "quarantined": qa is not None,
-                "quarantined_at": qa,
-                "quarantine_reason": why,
-                "prompt": prompt,
-                "response_text": text,
-            }
-            for id_, rid, reward, av, task, created_at, qa, why, prompt, text in rows
-        ]
+        return [_listed(row) for row in rows]
 
     def prune(self, older_than: float, *, batch_size: int = PRUNE_BATCH) -> int:
         """Delete every record (quarantined or not) created before ``older_than``.
