@@ -167,3 +167,14 @@ def postgres_server() -> Iterator[PostgresServer]:
         if started is not None:
             _run([pg_ctl, "stop", "-m", "immediate", "-w", "-D", str(started.data)])
         shutil.rmtree(root)
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a PostgreSQL test that cannot run here, or fail it where the environment
+    promises PostgreSQL (``SONA_REQUIRE_POSTGRES=1``, set by ``.ci/run``): a skipped test
+    proves nothing in CI."""
+    import pytest
+
+    if os.environ.get("SONA_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"PostgreSQL is required here (SONA_REQUIRE_POSTGRES=1): {reason}")
+    pytest.skip(reason)

@@ -51,9 +51,9 @@ KILL_HANDOVER_BOUND_S = 5.0
 def pg_server():
     why = _postgres.unavailable()
     if why:
-        pytest.skip(why)
+        _postgres.skip_or_fail(why)
     if psycopg is None:
-        pytest.skip(NO_PSYCOPG)
+        _postgres.skip_or_fail(NO_PSYCOPG)
     with _postgres.postgres_server() as server:
         yield server
 

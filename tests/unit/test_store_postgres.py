@@ -91,9 +91,9 @@ def assert_same(got: FeedbackRecord, want: FeedbackRecord) -> None:
 def pg_server():
     why = _postgres.unavailable()
     if why:
-        pytest.skip(why)
+        _postgres.skip_or_fail(why)
     if psycopg is None:
-        pytest.skip(NO_PSYCOPG)
+        _postgres.skip_or_fail(NO_PSYCOPG)
     with _postgres.postgres_server() as server:
         yield server
 
@@ -629,7 +629,7 @@ def test_open_store_dispatches_postgres_urls(pg_url, monkeypatch):
 
 def test_unreachable_server_is_a_state_error_that_hides_the_password():
     if psycopg is None:
-        pytest.skip(NO_PSYCOPG)
+        _postgres.skip_or_fail(NO_PSYCOPG)
     url = f"postgresql://sona:s3cret@127.0.0.1:{_postgres.free_port()}/sona?password=s3cret"
     with pytest.raises(
         StateError, match="cannot open trajectory store postgresql://sona:\\*\\*\\*@127.0.0.1"
@@ -652,6 +652,6 @@ def test_unreachable_server_is_a_state_error_that_hides_the_password():
 )
 def test_pool_arguments_are_checked_before_connecting(kwargs, match):
     if psycopg is None:
-        pytest.skip(NO_PSYCOPG)
+        _postgres.skip_or_fail(NO_PSYCOPG)
     with pytest.raises(InvalidValue, match=match):
         PostgresStore("postgresql://nobody@127.0.0.1:1/none", **kwargs)
