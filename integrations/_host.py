@@ -346,6 +346,7 @@ class LearningHost:
             "ewc": lr.ewc.stats(),
             "boundaries": list(lr.boundaries),
             "shift_detector": lr.detector.state_dict(),
+            "leaning_shift_detector": lr.leaning_detector.state_dict(),
             "dreams": len(lr.dreams),
             "heldout_prompt_groups": lr.split.groups,
         }

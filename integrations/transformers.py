@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,11 @@ from sona_plugin.faults import failpoint
 from sona_plugin.types import Trajectory, TrajectoryStep
 
 from ._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, parse_reward
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from sona_plugin.store import TrajectoryStore
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +123,7 @@ class SonaTextGenerationPipeline(TextGenerationPipeline):
 
     sona: SonaPipeline
 
-    def _forward(self, model_inputs, **generate_kwargs):
+    def _forward(self, model_inputs: dict[str, Any], **generate_kwargs):
         _fold_into_generation_config(generate_kwargs, self.generation_config)
         prompt_text = model_inputs.get("prompt_text")
         with self.sona._generation() as (rec, version):
@@ -129,7 +134,7 @@ class SonaTextGenerationPipeline(TextGenerationPipeline):
         out["sona_response_handle"] = handles
         return out
 
-    def postprocess(self, model_outputs, *args, **kwargs):
+    def postprocess(self, model_outputs: dict[str, Any], *args, **kwargs) -> list[dict[str, Any]]:
         # taken out before transformers sees it: how extra outputs reach the records
         # differs between transformers versions
         handles = model_outputs.pop("sona_response_handle", None)
@@ -156,7 +161,7 @@ class SonaPipeline(LearningHost):
         engine: SonaEngine,
         *,
         state_dir: Path,
-        store,
+        store: TrajectoryStore,
         model_source: Any,
         max_responses: int = 1000,
         save_every: int = 25,
@@ -199,7 +204,7 @@ class SonaPipeline(LearningHost):
         atexit.register(_save_at_exit, weakref.ref(self))
 
     # -- hooks ----------------------------------------------------------------------------
-    def _pre_hook(self, module, args):
+    def _pre_hook(self, module: torch.nn.Module, args: tuple[Any, ...]):
         (h,) = args[:1]
         micro = self.engine.micro_lora
         rec: _Recorder | None = getattr(self._local, "rec", None)
@@ -209,7 +214,7 @@ class SonaPipeline(LearningHost):
             return None
         return (kernels.apply_micro_lora_torch(h, micro.A, micro.B, micro.scale), *args[1:])
 
-    def _post_hook(self, module, args, logits):
+    def _post_hook(self, module: torch.nn.Module, args: tuple[Any, ...], logits: torch.Tensor):
         rec: _Recorder | None = getattr(self._local, "rec", None)
         if rec is not None:
             last = logits[:, -1, :].detach().float()
@@ -233,7 +238,7 @@ class SonaPipeline(LearningHost):
         self,
         generated: torch.Tensor,
         input_ids: torch.Tensor | None,
-        prompt_text,
+        prompt_text: Any,
         rec: _Recorder,
         version: int | None,
     ) -> torch.Tensor:
@@ -293,17 +298,17 @@ class SonaPipeline(LearningHost):
         return handles
 
     # -- the pipeline ---------------------------------------------------------------------
-    def __call__(self, inputs, **kwargs):
+    def __call__(self, inputs: Any, **kwargs):
         """Generate, as transformers' pipeline does; every sequence gets a ``response_id``."""
         return self._pipe(inputs, **kwargs)
 
     @property
-    def model(self):
+    def model(self) -> PreTrainedModel:
         """The live model, hooks on: ``pipe.model(input_ids).logits`` are the adapted logits."""
         return self._pipe.model
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._pipe.tokenizer
 
     @property
@@ -499,7 +504,7 @@ class SonaPipeline(LearningHost):
         self.store.close()
 
 
-def _fold_into_generation_config(kw: dict, default) -> None:
+def _fold_into_generation_config(kw: dict, default: GenerationConfig | None) -> None:
     """transformers' pipeline passes its ``generation_config`` *and* the call's generation
     arguments to ``generate``, which transformers 5 warns about on every call (and, with
     ``max_new_tokens``, about ``max_length`` too): fold the arguments into a copy of the
@@ -519,7 +524,7 @@ def _fold_into_generation_config(kw: dict, default) -> None:
     kw["generation_config"] = gc
 
 
-def _save_at_exit(ref) -> None:
+def _save_at_exit(ref: weakref.ref[SonaPipeline]) -> None:
     p = ref()
     if p is not None and p._hooks and p._unsaved_feedback:
         try:
@@ -528,7 +533,7 @@ def _save_at_exit(ref) -> None:
             logging.getLogger(__name__).exception("saving SONA's engine at exit failed")
 
 
-def _prompt_texts(prompt_text, in_b: int) -> list[str]:
+def _prompt_texts(prompt_text: Any, in_b: int) -> list[str]:
     """The user's own words per batch row (the last user message for chats)."""
     items = (
         prompt_text
@@ -550,12 +555,12 @@ def _prompt_texts(prompt_text, in_b: int) -> list[str]:
 
 def pipeline(
     task: str = "text-generation",
-    model=None,
-    tokenizer=None,
+    model: str | Path | PreTrainedModel | None = None,
+    tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
     sona_config: SonaConfig | dict | None = None,
     *,
     state_dir: str | Path | None = None,
-    store=None,
+    store: TrajectoryStore | None = None,
     save_every: int | None = None,
     save_interval_s: float | None = None,
     keep_versions: int | None = None,

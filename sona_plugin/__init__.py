@@ -4,6 +4,10 @@ The core (this package) has no dependency on vLLM or transformers; the integrati
 live in ``sona_plugin.integrations``.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from .base_lora import BaseLoRA
 from .config import (
     BaseLoraConfig,
@@ -33,10 +37,23 @@ from .reasoning_bank import ReasoningBank
 from .trajectory import TrajectoryBuffer, TrajectoryBuilder
 from .types import LearnedPattern, LearningSignal, PatternType, Trajectory, TrajectoryStep
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .integrations.transformers import SonaPipeline
+
 __version__ = "0.1.0"
 
 
-def pipeline(task: str = "text-generation", model=None, tokenizer=None, sona_config=None, **kwargs):
+def pipeline(
+    task: str = "text-generation",
+    model: str | Path | PreTrainedModel | None = None,
+    tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
+    sona_config: SonaConfig | dict | None = None,
+    **kwargs,
+) -> SonaPipeline:
     """A transformers text-generation pipeline that learns from feedback.
 
     See :func:`sona_plugin.integrations.transformers.pipeline` (imported on first call, so

@@ -2,7 +2,9 @@
 
 Same functions, signatures, checks (in the same order) and error messages as
 ``sona_plugin._native``.  Import :mod:`sona_plugin.kernels` instead of this
-module; it picks the backend.
+module; it picks the backend.  Besides them, :func:`micro_step` is the MicroLoRA
+update rule itself, the one NumPy copy: :func:`micro_update` (the native kernel's
+reference) and ``MicroLoRA.update`` both call it.
 
 Inputs are float32 (int64 for ``labels``), C-contiguous NumPy arrays or CPU
 torch tensors; nothing is converted or copied, outputs are written in place.
@@ -152,14 +154,20 @@ def micro_lora_forward(x: Any, A: Any, B: Any, scale: float, out: Any = None) ->
     return out
 
 
-def _step_arrays(H: Any, G: Any, adv: Any, A: Any, B: Any) -> tuple[np.ndarray, ...]:
-    """H [T, d], G [T, d], adv [T], A [r, d], B [d, r] as checked arrays, in the native order."""
+def _step_inputs(H: Any, G: Any, adv: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """H [T, d], G [T, d], adv [T] as arrays, their layouts checked in the native order."""
     Ha = _arr(H, "H")
     _ndim(Ha, "H", 2, "[T, d]")
     Ga = _arr(G, "G")
     _ndim(Ga, "G", 2, "[T, d]")
     adva = _arr(adv, "adv")
     _ndim(adva, "adv", 1, "[T]")
+    return Ha, Ga, adva
+
+
+def _step_arrays(H: Any, G: Any, adv: Any, A: Any, B: Any) -> tuple[np.ndarray, ...]:
+    """H [T, d], G [T, d], adv [T], A [r, d], B [d, r] as checked arrays, in the native order."""
+    Ha, Ga, adva = _step_inputs(H, G, adv)
     Aa = _arr(A, "A")
     _ndim(Aa, "A", 2, "[r, d]")
     Ba = _arr(B, "B")
@@ -177,6 +185,16 @@ def _check_steps(Ha: np.ndarray, Ga: np.ndarray, adva: np.ndarray, T: int, d: in
         raise DimensionMismatch(f"G has dimension {Ga.shape[1]}, expected {d}", d, Ga.shape[1])
     if adva.shape[0] != T:
         raise DimensionMismatch(f"adv has length {adva.shape[0]}, expected {T}", T, adva.shape[0])
+
+
+def _checked_steps(H: Any, G: Any, adv: Any, d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """H [T, d], G [T, d], adv [T] checked for layout, shape and finiteness."""
+    Ha, Ga, adva = _step_inputs(H, G, adv)
+    _check_steps(Ha, Ga, adva, Ha.shape[0], d)
+    _check_finite(adva, "adv")
+    _check_finite(Ha, "H")
+    _check_finite(Ga, "G")
+    return Ha, Ga, adva
 
 
 def reinforce_accumulate(
@@ -308,6 +326,120 @@ def kmeans_assign(X: Any, C: Any, labels: Any = None, sq_dists: Any = None) -> t
 _MAX_RANK = 8
 
 
+def _delta_norm(A64: np.ndarray, B64: np.ndarray, s: float) -> float:
+    """``||s B A||_F`` from the r x r Gram matrices."""
+    return s * math.sqrt(max(float(np.sum((B64.T @ B64) * (A64 @ A64.T))), 0.0))
+
+
+def _output_change(H: np.ndarray, A: np.ndarray, B: np.ndarray, scale: float) -> Callable:
+    """``(A_n, B_n) -> mean_t ||s (B_n A_n - B A) h_t|| / ||h_t||``, in float64."""
+    f64 = np.float64
+    H64 = H.astype(f64)
+    inv_n = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H64, H64)) + 1e-12)
+    q = (H64 @ A.astype(f64).T) @ B.astype(f64).T  # [T, d]: B A h_t
+
+    def divergence(An: np.ndarray, Bn: np.ndarray) -> float:
+        diff = scale * ((H64 @ An.astype(f64).T) @ Bn.astype(f64).T - q)
+        return float(np.mean(np.sqrt(np.einsum("ij,ij->i", diff, diff)) * inv_n))
+
+    return divergence
+
+
+def micro_step(
+    H: np.ndarray,
+    adv: np.ndarray,
+    A: np.ndarray,
+    B: np.ndarray,
+    A0: np.ndarray | None,
+    B0: np.ndarray,
+    v: np.ndarray,
+    t: int,
+    scale: float,
+    lr: float,
+    beta2: float,
+    decay: float,
+    grad_clip: float,
+    norm_cap: float,
+    trust_region: float,
+    max_halvings: int,
+    grad_fn: Callable[[np.ndarray, np.ndarray], Any],
+    divergence: Callable[[np.ndarray, np.ndarray], float] | None = None,
+) -> tuple[bool, float, float, float, float, np.ndarray, np.ndarray, np.ndarray]:
+    """The MicroLoRA update rule, once, for every caller: :func:`micro_update` (the
+    reference of the native kernel) and ``MicroLoRA.update``.
+
+    1. decay toward the initial adapter: ``A <- (1 - decay) A + decay A0`` (A0 None: zero),
+       ``B <- (1 - decay) B + decay B0``;
+    2. the gradient ``g`` of ``sum_t adv_t G_t . y_t``, ``y_t = h_t + s B A h_t``, at the
+       decayed parameters, ``G = grad_fn(A, B)`` [T, d] being evaluated there too;
+    3. global clipping ``g <- g min(1, grad_clip / ||g||)``;
+    4. Adam with beta1 = 0 on theta = [A.ravel() | B.ravel()]:
+       ``v <- beta2 v + (1 - beta2) g^2``, ``step = lr g / (sqrt(v / (1 - beta2^t)) + eps)``;
+    5. candidates ``theta + frac step`` for frac = 1, 1/2, ... (max_halvings + 1 tries), each
+       with ``||s B A||_F`` capped at norm_cap by rescaling A, until
+       ``divergence(A_n, B_n) <= trust_region``; if none fits, the decayed parameters.
+       ``divergence`` None: the mean relative output change on the rows of H against the
+       undecayed (A, B), ``mean_t ||s (B_n A_n - B A) h_t|| / ||h_t||``.
+
+    H [T, d] and adv [T] are checked here together with the G that grad_fn returns (a
+    float32 array, as the kernels take it); A, B, A0, B0 and v are the caller's float32
+    arrays. Parameters, their candidates and v are rounded to float32 where they are
+    stored; the gradient, the Adam step and every reduction are float64.
+
+    Returns:
+        ``(accepted, frac, div, gnorm, delta_norm, A_new, B_new, v_new)``: frac is 0 and
+        (A_new, B_new) the decayed parameters when rejected; gnorm is before clipping.
+
+    Raises:
+        InvalidValue: the gradient is not finite (nothing is returned, nothing changes).
+    """
+    f64 = np.float64
+    s = float(scale)
+    r, d = A.shape
+    # decayed parameters (float32, as stored)
+    A_dec = (1.0 - decay) * A.astype(f64)
+    if A0 is not None:
+        A_dec += decay * A0.astype(f64)
+    Ad = A_dec.astype(np.float32)
+    Bd = ((1.0 - decay) * B.astype(f64) + decay * B0.astype(f64)).astype(np.float32)
+    Ad64, Bd64 = Ad.astype(f64), Bd.astype(f64)
+    Ha, Ga, adva = _checked_steps(H, grad_fn(Ad, Bd), adv, d)
+    H64, G64 = Ha.astype(f64), Ga.astype(f64)
+    w = s * adva.astype(f64)
+    with np.errstate(all="ignore"):  # a non-finite A, B or B0 is reported just below
+        a = H64 @ Ad64.T  # [T, r]: A h_t
+        b = G64 @ Bd64  # [T, r]: B^T g_t
+        g = np.concatenate([((b * w[:, None]).T @ H64).ravel(), ((G64 * w[:, None]).T @ a).ravel()])
+        gnorm = math.sqrt(float(np.dot(g, g)))
+    if not math.isfinite(gnorm):
+        raise InvalidValue("gradient is not finite")
+    if gnorm > grad_clip:
+        g *= grad_clip / gnorm
+    c = math.sqrt(1.0 - beta2**t)
+    v_new = beta2 * v.astype(f64) + (1.0 - beta2) * (g * g)
+    step = g * (lr * c) / (np.sqrt(v_new) + 1e-8 * c)
+    v_new = v_new.astype(np.float32)
+    theta = np.concatenate([Ad64.ravel(), Bd64.ravel()])
+    if divergence is None:
+        divergence = _output_change(Ha, A, B, s)
+    n_a = r * d
+    frac, div = 1.0, 0.0
+    for _ in range(max_halvings + 1):
+        new = (theta + frac * step).astype(np.float32)
+        An, Bn = new[:n_a].reshape(r, d), new[n_a:].reshape(d, r)
+        An64, Bn64 = An.astype(f64), Bn.astype(f64)
+        dn = _delta_norm(An64, Bn64, s)
+        if dn > norm_cap:
+            An = (An64 * (norm_cap / dn)).astype(np.float32)
+            dn = norm_cap
+        div = float(divergence(An, Bn))
+        if div <= trust_region:
+            return True, frac, div, gnorm, dn, An, Bn, v_new
+        frac *= 0.5
+    # the decay still applies: an over-large step is refused, ageing is not
+    return False, 0.0, div, gnorm, _delta_norm(Ad64, Bd64, s), Ad, Bd, v_new
+
+
 def micro_update(
     H: Any,
     G: Any,
@@ -332,7 +464,8 @@ def micro_update(
     """One stabilised Adam step of the MicroLoRA ``y = h + s B A h``; returns
     ``(accepted, frac, div, gnorm, delta_norm)`` and writes A_out, B_out, v_out.
 
-    Decay toward (0, B0); the gradient of ``sum_t adv_t G_t . y_t`` at the decayed
+    :func:`micro_step` for an upstream gradient G that does not depend on (A, B):
+    decay toward (0, B0); the gradient of ``sum_t adv_t G_t . y_t`` at the decayed
     parameters; global clipping; Adam (beta1 = 0) on theta = [A.ravel() | B.ravel()]
     with second moment v; then steps of fraction 1, 1/2, ... (max_halvings + 1 tries),
     each with ``||s B A||_F`` capped at norm_cap (by rescaling A), until the mean
@@ -405,53 +538,26 @@ def micro_update(
     _check_finite(Ha, "H")
     _check_finite(Ga, "G")
 
-    f64 = np.float64
-    H64, G64 = Ha.astype(f64), Ga.astype(f64)
-    A64, B64 = Aa.astype(f64), Ba.astype(f64)
-    # decayed parameters (float32, as stored)
-    Ad = ((1.0 - decay) * A64).astype(np.float32)
-    Bd = ((1.0 - decay) * B64 + decay * B0a.astype(f64)).astype(np.float32)
-    Ad64, Bd64 = Ad.astype(f64), Bd.astype(f64)
-    # gradient of sum_t adv_t G_t . y_t at the decayed parameters
-    w = s * adva.astype(f64)
-    with np.errstate(all="ignore"):  # a non-finite A, B or B0 is reported just below
-        a = H64 @ Ad64.T  # [T, r]: A h_t
-        b = G64 @ Bd64  # [T, r]: B^T g_t
-        g = np.concatenate([((b * w[:, None]).T @ H64).ravel(), ((G64 * w[:, None]).T @ a).ravel()])
-        gnorm = math.sqrt(float(np.dot(g, g)))
-    if not math.isfinite(gnorm):
-        raise InvalidValue("gradient is not finite")
-    if gnorm > grad_clip:
-        g *= grad_clip / gnorm
-    # Adam, beta1 = 0
-    c = math.sqrt(1.0 - beta2**t)
-    v_new = beta2 * va.astype(f64) + (1.0 - beta2) * (g * g)
-    step = g * (lr * c) / (np.sqrt(v_new) + 1e-8 * c)
-    theta = np.concatenate([Ad64.ravel(), Bd64.ravel()])
-    # trust region: mean_t ||s (B_n A_n - B A) h_t|| / ||h_t||, A and B the current inputs
-    inv_n = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H64, H64)) + 1e-12)
-    q = (H64 @ A64.T) @ B64.T  # [T, d]: B A h_t
-    n_a = r * d
-    frac, div = 1.0, 0.0
-    for _ in range(max_halvings + 1):
-        new = (theta + frac * step).astype(np.float32)
-        An, Bn = new[:n_a].reshape(r, d), new[n_a:].reshape(d, r)
-        An64, Bn64 = An.astype(f64), Bn.astype(f64)
-        dn = s * math.sqrt(max(float(np.sum((Bn64.T @ Bn64) * (An64 @ An64.T))), 0.0))
-        if dn > norm_cap:
-            An = (An64 * (norm_cap / dn)).astype(np.float32)
-            An64 = An.astype(f64)
-            dn = norm_cap
-        diff = s * ((H64 @ An64.T) @ Bn64.T - q)
-        div = float(np.mean(np.sqrt(np.einsum("ij,ij->i", diff, diff)) * inv_n))
-        if div <= trust_region:
-            Ao[...] = An
-            Bo[...] = Bn
-            vo[...] = v_new
-            return True, frac, div, gnorm, dn
-        frac *= 0.5
-    Ao[...] = Ad
-    Bo[...] = Bd
-    vo[...] = v_new
-    dn = s * math.sqrt(max(float(np.sum((Bd64.T @ Bd64) * (Ad64 @ Ad64.T))), 0.0))
-    return False, 0.0, div, gnorm, dn
+    accepted, frac, div, gnorm, dn, An, Bn, vn = micro_step(
+        Ha,
+        adva,
+        Aa,
+        Ba,
+        None,
+        B0a,
+        va,
+        t,
+        s,
+        lr,
+        beta2,
+        decay,
+        grad_clip,
+        norm_cap,
+        trust_region,
+        max_halvings,
+        lambda A_dec, B_dec: Ga,
+    )
+    Ao[...] = An
+    Bo[...] = Bn
+    vo[...] = vn
+    return accepted, frac, div, gnorm, dn

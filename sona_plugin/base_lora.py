@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from . import kernels
 from .errors import ConfigError, DimensionMismatch, InvalidValue, StateError
+
+if TYPE_CHECKING:
+    import torch
 
 
 class BaseLoRA:
@@ -68,7 +72,12 @@ class BaseLoRA:
             )
         return int(layer_idx)
 
-    def forward_layer(self, layer_idx: int, x, out=None):
+    def forward_layer(
+        self,
+        layer_idx: int,
+        x: np.ndarray | torch.Tensor,
+        out: np.ndarray | torch.Tensor | None = None,
+    ) -> np.ndarray | torch.Tensor:
         """``x + (alpha / r) B_l A_l x`` for x [d] or [n, d]."""
         l = self._check_layer(layer_idx)
         return kernels.micro_lora_forward(x, self.A[l], self.B[l], self.scale, out)
@@ -78,7 +87,9 @@ class BaseLoRA:
         l = self._check_layer(layer_idx)
         return (self.scale * (self.B[l] @ self.A[l])).astype(np.float32)
 
-    def merge_weights(self, model_weights, layer_idx: int):
+    def merge_weights(
+        self, model_weights: np.ndarray | torch.Tensor, layer_idx: int
+    ) -> np.ndarray | torch.Tensor:
         """``W + (alpha / r) B_l A_l`` for a square weight ``W`` [d, d]; same type as ``W``.
 
         For a layer ``y = W x`` the merged weight computes ``W x + delta x``: the adapter

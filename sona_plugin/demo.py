@@ -16,6 +16,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sona_plugin.integrations.transformers import SonaPipeline
+    from sona_plugin.integrations.vllm import SonaLLM
 
 STREAM_PROMPTS = [
     "What should I eat for breakfast?",
@@ -206,7 +211,7 @@ def chat(prompt: str) -> list[dict]:
 
 
 def answers(
-    pipe,
+    pipe: SonaPipeline | SonaLLM,
     prompts: list[str],
     *,
     sample: bool,
@@ -240,7 +245,9 @@ def answers(
     ]
 
 
-def liked_rate(pipe, rule: Rule, prompts: list[str], max_new_tokens: int) -> float:
+def liked_rate(
+    pipe: SonaPipeline | SonaLLM, rule: Rule, prompts: list[str], max_new_tokens: int
+) -> float:
     """Share of greedy answers to ``prompts`` that ``rule`` likes."""
     outs = answers(pipe, prompts, sample=False, max_new_tokens=max_new_tokens)
     return sum(rule.check(o["text"]) for o in outs) / len(outs)

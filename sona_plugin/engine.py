@@ -9,8 +9,9 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -30,6 +31,10 @@ from .micro_lora import MicroLoRA
 from .reasoning_bank import ReasoningBank
 from .trajectory import TrajectoryBuffer, TrajectoryBuilder, as_vector, make_step, make_steps
 from .types import LearnedPattern, LearningSignal, Trajectory, TrajectoryStep, check_unit
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import ArrayLike
 
 logger = logging.getLogger(__name__)
 
@@ -128,14 +133,16 @@ class SonaEngine:
         }
 
     # -- adapters -----------------------------------------------------------------------
-    def apply_micro_lora(self, x):
+    def apply_micro_lora(self, x: ArrayLike | torch.Tensor) -> np.ndarray | torch.Tensor:
         """``x + s B A x`` (input plus the MicroLoRA's delta); NumPy or torch, same type out."""
         if type(x) is np.ndarray and x.dtype is _F32 and self._enabled:
             m = self._micro
             return kernels.micro_lora_forward(x, m._A, m._B, m.scale)
         return self._apply(x, micro=True, base=False)
 
-    def apply_base_lora(self, x, layer_idx: int | None = None):
+    def apply_base_lora(
+        self, x: ArrayLike | torch.Tensor, layer_idx: int | None = None
+    ) -> np.ndarray | torch.Tensor:
         """Input plus the BaseLoRA delta of ``layer_idx`` (default: the output layer).
 
         The seeds' argument order ``apply_base_lora(layer_idx, x)`` is accepted too.
@@ -146,11 +153,13 @@ class SonaEngine:
         self._base._check_layer(layer)
         return self._apply(x, micro=False, base=True, layer=layer)
 
-    def apply_lora(self, x):
+    def apply_lora(self, x: ArrayLike | torch.Tensor) -> np.ndarray | torch.Tensor:
         """Input plus both deltas: ``x + D_micro(x) + D_base(x)`` (base output layer)."""
         return self._apply(x, micro=True, base=True)
 
-    def _apply(self, x, *, micro: bool, base: bool, layer: int | None = None):
+    def _apply(
+        self, x: ArrayLike | torch.Tensor, *, micro: bool, base: bool, layer: int | None = None
+    ):
         torch_in = hasattr(x, "detach")
         if torch_in:
             xt = x
@@ -184,15 +193,15 @@ class SonaEngine:
         return y
 
     # -- trajectories (LLM style) -------------------------------------------------------
-    def begin_trajectory(self, query_embedding) -> int:
+    def begin_trajectory(self, query_embedding: ArrayLike | torch.Tensor) -> int:
         """Start recording (LLM style); returns the trajectory id."""
         return self._begin(query_embedding)
 
-    def start_trajectory(self, query_embedding) -> int:
+    def start_trajectory(self, query_embedding: ArrayLike | torch.Tensor) -> int:
         """Start recording (router style); returns the trajectory id."""
         return self._begin(query_embedding)
 
-    def _begin(self, query_embedding) -> int:
+    def _begin(self, query_embedding: ArrayLike | torch.Tensor) -> int:
         c = self.config
         # checked and copied once, before the lock: a refused query consumes no id
         b = TrajectoryBuilder(0, query_embedding, c.hidden_dim, c.embed_dim, c.max_trajectory_steps)
@@ -206,7 +215,7 @@ class SonaEngine:
                 self._counters["open_evicted"] += 1
         return tid
 
-    def trajectory_builder(self, query_embedding) -> TrajectoryBuilder:
+    def trajectory_builder(self, query_embedding: ArrayLike | torch.Tensor) -> TrajectoryBuilder:
         """A builder object; hand it back with :meth:`submit_trajectory`."""
         tid = self.begin_trajectory(query_embedding)
         return self._open[tid]
@@ -228,8 +237,8 @@ class SonaEngine:
     def add_step(
         self,
         trajectory_id: int,
-        activations,
-        attention_weights=(),
+        activations: ArrayLike | torch.Tensor,
+        attention_weights: ArrayLike | torch.Tensor = (),
         reward: float = 0.0,
         **extra: Any,
     ) -> None:
@@ -265,7 +274,7 @@ class SonaEngine:
             )
         b.append(make_step(q, (), score, None, action=node_id, latency_us=latency_us))
 
-    def end_trajectory(self, trajectory_id, quality: float) -> int:
+    def end_trajectory(self, trajectory_id: int | TrajectoryBuilder, quality: float) -> int:
         """End a trajectory with its quality in [0, 1]: a feedback, learned from at once.
 
         The instant update runs in the calling thread unless a background or deep cycle
@@ -291,15 +300,15 @@ class SonaEngine:
 
     def record_trajectory(
         self,
-        query_embedding,
-        activations,
-        rewards,
+        query_embedding: ArrayLike | torch.Tensor,
+        activations: ArrayLike | torch.Tensor,
+        rewards: ArrayLike,
         quality: float,
-        attention_weights=None,
+        attention_weights: ArrayLike | torch.Tensor | None = None,
         *,
-        actions=None,
+        actions: ArrayLike | None = None,
         route: str | None = None,
-        context_ids=(),
+        context_ids: Iterable[str] = (),
         latency_us: int = 0,
     ) -> int:
         """Record a whole trajectory in one call: ``begin_trajectory``, one ``add_step`` per
@@ -521,7 +530,7 @@ class SonaEngine:
         return self._coordinator
 
     # -- routing ------------------------------------------------------------------------
-    def route_probabilities(self, query_embedding) -> dict[int, float]:
+    def route_probabilities(self, query_embedding: ArrayLike | torch.Tensor) -> dict[int, float]:
         """The router policy ``softmax(K apply_lora(q) / tau)`` over the routes seen so far."""
         q = as_vector("query_embedding", query_embedding, self.config.hidden_dim)
         keys = self._instant.routes
@@ -536,13 +545,15 @@ class SonaEngine:
         self._instant.routes.ensure(int(node_id))
 
     # -- patterns -----------------------------------------------------------------------
-    def find_patterns(self, query_embedding, k: int = 5) -> list[LearnedPattern]:
+    def find_patterns(
+        self, query_embedding: ArrayLike | torch.Tensor, k: int = 5
+    ) -> list[LearnedPattern]:
         """The k learned patterns most similar (cosine) to the query."""
         return self._bank.find_patterns(query_embedding, k)
 
     query_patterns = find_patterns
 
-    def set_output_head(self, W) -> None:
+    def set_output_head(self, W: ArrayLike | torch.Tensor) -> None:
         """Give the instant loop the LM head ``W`` [vocab, hidden_dim] (LLM objective)."""
         self._instant.set_output_head(W)
 

@@ -25,6 +25,11 @@ dtype/layout raises :class:`~sona_plugin.errors.InvalidValue`, wrong shapes
     NumPy arrays.  ``P_norms`` (row L2 norms) is computed when omitted.
 ``kmeans_assign(X, C, labels=None, sq_dists=None) -> (labels, sq_dists)``
     Nearest centroid by squared L2 distance (ties to the lower index).
+``micro_update(...)``
+    One stabilised Adam step of the MicroLoRA for a fixed upstream gradient, fused.
+``micro_step(...)``
+    The same rule for an upstream gradient that depends on (A, B) and any divergence;
+    NumPy only (its callbacks are Python), and the reference ``micro_update`` follows.
 
 Omitted outputs are allocated with the input's array type (NumPy or torch).
 The native functions are bound directly as module attributes, so a call costs
@@ -50,6 +55,7 @@ __all__ = [
     "cosine_topk",
     "kmeans_assign",
     "micro_lora_forward",
+    "micro_step",
     "micro_update",
     "reinforce_accumulate",
     "set_simd_level",
@@ -117,6 +123,7 @@ reinforce_accumulate = _impl.reinforce_accumulate
 cosine_topk = _impl.cosine_topk
 kmeans_assign = _impl.kmeans_assign
 micro_update = _impl.micro_update
+micro_step = _kernels_numpy.micro_step  # callbacks in Python: one NumPy implementation
 
 
 def apply_micro_lora_torch(h: Any, A: np.ndarray, B: np.ndarray, scale: float) -> Any:

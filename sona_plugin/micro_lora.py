@@ -24,13 +24,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from . import kernels
 from .errors import ConfigError, DimensionMismatch, InvalidValue
 
-_EPS = 1e-8
 _MAX_HALVINGS = 6
 
 
@@ -144,7 +147,7 @@ class MicroLoRA:
         return self.scale * math.sqrt(max(g, 0.0))
 
     # -- forward ----------------------------------------------------------------------
-    def forward(self, x, out=None):
+    def forward(self, x: np.ndarray | torch.Tensor, out: Any = None) -> np.ndarray | torch.Tensor:
         """``x + s B A x`` for x of shape [d] or [n, d] (float32 NumPy or CPU torch)."""
         return kernels.micro_lora_forward(x, self._A, self._B, self.scale, out)
 
@@ -173,77 +176,51 @@ class MicroLoRA:
         H: np.ndarray,
         grad_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
         adv: np.ndarray,
-        divergence: Callable[[np.ndarray, np.ndarray], float],
+        divergence: Callable[[np.ndarray, np.ndarray], float] | None,
     ) -> UpdateReport:
-        """One stabilised ascent step on ``J = sum_t a_t J_t(y_t)``.
+        """One stabilised ascent step on ``J = sum_t a_t J_t(y_t)``: the rule of
+        :func:`~sona_plugin.kernels.micro_step`, decaying toward (A0, B0).
 
         Args:
             H: the recorded inputs h_t, [T, d] float32.
-            grad_fn: ``grad_fn(A, B) -> G`` the upstream gradients dJ_t/dy_t [T, d] at (A, B).
-            adv: per-step advantages a_t, [T].
+            grad_fn: ``grad_fn(A, B) -> G`` the upstream gradients dJ_t/dy_t [T, d] float32
+                at (A, B).
+            adv: per-step advantages a_t, [T] float32.
             divergence: ``divergence(A_new, B_new)`` the change the candidate causes on the
-                steps, compared with the current adapter (KL, or relative output change).
+                steps, compared with the current adapter (KL, for instance); None: the mean
+                relative output change ``||y_new - y_old|| / ||h||``.
+
+        Raises:
+            InvalidValue: the gradient is not finite (the adapter is left as it was).
         """
-        r, d = self.rank, self.hidden_dim
-        n_a = r * d
-        # one flat parameter vector [A | B]: the Adam arithmetic is a handful of array ops
-        theta = np.empty(2 * n_a, np.float32)
-        A, B = theta[:n_a].reshape(r, d), theta[n_a:].reshape(d, r)
-        np.add(self._A * (1.0 - self.decay), self.decay * self.A0, out=A)
-        np.add(self._B * (1.0 - self.decay), self.decay * self.B0, out=B)
-        G = grad_fn(A, B)
-        g = np.zeros_like(theta)
-        kernels.reinforce_accumulate(
-            H, G, adv, A, B, self.scale, g[:n_a].reshape(r, d), g[n_a:].reshape(d, r)
+        accepted, frac, div, gnorm, dn, A, B, v = kernels.micro_step(
+            H,
+            adv,
+            self._A,
+            self._B,
+            self.A0,
+            self.B0,
+            self._v,
+            self.steps + 1,
+            self.scale,
+            self.lr,
+            self.beta2,
+            self.decay,
+            self.grad_clip,
+            self.norm_cap,
+            self.trust_region,
+            _MAX_HALVINGS,
+            grad_fn,
+            divergence,
         )
-        gnorm = math.sqrt(float(g.dot(g)))
-        if not math.isfinite(gnorm):
-            raise InvalidValue("instant-loop gradient is not finite; update refused")
-        if gnorm > self.grad_clip:
-            g *= self.grad_clip / gnorm
-        t = self.steps + 1
-        v = self._v * self.beta2
-        v += (1 - self.beta2) * (g * g)
-        # Adam with beta1 = 0: lr * g / (sqrt(v / (1 - beta2^t)) + eps)
-        c = math.sqrt(1.0 - self.beta2**t)
-        step = g * (self.lr * c)
-        step /= np.sqrt(v) + _EPS * c
-        frac, div = 1.0, 0.0
-        for _ in range(_MAX_HALVINGS + 1):
-            new = theta + frac * step if frac != 1.0 else theta + step
-            A_new, B_new = new[:n_a].reshape(r, d), new[n_a:].reshape(d, r)
-            dn = self.delta_norm(A_new, B_new)
-            if dn > self.norm_cap:
-                A_new *= np.float32(self.norm_cap / dn)
-            div = float(divergence(A_new, B_new))
-            if div <= self.trust_region:
-                break
-            frac *= 0.5
-        else:
-            # the decay still applies: an over-large step is refused, ageing is not
-            self._A, self._B = A, B
-            self._v = v
-            self.steps = t
-            self.rejected += 1
-            return UpdateReport(False, 0.0, div, gnorm, self.delta_norm())
-        self._A, self._B = A_new, B_new
-        self._v = v
-        self.steps = t
-        return UpdateReport(True, frac, div, gnorm, self.delta_norm())
+        return self._commit(A, B, v, accepted, frac, div, gnorm, dn)
 
     def update_fixed(self, H: np.ndarray, G: np.ndarray, adv: np.ndarray) -> UpdateReport:
         """:meth:`update` for an upstream gradient ``G`` that does not depend on (A, B), with
         the mean relative output change ``||y_new - y_old|| / ||h||`` as the trust-region
         divergence: the same rule, fused into one native call (``kernels.micro_update``)."""
         if self.init != "zero_a":  # the fused kernel decays A toward zero: zero-A only
-            Y_old = self.forward(H)
-            inv_n = 1.0 / (np.sqrt(np.einsum("ij,ij->i", H, H)) + 1e-12)
-
-            def divergence(A, B):
-                d = self.forward_with(A, B, H) - Y_old
-                return float(np.sqrt(np.einsum("ij,ij->i", d, d)).dot(inv_n)) / len(H)
-
-            return self.update(H, lambda A, B: G, adv, divergence)
+            return self.update(H, lambda A, B: G, adv, None)
         A_out = np.empty_like(self._A)
         B_out = np.empty_like(self._B)
         v_out = np.empty_like(self._v)
@@ -269,8 +246,22 @@ class MicroLoRA:
             B_out,
             v_out,
         )
-        self._A, self._B, self._v = A_out, B_out, v_out
-        self.steps = t
+        return self._commit(A_out, B_out, v_out, accepted, frac, div, gnorm, dn)
+
+    def _commit(
+        self,
+        A: np.ndarray,
+        B: np.ndarray,
+        v: np.ndarray,
+        accepted: bool,
+        frac: float,
+        div: float,
+        gnorm: float,
+        dn: float,
+    ) -> UpdateReport:
+        """Adopt one update's (A, B, v), whether or not the step was accepted, and count it."""
+        self._A, self._B, self._v = A, B, v
+        self.steps += 1
         self.rejected += int(not accepted)
         return UpdateReport(bool(accepted), frac, div, gnorm, dn)
 
@@ -279,7 +270,7 @@ class MicroLoRA:
         self._A = (self._A * np.float32(factor)).astype(np.float32)
 
     # -- export -----------------------------------------------------------------------
-    def to_lm_head_lora(self, W) -> dict:
+    def to_lm_head_lora(self, W: np.ndarray | torch.Tensor) -> dict:
         """Exact PEFT LoRA factors for an ``lm_head`` of weight ``W`` [V, d].
 
         ``W (h + s B A h) = W h + (s W B)(A h)``, so with PEFT's scaling set to 1

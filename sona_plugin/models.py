@@ -16,8 +16,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import StateError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +108,9 @@ def default_llm_path(progress: bool = True) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_default_llm(dtype=None):
+def load_default_llm(
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) of the default LLM, float32 on the CPU, in eval mode."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -128,14 +137,14 @@ def default_embedder_path() -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def default_embedder(device: str = "cpu"):
+def default_embedder(device: str = "cpu") -> SentenceTransformer:
     """A SentenceTransformer for all-MiniLM-L6-v2 (384-d, unit-norm embeddings), offline."""
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(default_embedder_path()), device=device, local_files_only=True)
 
 
-def embed(texts: list[str], device: str = "cpu"):
+def embed(texts: list[str], device: str = "cpu") -> np.ndarray:
     """Unit-norm float32 embeddings [n, 384] of ``texts`` with the default embedder."""
     import numpy as np
 

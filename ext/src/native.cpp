@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -361,7 +362,6 @@ struct Arr {
     const float *f() const { return (const float *) data; }
     float *fw() const { return (float *) data; }
     int64_t *iw() const { return (int64_t *) data; }
-    int64_t last() const { return shape[ndim - 1]; }
 };
 
 static bool np_fast(PyObject *o, DT dt, bool writable, Arr &a) {
@@ -534,14 +534,104 @@ static nb::object alloc_like(nb::handle like, DT dt, int ndim, const int64_t *sh
     return nb::steal(res);
 }
 
+// -------------------------------------------------------- argument checks --
+//
+// Every check the bindings make on their arguments, each written once here.  The
+// messages (and DimensionMismatch's expected / actual) are _kernels_numpy's, which
+// the tests compare with these.
+
+static std::string fmt_g(double v) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%g", v);
+    return buf;
+}
+
+// h as a C-contiguous dt array of ndim dimensions; layout names them ("[T, d]").
+static void parse_nd(nb::handle h, const char *name, int ndim, const char *layout, Arr &a,
+                     bool writable = false, DT dt = DT::F32) {
+    parse(h, name, dt, writable, a);
+    require_ndim(a, name, ndim, layout);
+}
+
+// How an extent reads in "<name> has ..., expected <n>".
+enum class Extent { Dimension, Rows, Columns, Length };
+
+static void require_extent(const Arr &a, const char *name, int axis, int64_t want, Extent what) {
+    const int64_t got = a.shape[axis];
+    if (got == want)
+        return;
+    const std::string n = S(got);
+    const std::string has = what == Extent::Dimension ? "dimension " + n
+                            : what == Extent::Rows    ? n + " rows"
+                            : what == Extent::Columns ? n + " columns"
+                                                      : "length " + n;
+    raise_dim(std::string(name) + " has " + has + ", expected " + S(want), want, got);
+}
+
+// A [r, d] with r >= 1.
+static void require_rank(const Arr &A) {
+    if (A.shape[0] == 0)
+        raise_invalid("A has 0 rows; the rank r must be >= 1");
+}
+
+// A factor shaped like B, [d, r].
+static void require_factor(const Arr &B, const char *name, int64_t d, int64_t r) {
+    require_extent(B, name, 0, d, Extent::Rows);
+    require_extent(B, name, 1, r, Extent::Columns);
+}
+
+// The recorded steps H [T, d], their upstream gradients G [T, d] and advantages adv [T].
+static void require_steps(const Arr &H, const Arr &G, const Arr &adv, int64_t Tn, int64_t d) {
+    require_extent(H, "H", 1, d, Extent::Dimension);
+    require_extent(G, "G", 0, Tn, Extent::Rows);
+    require_extent(G, "G", 1, d, Extent::Dimension);
+    require_extent(adv, "adv", 0, Tn, Extent::Length);
+}
+
+// An output of like's shape.  DimensionMismatch carries the first differing extent
+// when the ranks agree and with_extents is set, else (None, None).
+static void require_shape_of(const Arr &o, const char *name, const Arr &like, bool with_extents) {
+    int i = o.ndim == like.ndim ? 0 : -1;
+    while (i >= 0 && i < o.ndim && o.shape[i] == like.shape[i])
+        ++i;
+    if (i == o.ndim)
+        return;
+    const bool ext = with_extents && i >= 0;
+    raise_dim(std::string(name) + " has shape " + shape_str(o.ndim, o.shape) + ", expected " +
+                  shape_str(like.ndim, like.shape),
+              ext ? like.shape[i] : -1, ext ? o.shape[i] : -1);
+}
+
+// Outputs overlap no input (else in_msg) and no other output (else each_msg).
+static void require_disjoint(std::initializer_list<const Arr *> outs,
+                             std::initializer_list<const Arr *> ins, const char *in_msg,
+                             const char *each_msg = "") {
+    for (const Arr *o : outs)
+        for (const Arr *in : ins)
+            if (overlaps(*o, *in))
+                raise_invalid(in_msg);
+    for (auto a = outs.begin(); a != outs.end(); ++a)
+        for (auto b = a + 1; b != outs.end(); ++b)
+            if (overlaps(**a, **b))
+                raise_invalid(each_msg);
+}
+
+static void require_at_least(const char *name, int64_t v, int64_t lo) {
+    if (v < lo)
+        raise_invalid(std::string(name) + " must be >= " + S(lo) + ", got " + S(v));
+}
+
 static float checked_scale(double scale) {
     const float s = (float) scale;
-    if (!std::isfinite(s)) {
-        char buf[64];
-        std::snprintf(buf, sizeof buf, "%g", scale);
-        raise_invalid(std::string("scale must be finite (as float32), got ") + buf);
-    }
+    if (!std::isfinite(s))
+        raise_invalid("scale must be finite (as float32), got " + fmt_g(scale));
     return s;
+}
+
+// A kernel's Status: inputs[which - 1] held the first non-finite value.
+static void check_status(const Status &st, std::initializer_list<const char *> inputs) {
+    if (st.which)
+        raise_nonfinite(inputs.begin()[st.which - 1], st.row, st.col);
 }
 
 // --------------------------------------------------------------- kernels --
@@ -554,19 +644,12 @@ static nb::object micro_lora_forward(nb::handle x_h, nb::handle A_h, nb::handle 
         raise_invalid("x must be 1-D [d] or 2-D [n, d], got " + S(x.ndim) + "-D");
     if (x.size == 0)
         raise_invalid("x is empty, shape " + shape_str(x.ndim, x.shape));
-    parse(A_h, "A", DT::F32, false, A);
-    require_ndim(A, "A", 2, "[r, d]");
+    parse_nd(A_h, "A", 2, "[r, d]", A);
     const int64_t r = A.shape[0], d = A.shape[1];
-    if (r == 0)
-        raise_invalid("A has 0 rows; the rank r must be >= 1");
-    if (x.last() != d)
-        raise_dim("x has dimension " + S(x.last()) + ", expected " + S(d), d, x.last());
-    parse(B_h, "B", DT::F32, false, B);
-    require_ndim(B, "B", 2, "[d, r]");
-    if (B.shape[0] != d)
-        raise_dim("B has " + S(B.shape[0]) + " rows, expected " + S(d), d, B.shape[0]);
-    if (B.shape[1] != r)
-        raise_dim("B has " + S(B.shape[1]) + " columns, expected " + S(r), r, B.shape[1]);
+    require_rank(A);
+    require_extent(x, "x", x.ndim - 1, d, Extent::Dimension);
+    parse_nd(B_h, "B", 2, "[d, r]", B);
+    require_factor(B, "B", d, r);
     const float s = checked_scale(scale);
     nb::object result;
     if (out_h.is_none()) {
@@ -576,15 +659,8 @@ static nb::object micro_lora_forward(nb::handle x_h, nb::handle A_h, nb::handle 
         result = nb::borrow(out_h);
     }
     parse(out_h, "out", DT::F32, true, out);
-    if (out.ndim != x.ndim || out.shape[0] != x.shape[0] || out.last() != x.last()) {
-        const bool same = out.ndim == x.ndim;
-        const int i = same && out.shape[0] == x.shape[0] ? x.ndim - 1 : 0;
-        raise_dim("out has shape " + shape_str(out.ndim, out.shape) + ", expected " +
-                      shape_str(x.ndim, x.shape),
-                  same ? x.shape[i] : -1, same ? out.shape[i] : -1);
-    }
-    if (overlaps(out, x) || overlaps(out, A) || overlaps(out, B))
-        raise_invalid("out must not share memory with x, A or B");
+    require_shape_of(out, "out", x, true);
+    require_disjoint({&out}, {&x, &A, &B}, "out must not share memory with x, A or B");
 
     const int64_t n = x.ndim == 2 ? x.shape[0] : 1;
     const Table &t = T();
@@ -595,55 +671,30 @@ static nb::object micro_lora_forward(nb::handle x_h, nb::handle A_h, nb::handle 
     } else {
         st = t.lora_forward(x.f(), n, d, A.f(), B.f(), r, s, out.fw());
     }
-    if (st.which)
-        x.ndim == 1 ? raise_nonfinite("x", st.col, -1) : raise_nonfinite("x", st.row, st.col);
+    check_status(x.ndim == 1 ? Status::at(st.which, st.col, -1) : st, {"x"});
     return result;
 }
 
 static void reinforce_accumulate(nb::handle H_h, nb::handle G_h, nb::handle adv_h, nb::handle A_h,
                                  nb::handle B_h, double scale, nb::handle gA_h, nb::handle gB_h) {
     Arr H, G, adv, A, B, gA, gB;
-    parse(H_h, "H", DT::F32, false, H);
-    require_ndim(H, "H", 2, "[T, d]");
-    parse(G_h, "G", DT::F32, false, G);
-    require_ndim(G, "G", 2, "[T, d]");
-    parse(adv_h, "adv", DT::F32, false, adv);
-    require_ndim(adv, "adv", 1, "[T]");
-    parse(A_h, "A", DT::F32, false, A);
-    require_ndim(A, "A", 2, "[r, d]");
-    parse(B_h, "B", DT::F32, false, B);
-    require_ndim(B, "B", 2, "[d, r]");
+    parse_nd(H_h, "H", 2, "[T, d]", H);
+    parse_nd(G_h, "G", 2, "[T, d]", G);
+    parse_nd(adv_h, "adv", 1, "[T]", adv);
+    parse_nd(A_h, "A", 2, "[r, d]", A);
+    parse_nd(B_h, "B", 2, "[d, r]", B);
     const int64_t Tn = H.shape[0], r = A.shape[0], d = A.shape[1];
-    if (r == 0)
-        raise_invalid("A has 0 rows; the rank r must be >= 1");
-    if (H.shape[1] != d)
-        raise_dim("H has dimension " + S(H.shape[1]) + ", expected " + S(d), d, H.shape[1]);
-    if (G.shape[0] != Tn)
-        raise_dim("G has " + S(G.shape[0]) + " rows, expected " + S(Tn), Tn, G.shape[0]);
-    if (G.shape[1] != d)
-        raise_dim("G has dimension " + S(G.shape[1]) + ", expected " + S(d), d, G.shape[1]);
-    if (adv.shape[0] != Tn)
-        raise_dim("adv has length " + S(adv.shape[0]) + ", expected " + S(Tn), Tn, adv.shape[0]);
-    if (B.shape[0] != d)
-        raise_dim("B has " + S(B.shape[0]) + " rows, expected " + S(d), d, B.shape[0]);
-    if (B.shape[1] != r)
-        raise_dim("B has " + S(B.shape[1]) + " columns, expected " + S(r), r, B.shape[1]);
+    require_rank(A);
+    require_steps(H, G, adv, Tn, d);
+    require_factor(B, "B", d, r);
     const float s = checked_scale(scale);
-    parse(gA_h, "grad_A", DT::F32, true, gA);
-    require_ndim(gA, "grad_A", 2, "[r, d]");
-    if (gA.shape[0] != r || gA.shape[1] != d)
-        raise_dim("grad_A has shape " + shape_str(2, gA.shape) + ", expected " + shape_str(2, A.shape),
-                  -1, -1);
-    parse(gB_h, "grad_B", DT::F32, true, gB);
-    require_ndim(gB, "grad_B", 2, "[d, r]");
-    if (gB.shape[0] != d || gB.shape[1] != r)
-        raise_dim("grad_B has shape " + shape_str(2, gB.shape) + ", expected " + shape_str(2, B.shape),
-                  -1, -1);
-    for (const Arr *in : {&H, &G, &adv, &A, &B})
-        if (overlaps(gA, *in) || overlaps(gB, *in))
-            raise_invalid("grad_A and grad_B must not share memory with H, G, adv, A or B");
-    if (overlaps(gA, gB))
-        raise_invalid("grad_A and grad_B must not share memory with each other");
+    parse_nd(gA_h, "grad_A", 2, "[r, d]", gA, true);
+    require_shape_of(gA, "grad_A", A, false);
+    parse_nd(gB_h, "grad_B", 2, "[d, r]", gB, true);
+    require_shape_of(gB, "grad_B", B, false);
+    require_disjoint({&gA, &gB}, {&H, &G, &adv, &A, &B},
+                     "grad_A and grad_B must not share memory with H, G, adv, A or B",
+                     "grad_A and grad_B must not share memory with each other");
 
     const Table &t = T();
     Status st;
@@ -653,29 +704,21 @@ static void reinforce_accumulate(nb::handle H_h, nb::handle G_h, nb::handle adv_
     } else {
         st = t.reinforce(H.f(), G.f(), adv.f(), Tn, d, A.f(), B.f(), r, s, gA.fw(), gB.fw());
     }
-    if (st.which == 3)
-        raise_nonfinite("adv", st.row, -1);
-    if (st.which)
-        raise_nonfinite(st.which == 1 ? "H" : "G", st.row, st.col);
+    check_status(st, {"H", "G", "adv"});
 }
 
 static nb::tuple cosine_topk(nb::handle P_h, nb::handle q_h, int64_t k, nb::handle pn_h) {
     Arr P, q, pn;
-    parse(P_h, "P", DT::F32, false, P);
-    require_ndim(P, "P", 2, "[m, d]");
-    parse(q_h, "q", DT::F32, false, q);
-    require_ndim(q, "q", 1, "[d]");
+    parse_nd(P_h, "P", 2, "[m, d]", P);
+    parse_nd(q_h, "q", 1, "[d]", q);
     const int64_t m = P.shape[0], d = P.shape[1];
-    if (q.shape[0] != d)
-        raise_dim("q has dimension " + S(q.shape[0]) + ", expected " + S(d), d, q.shape[0]);
+    require_extent(q, "q", 0, d, Extent::Dimension);
     if (k <= 0)
         raise_invalid("k must be > 0, got " + S(k));
     const bool have_norms = !pn_h.is_none();
     if (have_norms) {
-        parse(pn_h, "P_norms", DT::F32, false, pn);
-        require_ndim(pn, "P_norms", 1, "[m]");
-        if (pn.shape[0] != m)
-            raise_dim("P_norms has length " + S(pn.shape[0]) + ", expected " + S(m), m, pn.shape[0]);
+        parse_nd(pn_h, "P_norms", 1, "[m]", pn);
+        require_extent(pn, "P_norms", 0, m, Extent::Length);
     }
     const Table &t = T();
     float qsq;
@@ -733,30 +776,21 @@ static nb::tuple cosine_topk(nb::handle P_h, nb::handle q_h, int64_t k, nb::hand
 
 static nb::tuple kmeans_assign(nb::handle X_h, nb::handle C_h, nb::handle lab_h, nb::handle dist_h) {
     Arr X, C, lab, dist;
-    parse(X_h, "X", DT::F32, false, X);
-    require_ndim(X, "X", 2, "[n, d]");
-    parse(C_h, "C", DT::F32, false, C);
-    require_ndim(C, "C", 2, "[k, d]");
+    parse_nd(X_h, "X", 2, "[n, d]", X);
+    parse_nd(C_h, "C", 2, "[k, d]", C);
     const int64_t n = X.shape[0], d = X.shape[1], k = C.shape[0];
-    if (C.shape[1] != d)
-        raise_dim("C has dimension " + S(C.shape[1]) + ", expected " + S(d), d, C.shape[1]);
+    require_extent(C, "C", 1, d, Extent::Dimension);
     if (k == 0)
         raise_invalid("C has no centroids (k = 0)");
     nb::object lab_o = lab_h.is_none() ? alloc_like(X_h, DT::I64, 1, &n) : nb::borrow(lab_h);
-    parse(lab_o, "labels", DT::I64, true, lab);
-    require_ndim(lab, "labels", 1, "[n]");
-    if (lab.shape[0] != n)
-        raise_dim("labels has length " + S(lab.shape[0]) + ", expected " + S(n), n, lab.shape[0]);
+    parse_nd(lab_o, "labels", 1, "[n]", lab, true, DT::I64);
+    require_extent(lab, "labels", 0, n, Extent::Length);
     nb::object dist_o = dist_h.is_none() ? alloc_like(X_h, DT::F32, 1, &n) : nb::borrow(dist_h);
-    parse(dist_o, "sq_dists", DT::F32, true, dist);
-    require_ndim(dist, "sq_dists", 1, "[n]");
-    if (dist.shape[0] != n)
-        raise_dim("sq_dists has length " + S(dist.shape[0]) + ", expected " + S(n), n, dist.shape[0]);
-    for (const Arr *in : {&X, &C})
-        if (overlaps(lab, *in) || overlaps(dist, *in))
-            raise_invalid("labels and sq_dists must not share memory with X or C");
-    if (overlaps(lab, dist))
-        raise_invalid("labels and sq_dists must not share memory with each other");
+    parse_nd(dist_o, "sq_dists", 1, "[n]", dist, true);
+    require_extent(dist, "sq_dists", 0, n, Extent::Length);
+    require_disjoint({&lab, &dist}, {&X, &C},
+                     "labels and sq_dists must not share memory with X or C",
+                     "labels and sq_dists must not share memory with each other");
 
     const Table &t = T();
     Status st;
@@ -766,15 +800,8 @@ static nb::tuple kmeans_assign(nb::handle X_h, nb::handle C_h, nb::handle lab_h,
     } else {
         st = t.kmeans(X.f(), n, d, C.f(), k, lab.iw(), dist.fw());
     }
-    if (st.which)
-        raise_nonfinite(st.which == 2 ? "C" : "X", st.row, st.col);
+    check_status(st, {"X", "C"});
     return nb::make_tuple(lab_o, dist_o);
-}
-
-static std::string fmt_g(double v) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, "%g", v);
-    return buf;
 }
 
 static nb::tuple micro_update(nb::handle H_h, nb::handle G_h, nb::handle adv_h, nb::handle A_h,
@@ -784,50 +811,26 @@ static nb::tuple micro_update(nb::handle H_h, nb::handle G_h, nb::handle adv_h, 
                               int64_t max_halvings, nb::handle Ao_h, nb::handle Bo_h,
                               nb::handle vo_h) {
     Arr H, G, adv, A, B, B0, v, Ao, Bo, vo;
-    parse(H_h, "H", DT::F32, false, H);
-    require_ndim(H, "H", 2, "[T, d]");
-    parse(G_h, "G", DT::F32, false, G);
-    require_ndim(G, "G", 2, "[T, d]");
-    parse(adv_h, "adv", DT::F32, false, adv);
-    require_ndim(adv, "adv", 1, "[T]");
-    parse(A_h, "A", DT::F32, false, A);
-    require_ndim(A, "A", 2, "[r, d]");
-    parse(B_h, "B", DT::F32, false, B);
-    require_ndim(B, "B", 2, "[d, r]");
-    parse(B0_h, "B0", DT::F32, false, B0);
-    require_ndim(B0, "B0", 2, "[d, r]");
-    parse(v_h, "v", DT::F32, false, v);
-    require_ndim(v, "v", 1, "[2*r*d]");
+    parse_nd(H_h, "H", 2, "[T, d]", H);
+    parse_nd(G_h, "G", 2, "[T, d]", G);
+    parse_nd(adv_h, "adv", 1, "[T]", adv);
+    parse_nd(A_h, "A", 2, "[r, d]", A);
+    parse_nd(B_h, "B", 2, "[d, r]", B);
+    parse_nd(B0_h, "B0", 2, "[d, r]", B0);
+    parse_nd(v_h, "v", 1, "[2*r*d]", v);
     const int64_t Tn = H.shape[0], r = A.shape[0], d = A.shape[1], n = 2 * r * d;
-    if (r == 0)
-        raise_invalid("A has 0 rows; the rank r must be >= 1");
+    require_rank(A);
     if (r > kMicroMaxRank)
         raise_invalid("the rank r must be <= " + S(kMicroMaxRank) + ", got " + S(r));
     if (Tn == 0)
         raise_invalid("H has no rows; T must be >= 1");
-    if (H.shape[1] != d)
-        raise_dim("H has dimension " + S(H.shape[1]) + ", expected " + S(d), d, H.shape[1]);
-    if (G.shape[0] != Tn)
-        raise_dim("G has " + S(G.shape[0]) + " rows, expected " + S(Tn), Tn, G.shape[0]);
-    if (G.shape[1] != d)
-        raise_dim("G has dimension " + S(G.shape[1]) + ", expected " + S(d), d, G.shape[1]);
-    if (adv.shape[0] != Tn)
-        raise_dim("adv has length " + S(adv.shape[0]) + ", expected " + S(Tn), Tn, adv.shape[0]);
-    for (const auto &[name, M] : {std::pair<const char *, const Arr *>{"B", &B}, {"B0", &B0}}) {
-        if (M->shape[0] != d)
-            raise_dim(std::string(name) + " has " + S(M->shape[0]) + " rows, expected " + S(d), d,
-                      M->shape[0]);
-        if (M->shape[1] != r)
-            raise_dim(std::string(name) + " has " + S(M->shape[1]) + " columns, expected " + S(r),
-                      r, M->shape[1]);
-    }
-    if (v.shape[0] != n)
-        raise_dim("v has length " + S(v.shape[0]) + ", expected " + S(n), n, v.shape[0]);
+    require_steps(H, G, adv, Tn, d);
+    require_factor(B, "B", d, r);
+    require_factor(B0, "B0", d, r);
+    require_extent(v, "v", 0, n, Extent::Length);
     const float s = checked_scale(scale);
-    if (t < 1)
-        raise_invalid("t must be >= 1, got " + S(t));
-    if (max_halvings < 0)
-        raise_invalid("max_halvings must be >= 0, got " + S(max_halvings));
+    require_at_least("t", t, 1);
+    require_at_least("max_halvings", max_halvings, 0);
     if (!(beta2 >= 0.0 && beta2 < 1.0))
         raise_invalid("beta2 must be in [0, 1), got " + fmt_g(beta2));
     for (const auto &[name, val] : {std::pair<const char *, double>{"lr", lr}, {"decay", decay},
@@ -843,24 +846,12 @@ static nb::tuple micro_update(nb::handle H_h, nb::handle G_h, nb::handle adv_h, 
     };
     for (const Out &o : {Out{Ao_h, "A_out", "[r, d]", &Ao, &A}, Out{Bo_h, "B_out", "[d, r]", &Bo, &B},
                          Out{vo_h, "v_out", "[2*r*d]", &vo, &v}}) {
-        parse(o.h, o.name, DT::F32, true, *o.a);
-        require_ndim(*o.a, o.name, o.like->ndim, o.layout);
-        bool same = true;
-        for (int i = 0; i < o.like->ndim; ++i)
-            same = same && o.a->shape[i] == o.like->shape[i];
-        if (!same) {
-            const int i = o.a->shape[0] != o.like->shape[0] ? 0 : 1;
-            raise_dim(std::string(o.name) + " has shape " + shape_str(o.a->ndim, o.a->shape) +
-                          ", expected " + shape_str(o.like->ndim, o.like->shape),
-                      o.like->shape[i], o.a->shape[i]);
-        }
+        parse_nd(o.h, o.name, o.like->ndim, o.layout, *o.a, true);
+        require_shape_of(*o.a, o.name, *o.like, true);
     }
-    for (const Arr *o : {&Ao, &Bo, &vo})
-        for (const Arr *in : {&H, &G, &adv, &A, &B, &B0, &v})
-            if (overlaps(*o, *in))
-                raise_invalid("A_out, B_out and v_out must not share memory with the inputs");
-    if (overlaps(Ao, Bo) || overlaps(Ao, vo) || overlaps(Bo, vo))
-        raise_invalid("A_out, B_out and v_out must not share memory with each other");
+    require_disjoint({&Ao, &Bo, &vo}, {&H, &G, &adv, &A, &B, &B0, &v},
+                     "A_out, B_out and v_out must not share memory with the inputs",
+                     "A_out, B_out and v_out must not share memory with each other");
 
     const MicroArgs args{H.f(),  G.f(),     adv.f(), A.f(),     B.f(),         B0.f(),
                          v.f(),  Tn,        d,       r,         t,             max_halvings,
@@ -877,10 +868,7 @@ static nb::tuple micro_update(nb::handle H_h, nb::handle G_h, nb::handle adv_h, 
     }
     if (st.which == 4)
         raise_invalid("gradient is not finite");
-    if (st.which == 3)
-        raise_nonfinite("adv", st.row, -1);
-    if (st.which)
-        raise_nonfinite(st.which == 1 ? "H" : "G", st.row, st.col);
+    check_status(st, {"H", "G", "adv"});
     return nb::make_tuple(res.accepted, res.frac, res.div, res.gnorm, res.delta_norm);
 }
 

@@ -21,13 +21,16 @@ Pieces: ``plugin.py`` (the switch), ``worker.py`` (recording + MicroLoRA in each
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _compat
 from .host import VllmHost, engine_config, split_settings
 from .worker import adapter_name
+
+if TYPE_CHECKING:
+    from vllm import PromptType, RequestOutput, SamplingParams
 
 CPU_KV_CACHE_BYTES = 2 << 30
 
@@ -166,20 +169,30 @@ class SonaLLM:
         )
         return [list(o.outputs[0].token_ids) for o in outs]
 
-    def _tag(self, outs):
+    def _tag(self, outs: list[RequestOutput]):
         for o in outs:
             o.response_id = f"{self._session}-{o.request_id}"
         return outs
 
     # -- the API --------------------------------------------------------------------------
-    def generate(self, prompts, sampling_params=None, **kwargs):
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **kwargs,
+    ) -> list[RequestOutput]:
         """``vllm.LLM.generate`` on the served adapter; every output gets ``response_id``."""
         kwargs.setdefault("use_tqdm", False)
         return self._tag(
             self.llm.generate(prompts, sampling_params, lora_request=self._lora, **kwargs)
         )
 
-    def chat(self, messages, sampling_params=None, **kwargs):
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | Sequence[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        **kwargs,
+    ) -> list[RequestOutput]:
         """``vllm.LLM.chat`` on the served adapter; every output gets ``response_id``."""
         kwargs.setdefault("use_tqdm", False)
         return self._tag(

@@ -27,9 +27,12 @@ import logging
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sona_plugin.errors import SonaError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 SUPPORTED = "0.32"  # the vLLM series every internal below was checked against
@@ -124,7 +127,7 @@ def wrap_engine_config(on_config: Callable[[Any], None]) -> None:
     orig = cls.create_engine_config
 
     @functools.wraps(orig)
-    def create_engine_config(self, *a, **k):
+    def create_engine_config(self: Any, *a, **k):
         cfg = orig(self, *a, **k)
         on_config(cfg)
         return cfg
@@ -153,7 +156,7 @@ def add_endpoint_plugin(name: str, factory: Callable[[], Any], wanted: Callable[
     orig = plugins_mod.load_endpoint_plugins
 
     @functools.wraps(orig)
-    def load_endpoint_plugins(supported_tasks=None):
+    def load_endpoint_plugins(supported_tasks: tuple[str, ...] | None = None):
         plugins = orig(supported_tasks)
         if wanted() and not any(getattr(p, "name", "") == name for p in plugins):
             plugin = factory()
@@ -194,7 +197,7 @@ def wrap_adapter_choice(choose: Callable[[Any, Callable[[], bool]], Any]) -> Non
     orig = BaseServing._maybe_get_adapters
 
     @functools.wraps(orig)
-    def _maybe_get_adapters(self, request, *a, **k):
+    def _maybe_get_adapters(self: Any, request: Any, *a, **k):
         lora = orig(self, request, *a, **k)
         model = getattr(request, "model", None)
         return choose(lora, lambda: model is None or self.models.is_base_model(model))
@@ -276,7 +279,7 @@ def wrap_compute_logits(model: Any, compute_logits: Callable[..., Any]) -> None:
     every compilation mode; row i belongs to ``input_batch.req_ids[i]``."""
     orig = model.compute_logits
 
-    def wrapped(hidden_states, *args, **kwargs):
+    def wrapped(hidden_states: torch.Tensor, *args, **kwargs):
         return compute_logits(orig, hidden_states, *args, **kwargs)
 
     model.compute_logits = wrapped
@@ -312,7 +315,7 @@ def wrap_execute_model(
     ``v1/core/sched/output.py::SchedulerOutput.finished_req_ids``."""
     orig = runner.execute_model
 
-    def execute_model(scheduler_output, *args, **kwargs):
+    def execute_model(scheduler_output: Any, *args, **kwargs):
         with step(getattr(scheduler_output, "finished_req_ids", ()) or ()):
             return orig(scheduler_output, *args, **kwargs)
 

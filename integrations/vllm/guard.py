@@ -20,6 +20,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
@@ -181,7 +182,13 @@ class RateLimiter:
     At most ``max_keys`` buckets are kept (the least recently used go: a client that
     comes back after that starts with a full bucket). ``rate`` 0 turns it off."""
 
-    def __init__(self, rate: float, burst: float, max_keys: int = 100_000, clock=time.monotonic):
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.rate, self.burst, self.max_keys = float(rate), float(burst), int(max_keys)
         self._clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()

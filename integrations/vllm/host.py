@@ -17,13 +17,16 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sona_plugin.config import HostConfig, SonaConfig, _snake
 from sona_plugin.errors import ConfigError, DuplicateFeedback, InvalidValue, UnknownResponse
 from sona_plugin.faults import failpoint
 
 from .._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, parse_reward
+
+if TYPE_CHECKING:
+    from sona_plugin.micro_lora import MicroLoRA
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +256,7 @@ class VllmHost(LearningHost):
         )
 
     # -- the rest -------------------------------------------------------------------------
-    def micro_lora(self):
+    def micro_lora(self) -> MicroLoRA:
         """The workers' MicroLoRA (a copy, in the front-end engine's MicroLoRA)."""
 
         st = self._rpc("sona_micro_state")

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def _endpoint_plugin():
     return SonaEndpointPlugin()
 
 
-def _enable(cfg) -> None:
+def _enable(cfg: VllmConfig) -> None:
     settings = sona_settings(getattr(cfg, "additional_config", None))
     if settings is None:
         return

@@ -41,14 +41,25 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # at module level: FastAPI resolves the (string) annotation `Request` in module globals
 from fastapi import APIRouter, Request
 
 from . import _compat, guard
 from .worker import ADAPTER_PREFIX, adapter_name, adapter_version
+
+if TYPE_CHECKING:
+    from argparse import Namespace
+
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+    from starlette.datastructures import State
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+    from vllm.engine.protocol import EngineClient
+    from vllm.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +95,7 @@ def _patch_serving() -> None:
     """Requests for the served base model get the current SONA adapter, and every request
     notes the version it got (for the ``x-sona-adapter-version`` header)."""
 
-    def choose(lora, names_base_model):
+    def choose(lora: LoRARequest | None, names_base_model: Callable[[], bool]):
         cur = _current["lora"]
         if lora is None and cur is not None and names_base_model():
             lora = cur
@@ -101,16 +112,16 @@ class VersionHeader:
     """ASGI middleware: adds ``x-sona-adapter-version`` to responses whose request got an
     adapter choice (at response start, so streamed responses carry it too)."""
 
-    def __init__(self, app):
+    def __init__(self, app: ASGIApp):
         self.app = app
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         holder: dict = {}
         token = _answered_by.set(holder)
 
-        async def send_with_version(message):
+        async def send_with_version(message: Message):
             if message["type"] == "http.response.start" and holder.get("version") is not None:
                 message = {
                     **message,
@@ -127,13 +138,13 @@ class VersionHeader:
             _answered_by.reset(token)
 
 
-def _shutdown_hook(app) -> None:
+def _shutdown_hook(app: FastAPI) -> None:
     """Save SONA's state when the server shuts down (SIGTERM, Ctrl-C): vLLM never calls a
     plugin's close(), so the lifespan is wrapped."""
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
-    async def lifespan(a):
+    async def lifespan(a: FastAPI):
         async with inner(a) as state:
             try:
                 yield state
@@ -155,7 +166,7 @@ class SonaEndpointPlugin:
     name = "sona_feedback"
     required_tasks = ("generate",)
 
-    def attach_router(self, app) -> None:
+    def attach_router(self, app: FastAPI) -> None:
         from sona_plugin import metrics
         from sona_plugin.errors import SonaError, http_status
 
@@ -171,7 +182,7 @@ class SonaEndpointPlugin:
             denied = policy.check(request.headers.get("authorization"))
             return _error(*denied) if denied else None
 
-        async def body(request: Request, model):
+        async def body(request: Request, model: type[BaseModel]):
             return guard.parse(model, await guard.read_body(request))
 
         def failure(e: Exception):
@@ -302,7 +313,9 @@ class SonaEndpointPlugin:
         app.add_middleware(VersionHeader)
         _shutdown_hook(app)
 
-    async def init_state(self, engine_client, state, args) -> None:
+    async def init_state(
+        self, engine_client: EngineClient | None, state: State, args: Namespace
+    ) -> None:
         from sona_plugin.learner import canary
 
         from .host import VllmHost, admin_token
@@ -397,7 +410,7 @@ class SonaEndpointPlugin:
         )
 
 
-def _jsonable(x):
+def _jsonable(x: Any):
     return json.loads(
         json.dumps(x, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
     )

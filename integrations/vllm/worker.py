@@ -33,7 +33,9 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ import torch
 from sona_plugin import kernels
 
 from . import _compat
+
+if TYPE_CHECKING:
+    from vllm.lora.request import LoRARequest
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ def adapter_name(version: int) -> str:
     return f"{ADAPTER_PREFIX}{version:06d}"
 
 
-def adapter_version(lora_request) -> int | None:
+def adapter_version(lora_request: LoRARequest | None) -> int | None:
     """The SONA BaseLoRA version a request was served with (None: no SONA adapter)."""
     name = getattr(lora_request, "lora_name", None) if lora_request is not None else None
     if name and name.startswith(ADAPTER_PREFIX):
@@ -96,7 +101,7 @@ class WorkerSona:
     """The SONA state of one worker: a SonaEngine (MicroLoRA + instant loop) and the
     recordings of recent requests."""
 
-    def __init__(self, runner, settings: dict, capacity: int = 1000):
+    def __init__(self, runner: Any, settings: dict, capacity: int = 1000):
         from sona_plugin.config import SonaConfig
         from sona_plugin.engine import SonaEngine
 
@@ -119,13 +124,13 @@ class WorkerSona:
         self._install(model)
 
     # -- the wrapped runner methods ------------------------------------------------------
-    def _install(self, model) -> None:
+    def _install(self, model: torch.nn.Module) -> None:
         _compat.wrap_compute_logits(model, self._compute_logits)
         _compat.wrap_sample_tokens(self.runner, self._after_sample)
         _compat.wrap_execute_model(self.runner, self._step)
 
     @contextlib.contextmanager
-    def _step(self, finished_ids):
+    def _step(self, finished_ids: Iterable[str]):
         self._finished(finished_ids)
         self._in_step = True  # the logits rows computed now are the sampled ones
         try:
@@ -133,7 +138,9 @@ class WorkerSona:
         finally:
             self._in_step = False
 
-    def _compute_logits(self, orig, h: torch.Tensor, *args, **kwargs):
+    def _compute_logits(
+        self, orig: Callable[..., torch.Tensor | None], h: torch.Tensor, *args, **kwargs
+    ):
         n = h.shape[0]
         # prompt log-probs and warm-up runs also call compute_logits: record only the rows
         # of a model step (one per request), which is what sample_tokens samples from
@@ -176,7 +183,7 @@ class WorkerSona:
                     self.steps_dropped += 1
             self.pending.clear()
 
-    def _finished(self, ids) -> None:
+    def _finished(self, ids: Iterable[str]) -> None:
         if not ids:
             return
         with self.lock:
@@ -265,7 +272,7 @@ class WorkerSona:
         return s
 
 
-def _full_head_weight(model) -> np.ndarray:
+def _full_head_weight(model: torch.nn.Module) -> np.ndarray:
     """The LM head [vocab, hidden] as float32 NumPy; with tensor parallelism each rank
     holds a vocab shard, gathered here so every rank takes the same instant update."""
     return _compat.lm_head_weight(model).to(torch.float32).cpu().numpy()

@@ -7,6 +7,14 @@ The integrations (transformers, vLLM) implement :class:`Host`; nothing here impo
 from .cycle import Learner
 from .drift import answer_kl, efficiency, kl_floor
 from .host import Host
-from .shift import ShiftDetector
+from .shift import LeaningShiftDetector, ShiftDetector
 
-__all__ = ["Host", "Learner", "ShiftDetector", "answer_kl", "efficiency", "kl_floor"]
+__all__ = [
+    "Host",
+    "LeaningShiftDetector",
+    "Learner",
+    "ShiftDetector",
+    "answer_kl",
+    "efficiency",
+    "kl_floor",
+]

@@ -6,9 +6,12 @@ cycles, deep cycles, rollbacks and boundaries never overlap):
 1. **new feedback** = store records after the last one used (``last_id``, saved: a
    restart with no new feedback trains nothing). Each goes to the held-out or the
    training side with its prompt group (:class:`~.heldout.PromptSplit`).
-2. **shift detection**: every new reward goes through a two-sided CUSUM
-   (:class:`~.shift.ShiftDetector`); at an alarm a new EWC++ task starts from the
-   **served** weights (their Fisher, their θ*), and the boundary is reported in stats.
+2. **shift detection**: every new reward goes through a two-sided CUSUM on the liked-rate
+   (:class:`~.shift.ShiftDetector`), and, once a version serves, a test of whether liked
+   answers still lean toward what it learned (``log π_served − log π_base``,
+   :class:`~.shift.LeaningShiftDetector`); at an alarm of either a new EWC++ task starts
+   from the **served** weights (their Fisher, their θ*), and the boundary is reported in
+   stats.
 3. the new training-side records go into the ReasoningBank (plain mean quality per
    pattern, ``k ≈ √(n/2)`` clusters per cycle); the training set is those records plus
    replay of older training-side records (and kept dreams), drawn balanced across
@@ -40,9 +43,12 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..training import BaseLoRATrainer
 
 from ..errors import InvalidValue, StateError
 from ..ewc import EwcPlusPlus
@@ -51,7 +57,7 @@ from ..store.base import FeedbackRecord
 from . import canary
 from .heldout import PromptSplit
 from .host import Host
-from .shift import ShiftDetector
+from .shift import LeaningShiftDetector, ShiftDetector
 from .state import STATE_FILE, load_state, remove_stale_temps, save_state
 
 logger = logging.getLogger(__name__)
@@ -119,6 +125,7 @@ class Learner:
         self.dreams: list[FeedbackRecord] = []
         self.split = PromptSplit()
         self.detector = ShiftDetector()
+        self.leaning_detector = LeaningShiftDetector()
         self.boundaries: list[dict] = []
         self._trainer_state: dict | None = None  # applied when the trainer is built
         self._base_answers: dict = {}  # the gate's cache of the base model
@@ -146,6 +153,7 @@ class Learner:
             "bank": bank_meta,
             "split": split_meta,
             "detector": self.detector.state_dict(),
+            "leaning_detector": self.leaning_detector.state_dict(),
             "boundaries": self.boundaries,
             "trainer": self.trainer.state_dict()
             if self.trainer is not None
@@ -198,6 +206,7 @@ class Learner:
         self.last_id = int(meta["last_id"])
         self.cycles = int(meta["cycles"])
         self.detector = ShiftDetector.from_state(meta["detector"])
+        self.leaning_detector = LeaningShiftDetector.from_state(meta.get("leaning_detector", {}))
         self.boundaries = list(meta["boundaries"])
         self.split = PromptSplit.from_state(arrays, meta["split"])
         host.engine.reasoning_bank.load_state_dict(
@@ -230,7 +239,7 @@ class Learner:
         self.trainer = None  # rebuilt from the served version, with this EWC++
 
     # -- the trainer ----------------------------------------------------------------------
-    def ensure_trainer(self):
+    def ensure_trainer(self) -> BaseLoRATrainer:
         """The trainer, built on first use from the served version's weights."""
         from ..training import BaseLoRATrainer
 
@@ -324,11 +333,13 @@ class Learner:
         undone; the trainer returns to the served weights)."""
         with self.lock:
             before = (self.last_id, self.cycles, self.detector.state_dict(), list(self.boundaries))
+            leaning = self.leaning_detector.state_dict()
             try:
                 return self._run(epochs, gate, probe, batch_size)
             except Exception:
                 self.last_id, self.cycles, detector, self.boundaries = before
                 self.detector = ShiftDetector.from_state(detector)
+                self.leaning_detector = LeaningShiftDetector.from_state(leaning)
                 self.trainer = None  # rebuilt from the served version
                 raise
 
@@ -360,11 +371,24 @@ class Learner:
             side = self.detector.update(r.reward)
             if side is not None:
                 alarms.append({"record_id": r.id, "direction": side})
+        reason = None
         if alarms:
-            self.mark_task_boundary(
-                reason=f"liked-rate shift ({alarms[0]['direction']}) "
+            reason = (
+                f"liked-rate shift ({alarms[0]['direction']}) "
                 f"detected at record {alarms[0]['record_id']}"
             )
+        if host.adapter_version is not None:
+            scorable = [r for r in new if r.prompt_ids and r.response_ids]
+            z = self.leaning_detector.update(self._leaning(scorable), [r.reward for r in scorable])
+            report["leaning_auc"] = self.leaning_detector.last_auc
+            if z is not None:
+                alarms.append({"record_id": new[-1].id, "direction": "leaning", "z": z})
+                reason = reason or (
+                    f"taste shift (liked answers no longer lean toward what the served "
+                    f"version learned, z = {z:.1f}) detected by record {new[-1].id}"
+                )
+        if reason is not None:
+            self.mark_task_boundary(reason=reason)
             report["boundaries"] = alarms
 
         bank = host.engine.reasoning_bank
@@ -453,6 +477,24 @@ class Learner:
             publish_to_serve_s=time.perf_counter() - t_pub,
         )
         return report
+
+    def _leaning(self, records: list[FeedbackRecord]) -> list[float]:
+        """``log π_served(y|x) − log π_base(y|x)`` of each record's answer (records with
+        prompt and response tokens; the trainer holds the served weights between cycles)."""
+        import torch
+
+        from ..training.objective import response_logprobs
+
+        peft = self.ensure_trainer().peft_model
+        out: list[float] = []
+        with torch.no_grad():
+            for s in range(0, len(records), 8):
+                part = records[s : s + 8]
+                served = response_logprobs(peft, part)
+                with peft.disable_adapter():
+                    base = response_logprobs(peft, part)
+                out.extend(float(a.sum() - b.sum()) for a, b in zip(served, base))
+        return out
 
     def _answer_kl(self, heldout: list[FeedbackRecord]) -> float:
         from ..training import ModelView
@@ -547,7 +589,7 @@ def _fresh_base(host: Host):
     )
 
 
-def _set_lora(trainer, start: dict | None, end: dict, scale: float) -> None:
+def _set_lora(trainer: BaseLoRATrainer, start: dict | None, end: dict, scale: float) -> None:
     """LoRA tensors ← start + scale·(end − start); with ``start`` None, ``B ← scale·B_end``
     (and ``A ← A_end``), so every ``ΔW = B·A`` shrinks by ``scale`` toward the base."""
     import torch

@@ -27,14 +27,19 @@ advantage, unlike the seeds' learning signal). ``J_t`` depends on what the step 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..config import SonaConfig
 from ..micro_lora import MicroLoRA, UpdateReport
-from ..types import Trajectory
+from ..types import Trajectory, TrajectoryStep
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import ArrayLike
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -115,7 +120,7 @@ class InstantLoop:
         self.skipped = 0
         self.lock = threading.Lock()
 
-    def set_output_head(self, W) -> None:
+    def set_output_head(self, W: ArrayLike | torch.Tensor) -> None:
         Wn = W.detach().cpu().float().numpy() if hasattr(W, "detach") else np.asarray(W, np.float32)
         if Wn.ndim != 2 or Wn.shape[1] != self.config.hidden_dim:
             from ..errors import DimensionMismatch
@@ -193,7 +198,9 @@ class InstantLoop:
             return InstantReport(None, adv, self.baseline, report)
 
     # -- objectives -------------------------------------------------------------------
-    def _lm_objective(self, H: np.ndarray, steps) -> tuple[Callable, Callable]:
+    def _lm_objective(
+        self, H: np.ndarray, steps: Sequence[TrajectoryStep]
+    ) -> tuple[Callable, Callable]:
         W = self.head
         rows = []
         targets = []
@@ -211,18 +218,18 @@ class InstantLoop:
         Wk = W[idx]  # [T, k, d]
         m = self.micro
 
-        def probs(Y):
+        def probs(Y: np.ndarray):
             z = np.einsum("tkd,td->tk", Wk, Y)
             z = np.where(mask, z, -np.inf)
             return _softmax(z)
 
-        def grad_fn(A, B):
+        def grad_fn(A: np.ndarray, B: np.ndarray):
             Y = m.forward_with(A, B, H)
             p = probs(Y)
             G = Wk[np.arange(len(H)), targets] - np.einsum("tk,tkd->td", p, Wk)
             return G.astype(np.float32)
 
-        def div(A, B):
+        def div(A: np.ndarray, B: np.ndarray):
             return _kl_rows(probs(m.forward(H)), probs(m.forward_with(A, B, H)))
 
         return grad_fn, div
@@ -231,10 +238,10 @@ class InstantLoop:
         keys = self.routes
         m = self.micro
 
-        def grad_fn(A, B):
+        def grad_fn(A: np.ndarray, B: np.ndarray):
             return keys.grad_y(m.forward_with(A, B, H), idx)
 
-        def div(A, B):
+        def div(A: np.ndarray, B: np.ndarray):
             return _kl_rows(keys.probs(m.forward(H)), keys.probs(m.forward_with(A, B, H)))
 
         return grad_fn, div

@@ -146,7 +146,7 @@ class TrainerLease:
             ) from None
         self.name = name
         self.key = lease_key(name)
-        self._lock = threading.Lock()  # one round trip on the connection at a time
+        self._lock = threading.RLock()  # one round trip on the connection at a time
         self._conn: psycopg.Connection | None = None
         self._held = False
         self.acquired_at: float | None = None  # wall clock of the current hold
@@ -269,10 +269,12 @@ class TrainerLease:
             logger.info("trainer lease %r on %s released", self.name, self.url)
 
     def close(self) -> None:
-        """Give the lease up and close its connection (closing twice is harmless)."""
+        """Give the lease up and close its connection (closing twice is harmless). The
+        lock is released explicitly first: the server frees a closed session's locks only
+        once its backend has exited, which under load comes later than the close."""
         with self._lock:
             if self._held:
-                logger.info("trainer lease %r on %s released (closed)", self.name, self.url)
+                self.release()
             self._disconnect()
 
     def stats(self) -> dict:

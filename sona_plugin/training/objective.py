@@ -218,6 +218,8 @@ def reinforce_kl_loss(
     device: Any = None,
     max_length: int | None = None,
     ref_logprobs: torch.Tensor | None = None,
+    old_logprobs: torch.Tensor | None = None,
+    clip: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """REINFORCE with a baseline plus β·KL(π ‖ π_ref) on a batch of stored responses.
 
@@ -236,6 +238,13 @@ def reinforce_kl_loss(
         beta: KL weight β ≥ 0; with β = 0 the reference pass is skipped.
         ref_logprobs: optional precomputed reference log-softmax [N, V] for exactly these
             records in this order (saves the reference forward pass).
+        old_logprobs: with ``clip``, log π_old(y_t) [N] of the response tokens under the
+            weights the cycle started from (in record order).
+        clip: PPO's clipped surrogate (Schulman et al. 2017) per token: the
+            policy-gradient term becomes ``−min(ρ·a, clip(ρ, 1−ε, 1+ε)·a)`` with
+            ``ρ = π(y_t)/π_old(y_t)``: a token whose
+            probability already moved by ``ε`` in the advantage's direction stops pulling.
+            At ``ρ = 1`` the gradient equals REINFORCE's.
 
     Returns:
         ``(loss, stats)``: the differentiable scalar loss and floats ``pg_loss``, ``kl``,
@@ -258,8 +267,19 @@ def reinforce_kl_loss(
     logits = _response_logits(model, batch)
     logp = logits.log_softmax(-1)
     tok = logp.gather(-1, batch.targets[batch.target_mask][:, None])[:, 0]
-    per_rec = _per_record_mean(tok, batch)
-    pg = -(adv * per_rec).mean()
+    if clip is None:
+        per_rec = _per_record_mean(tok, batch)
+        pg = -(adv * per_rec).mean()
+    else:
+        if old_logprobs is None or old_logprobs.shape != tok.shape:
+            raise InvalidValue(
+                f"clip needs old_logprobs of shape {tuple(tok.shape)}, got "
+                f"{None if old_logprobs is None else tuple(old_logprobs.shape)}"
+            )
+        a_tok = adv[batch.row_of_position]
+        ratio = (tok - old_logprobs.to(tok.device)).exp()
+        surrogate = torch.minimum(ratio * a_tok, ratio.clamp(1.0 - clip, 1.0 + clip) * a_tok)
+        pg = -_per_record_mean(surrogate, batch).mean()
     kl = torch.zeros((), dtype=logp.dtype, device=dev)
     if beta > 0:
         if ref_logprobs is None:

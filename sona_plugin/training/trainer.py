@@ -115,6 +115,7 @@ class BaseLoRATrainer:
         max_grad_norm: float = 1.0,
         ref_cache_mb: float = 256.0,
         fisher_samples: int = 24,
+        clip: float | None = None,
     ):
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -136,6 +137,9 @@ class BaseLoRATrainer:
         self.max_grad_norm = float(max_grad_norm)
         self.ref_cache_bytes = int(max(ref_cache_mb, 0) * 2**20)
         self.fisher_samples = _positive_int("fisher_samples", fisher_samples)
+        if clip is not None and not (isinstance(clip, (int, float)) and 0 < clip < 1):
+            raise InvalidValue(f"clip must be None or in (0, 1), got {clip!r}")
+        self.clip = None if clip is None else float(clip)
         self.target_modules = tuple(target_modules)
         r = int(config.base_lora_rank)
         self.lora_config = LoraConfig(
@@ -198,6 +202,7 @@ class BaseLoRATrainer:
         epochs: int = 2,
         batch_size: int = 8,
         lr: float | None = None,
+        baselines: Sequence[float] | None = None,
     ) -> TrainReport:
         """Train the LoRA on ``records`` for ``epochs`` passes; see the module docstring.
 
@@ -250,7 +255,20 @@ class BaseLoRATrainer:
         # first cycle's candidate collapsed off the question (measured on SmolLM2)
         self._fold_rewards(rewards)
         report.baseline = self._reward_mean
-        adv = self.advantages(rewards)
+        if baselines is None:
+            adv = self.advantages(rewards)
+        else:
+            baselines = [float(x) for x in baselines]
+            b = [
+                x
+                for x, r in zip(baselines, records)
+                if len(r.response_ids) > 0 and len(r.prompt_ids) > 0
+            ]
+            if len(baselines) != len(records) or not all(math.isfinite(x) for x in b):
+                raise InvalidValue(
+                    f"baselines must be {len(records)} finite numbers, one per record"
+                )
+            adv = (torch.tensor(rewards) - torch.tensor(b)).clamp(-1.0, 1.0)
 
         params = self.named_lora_params()
         plist = list(params.values())
@@ -260,6 +278,15 @@ class BaseLoRATrainer:
         first_epoch: list[float] = []
         order_rng = np.random.default_rng([self.seed, self._calls])
         dev = self.device
+        old: list[torch.Tensor] = []
+        if self.clip is not None:  # log π_old(y_t) at the weights this call starts from
+            with torch.no_grad():
+                for s in range(0, len(usable), batch_size):
+                    old.extend(
+                        response_logprobs(
+                            self.model, usable[s : s + batch_size], dev, max_length=self.max_length
+                        )
+                    )
         # Only the LoRA dropout trains: base-model dropout would make π and π_ref noisy.
         for name, m in self.model.named_modules():
             if name.endswith("lora_dropout"):
@@ -301,6 +328,8 @@ class BaseLoRATrainer:
                             device=dev,
                             max_length=self.max_length,
                             ref_logprobs=ref,
+                            old_logprobs=torch.cat([old[i] for i in idx]) if old else None,
+                            clip=self.clip,
                         )
                         loss.backward()
                         pen_value = 0.0

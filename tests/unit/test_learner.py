@@ -15,9 +15,16 @@ from _tiny import CharTokenizer
 from sona_plugin.adapters import AdapterRegistry
 from sona_plugin.config import SonaConfig
 from sona_plugin.engine import SonaEngine
-from sona_plugin.learner import Learner, ShiftDetector, efficiency, kl_floor
+from sona_plugin.learner import (
+    LeaningShiftDetector,
+    Learner,
+    ShiftDetector,
+    efficiency,
+    kl_floor,
+)
 from sona_plugin.learner.dreams import predicted_rewards
 from sona_plugin.learner.heldout import PromptSplit
+from sona_plugin.learner.shift import auc
 from sona_plugin.store import open_store
 from sona_plugin.store.base import FeedbackRecord
 
@@ -63,6 +70,40 @@ def test_shift_detector_ignores_the_rise_that_learning_causes_and_round_trips():
     back = ShiftDetector.from_state(det.state_dict())
     assert [det.update(r) for r in stream[60:]] == [back.update(r) for r in stream[60:]]
     assert det.state_dict() == back.state_dict()
+
+
+def test_auc_counts_ties_as_half():
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 5, 60).astype(float)
+    liked = rng.random(60) < 0.4
+    pos, neg = scores[liked], scores[~liked]
+    brute = np.mean([(p > q) + 0.5 * (p == q) for p in pos for q in neg])
+    assert auc(scores, liked) == pytest.approx(brute)
+
+
+def test_leaning_detector_false_alarm_rate_and_power():
+    """Liked answers lean toward the served version (AUC ≈ 0.64); after the shift they lean
+    away (AUC ≈ 0.31, as measured on SmolLM2 for warm → plain), the liked-rate unchanged: what the liked-rate CUSUM cannot see."""
+    rng = np.random.default_rng(0)
+
+    def batch(shift: float, n: int = 50):
+        liked = rng.random(n) < 0.4
+        return rng.standard_normal(n) + np.where(liked, shift, 0.0), np.where(liked, 1.0, -1.0)
+
+    false_alarms = tests = found = 0
+    for _ in range(400):
+        det = LeaningShiftDetector()
+        for _b in range(5):
+            false_alarms += det.update(*batch(0.5)) is not None
+        tests += det.tests
+        found += any(det.update(*batch(-0.7)) is not None for _b in range(2))
+    assert false_alarms / tests <= 0.015, (false_alarms, tests)  # stated 0.5 %
+    assert found / 400 >= 0.8, found
+    back = LeaningShiftDetector.from_state(det.state_dict())
+    assert back.state_dict() == det.state_dict()
+    lean, rewards = batch(0.5)
+    assert back.update(lean, rewards) == det.update(lean, rewards)
+    assert det.update([0.1, 0.2], [1.0, 1.0]) is None  # too few of each side: no test
 
 
 # -------------------------------------------------------------------------- held-out split
@@ -289,6 +330,45 @@ def test_unhinted_shift_starts_a_new_ewc_task_from_the_served_weights(tmp_path, 
     for k, v in served.items():  # θ* is what served when the shift was seen
         np.testing.assert_array_equal(arrays[f"task0.theta.{k}"], v.numpy())
     assert rep["train"]["penalty"] >= 0.0
+
+
+def test_a_shift_at_the_same_liked_rate_is_found_by_what_the_model_learned(
+    tmp_path, tiny_model_dir
+):
+    """Taste A likes answer 7 7 7 and dislikes 9 9 9; taste B the reverse, at the same
+    50 % liked-rate: the liked-rate CUSUM stays silent, the leaning test sees it."""
+    rng = np.random.default_rng(8)
+    host = TinyHost(tmp_path, tiny_model_dir)
+    learner = Learner(host, epochs=1)
+    n = 0
+
+    def round_of(liked_token: int) -> dict:
+        nonlocal n
+        for _i in range(40):
+            liked = n % 2 == 0
+            token = liked_token if liked else 16 - liked_token  # 7 <-> 9
+            host.store.add(
+                FeedbackRecord(
+                    response_id=f"s{n}",
+                    prompt=f"q{n}",
+                    prompt_ids=rng.integers(10, V, 6).tolist(),
+                    response_ids=[token] * 3,
+                    response_text="",
+                    reward=1.0 if liked else -1.0,
+                    embedding=rng.standard_normal(E).astype(np.float32),
+                )
+            )
+            n += 1
+        return learner.run(gate=False)
+
+    assert "boundaries" not in round_of(7)  # v1: the base served these answers
+    rep = round_of(7)
+    assert "boundaries" not in rep and rep["leaning_auc"] > 0.9, rep
+    rep = round_of(9)
+    assert rep["leaning_auc"] < 0.1, rep
+    assert [b["direction"] for b in rep["boundaries"]] == ["leaning"], rep
+    assert learner.ewc.task_count == 1 and "taste shift" in learner.boundaries[-1]["reason"]
+    assert learner.detector.alarms == 0  # the liked-rate never moved
 
 
 def test_a_failed_cycle_leaves_its_records_to_the_next(tmp_path, tiny_model_dir):

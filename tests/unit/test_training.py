@@ -146,6 +146,41 @@ def test_loss_is_per_token_mean_reinforce():
         reinforce_kl_loss(model, recs, torch.ones(3), beta=0.0)
 
 
+def test_clipped_surrogate_equals_reinforce_at_the_start_and_stops_moved_tokens():
+    model = tiny_llama()
+    recs = preference_records(3, seed=4)
+    adv = torch.tensor([1.0, -1.0] * 3)
+    with torch.no_grad():
+        old = torch.cat(response_logprobs(model, recs))
+
+    def grads(**kw):
+        model.zero_grad(set_to_none=True)
+        loss, _ = reinforce_kl_loss(model, recs, adv, beta=0.0, **kw)
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    torch.testing.assert_close(grads(old_logprobs=old, clip=0.2), grads(), atol=1e-6, rtol=1e-5)
+    # every token already 50 % more likely (liked) / less likely (disliked) than when
+    # sampled: past the clip, nothing pulls further
+    moved = old - torch.cat([torch.full((3,), s) for s in (0.4055, -0.4055) * 3])
+    assert grads(old_logprobs=moved, clip=0.2).abs().max() == 0
+    with pytest.raises(InvalidValue, match="old_logprobs"):
+        reinforce_kl_loss(model, recs, adv, beta=0.0, clip=0.2)
+
+
+def test_per_record_baselines_replace_the_running_mean():
+    recs = preference_records(4, seed=5)
+    runs = []
+    for baselines in (None, [0.0] * len(recs), [1.0, -1.0] * 4):
+        tr = BaseLoRATrainer(tiny_llama(), config(), seed=0)
+        runs.append(tr.train(recs, epochs=1, batch_size=8, lr=5e-3, baselines=baselines))
+    # r − b = 0 for every record: nothing to learn, the loss has no gradient
+    assert runs[2].losses[0] == pytest.approx(0.0, abs=1e-7)
+    assert runs[0].losses[0] != pytest.approx(runs[2].losses[0], abs=1e-4)
+    with pytest.raises(InvalidValue, match="baselines"):
+        BaseLoRATrainer(tiny_llama(), config()).train(recs, baselines=[0.0])
+
+
 # ------------------------------------------------------------------------------ trainer
 def test_training_moves_preference_on_heldout_prompts_and_kl_grows():
     tr = BaseLoRATrainer(tiny_llama(), config(), seed=0)
