@@ -118,7 +118,12 @@ class LearningHost:
     last_swap: dict | None = None
     _unsaved_feedback: int = 0
     _save_timer: Any = None
-    _save_lock = threading.Lock()  # a feedback's periodic save against a cycle's save
+
+    @property
+    def _save_lock(self) -> threading.Lock:
+        """This host's lock of a feedback's periodic save against a cycle's save (one per
+        instance: two hosts in one process never wait on each other)."""
+        return self.__dict__.setdefault("_save_lock_instance", threading.Lock())
 
     # -- to implement ---------------------------------------------------------------------
     @property

@@ -40,22 +40,10 @@ try:
 except ImportError:
     psycopg = None
 
-NO_PSYCOPG = "psycopg / psycopg-pool not installed: pip install 'sona_plugin[postgres]'"
 
 # Generous for a loopback socket, where the handover takes milliseconds: the bound says the
 # server freed the lock when the holder's socket closed, not after some timeout.
 KILL_HANDOVER_BOUND_S = 5.0
-
-
-@pytest.fixture(scope="module")
-def pg_server():
-    why = _postgres.unavailable()
-    if why:
-        _postgres.skip_or_fail(why)
-    if psycopg is None:
-        _postgres.skip_or_fail(NO_PSYCOPG)
-    with _postgres.postgres_server() as server:
-        yield server
 
 
 @pytest.fixture

@@ -87,17 +87,6 @@ def assert_same(got: FeedbackRecord, want: FeedbackRecord) -> None:
     assert got.embedding.tobytes() == np.asarray(want.embedding, np.float32).tobytes()
 
 
-@pytest.fixture(scope="module")
-def pg_server():
-    why = _postgres.unavailable()
-    if why:
-        _postgres.skip_or_fail(why)
-    if psycopg is None:
-        _postgres.skip_or_fail(NO_PSYCOPG)
-    with _postgres.postgres_server() as server:
-        yield server
-
-
 @pytest.fixture
 def pg_url(pg_server) -> str:
     """A fresh, empty database on the module's server."""
