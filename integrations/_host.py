@@ -191,6 +191,30 @@ class LearningHost:
                 logger.error("not serving version %s at start-up: %s", cand.version, e)
         logger.error("no adapter version passed its canary: serving the base model")
 
+    def follow_registry(self) -> int | None:
+        """Serve the registry's CURRENT when another process moved it: replicas that share
+        a store and a registry directory learn as one, the trainer publishes and every
+        replica follows (checked by the version's canary, like any swap), taking the
+        learner state saved with the version. Returns the version now served when it
+        changed, else None. A version that fails its canary here is logged and retried at
+        the next poll; this replica keeps serving what it served."""
+        from sona_plugin.errors import SwapRefused
+
+        current = self.registry.current_version()
+        if current is None or current == self.adapter_version:
+            return None
+        with self.learner.lock:
+            if self.registry.current_version() != current:
+                return None  # moved again meanwhile: the next poll follows
+            try:
+                self.serve_version(current, micro_decay=0.5)
+            except SwapRefused as e:
+                logger.error("not following adapter version %s: %s", current, e)
+                return None
+            self.learner.follow(current)
+        logger.info("following adapter version %s published by the trainer", current)
+        return current
+
     def _start_learner(self) -> None:
         from sona_plugin.learner import Learner
 
@@ -294,7 +318,10 @@ class LearningHost:
         On a PostgreSQL store shared by replicas, only the holder of the trainer lease
         (``sona_plugin/store/leader.py``) runs loops B and C: another replica's coordinator
         sees nothing pending, and its forced cycle reports ``{"skipped": "not the trainer"}``;
-        it takes over when the holder goes away."""
+        it takes over when the holder goes away. Every replica's poll (each ``poll_s``)
+        first follows the registry (:meth:`follow_registry`): with the registry directory
+        shared, a version the trainer publishes serves everywhere within ``poll_s`` plus
+        one swap."""
         from sona_plugin.loops.coordinator import LoopCoordinator
 
         if self._coordinator is None:
@@ -306,7 +333,17 @@ class LearningHost:
 
                 lease = self._trainer_lease
                 # pending 0 off the lease: a follower's poll neither runs nor logs a cycle
-                pending = only_while_leading(lease, pending, otherwise=0)
+                lease_pending = only_while_leading(lease, pending, otherwise=0)
+
+                def pending() -> int:
+                    # every poll first serves what the trainer published (the trainer
+                    # itself serves what it publishes; a new trainer starts from there)
+                    try:
+                        self.follow_registry()
+                    except Exception:
+                        logger.exception("following the registry failed; retried next poll")
+                    return lease_pending()
+
                 run_background = only_while_leading(lease, run_background)
                 run_deep = only_while_leading(lease, run_deep)
             self._coordinator = LoopCoordinator(

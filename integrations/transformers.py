@@ -165,6 +165,7 @@ class SonaPipeline(LearningHost):
         model_source: Any,
         max_responses: int = 1000,
         save_every: int = 25,
+        registry_dir: Path | None = None,
     ):
         self._pipe = hf_pipeline
         hf_pipeline.sona = self
@@ -195,7 +196,7 @@ class SonaPipeline(LearningHost):
         ]
         from sona_plugin.adapters import AdapterRegistry
 
-        self.registry = AdapterRegistry(state_dir / "adapters")
+        self.registry = AdapterRegistry(registry_dir or state_dir / "adapters")
         self._serve_at_start()
         self._start_learner()
         # interpreter exit (end of script, Ctrl-C) saves the MicroLoRA even without close();
@@ -663,7 +664,13 @@ def pipeline(
         **pipeline_kwargs,
     )
     sp = SonaPipeline(
-        pipe, engine, state_dir=sd, store=st, model_source=source, save_every=host.save_every
+        pipe,
+        engine,
+        state_dir=sd,
+        store=st,
+        model_source=source,
+        save_every=host.save_every,
+        registry_dir=Path(host.registry_dir) if host.registry_dir else None,
     )
     sp.save_interval_s, sp.keep_versions, sp.retain_days = (
         float(host.save_interval_s),

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 def _state_dir(arg: str | None) -> Path:
@@ -121,7 +122,13 @@ def serve_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
         settings = json.loads(args.sona_config) if args.sona_config else {}
     except json.JSONDecodeError as e:
         raise SystemExit(f"sona serve: --sona-config is not valid JSON: {e}") from None
-    for key in ("state_dir", "schedule"):
+    if args.store_url and urlsplit(args.store_url).password:
+        raise SystemExit(
+            "sona serve: --store-url carries a password, and the command line is visible "
+            "to every user of the machine (and vLLM logs it): give it in $PGPASSWORD or a "
+            "~/.pgpass file (PGPASSFILE) instead"
+        )
+    for key in ("state_dir", "store_url", "registry_dir", "schedule"):
         if getattr(args, key) is not None:  # last: keys apply in order, a flag wins
             settings.pop(key, None)
             settings[key] = getattr(args, key)
@@ -213,6 +220,16 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument(
         "--state-dir", help="store, adapters and engine state (default $SONA_HOME/state)"
+    )
+    v.add_argument(
+        "--store-url",
+        help="feedback store: a SQLite path, or postgresql://user@host/db shared by "
+        "replicas (password in $PGPASSWORD or ~/.pgpass, never here)",
+    )
+    v.add_argument(
+        "--registry-dir",
+        help="adapter versions; replicas on one PostgreSQL store share it "
+        "(default STATE_DIR/adapters)",
     )
     v.add_argument(
         "--schedule",

@@ -552,6 +552,12 @@ class HostConfig(_Section):
         "feedback store: a SQLite path or sqlite:/// URL, or postgresql://... "
         "(pip install 'sona_plugin[postgres]'); default state_dir/sona.db",
     )
+    registry_dir: str | None = _opt(
+        None,
+        "where adapter versions are published and read; replicas that share a "
+        "postgresql:// store share this directory too (one trainer publishes, every "
+        "replica follows); default state_dir/adapters",
+    )
     schedule: str = _opt(
         "background",
         "'background' (loop B/C in a thread on the config's schedule, default) or "
@@ -615,7 +621,7 @@ class HostConfig(_Section):
 
     def __post_init__(self) -> None:
         # the launch-config messages of the vLLM host, kept word for word
-        for name in ("state_dir", "store_url", "admin_token_file"):
+        for name in ("state_dir", "store_url", "registry_dir", "admin_token_file"):
             v = getattr(self, name)
             if isinstance(v, os.PathLike):
                 v = os.fspath(v)

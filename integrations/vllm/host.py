@@ -140,7 +140,9 @@ class VllmHost(LearningHost):
         self.store = open_store(
             host.store_url or self.engine.config.database_url or self.state_dir / "sona.db"
         )
-        self.registry = AdapterRegistry(self.state_dir / "adapters")
+        self.registry = AdapterRegistry(
+            Path(host.registry_dir) if host.registry_dir else self.state_dir / "adapters"
+        )
         self._version: int | None = None
         self.save_every = host.save_every
         self.save_interval_s = float(host.save_interval_s)

@@ -203,15 +203,7 @@ class Learner:
                 self.last_id = int(host.registry.get(served).metadata.get("last_record_id", 0))
             return
         arrays, meta = newest
-        self.last_id = int(meta["last_id"])
-        self.cycles = int(meta["cycles"])
-        self.detector = ShiftDetector.from_state(meta["detector"])
-        self.leaning_detector = LeaningShiftDetector.from_state(meta.get("leaning_detector", {}))
-        self.boundaries = list(meta["boundaries"])
-        self.split = PromptSplit.from_state(arrays, meta["split"])
-        host.engine.reasoning_bank.load_state_dict(
-            {k[5:]: v for k, v in arrays.items() if k.startswith("bank.")}, meta["bank"]
-        )
+        self._load_stream_state(arrays, meta)
         per_version = newest
         if saved is not None and saved[1].get("served_version") != served:
             per_version = version_state  # a rollback or a crash between publish and save
@@ -222,6 +214,17 @@ class Learner:
             self.last_id,
             self.cycles,
             len(self.boundaries),
+        )
+
+    def _load_stream_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        self.last_id = int(meta["last_id"])
+        self.cycles = int(meta["cycles"])
+        self.detector = ShiftDetector.from_state(meta["detector"])
+        self.leaning_detector = LeaningShiftDetector.from_state(meta.get("leaning_detector", {}))
+        self.boundaries = list(meta["boundaries"])
+        self.split = PromptSplit.from_state(arrays, meta["split"])
+        self.host.engine.reasoning_bank.load_state_dict(
+            {k[5:]: v for k, v in arrays.items() if k.startswith("bank.")}, meta["bank"]
         )
 
     def _load_version_state(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -322,6 +325,24 @@ class Learner:
             if st is not None:
                 self._load_version_state(*st)
             self.trainer = None
+            self.save()
+
+    # -- replicas ---------------------------------------------------------------------------
+    def follow(self, version: int) -> None:
+        """Another process (the trainer replica) published ``version`` and this host now
+        serves it: take the learner state saved with it whole (records used, prompt split,
+        detectors, boundaries, bank, EWC++, reward baseline, dreams), so that if this
+        replica becomes the trainer it continues from exactly there: records the version
+        was trained on are not trained again, later ones are."""
+        with self.lock:
+            try:
+                arrays, meta = load_state(self.host.registry.get(version).path / STATE_FILE)
+            except StateError as e:
+                logger.warning("followed version %s has no usable learner state: %s", version, e)
+                self.trainer = None
+                return
+            self._load_stream_state(arrays, meta)
+            self._load_version_state(arrays, meta)
             self.save()
 
     # -- one cycle --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from sona_plugin.store import open_store
@@ -240,6 +241,66 @@ def test_host_on_a_postgres_store_trains_only_while_it_holds_the_lease(url, tmp_
     finally:
         sqlite.stop_background()
         sqlite.store.close()
+
+
+class PublishingReplica(Replica):
+    """A Replica whose cycles publish a version into a registry directory shared with the
+    other replica (weights stubbed: the swap itself is recorded, not performed)."""
+
+    def __init__(self, store, registry_dir: Path) -> None:
+        super().__init__(store)
+        from sona_plugin.adapters import AdapterRegistry
+
+        self.registry = AdapterRegistry(registry_dir)
+        self.served: int | None = None
+        self.followed: list[int] = []
+        self.learner = SimpleNamespace(
+            pending=lambda: 1 if self.cycles == 0 else 0,
+            lock=threading.RLock(),
+            follow=self.followed.append,
+        )
+
+    @property
+    def adapter_version(self) -> int | None:
+        return self.served
+
+    def _serve(self, version: int) -> None:
+        self.served = version
+
+    def _shrink_micro(self, factor: float) -> None:
+        pass
+
+    def learn(self, **kwargs) -> dict:
+        self.cycles += 1
+
+        def write(path: Path) -> None:
+            (path / "adapter_config.json").write_text("{}")
+            from safetensors.numpy import save_file
+
+            save_file({"w": np.zeros(2, np.float32)}, str(path / "adapter_model.safetensors"))
+
+        v = self.registry.publish(write, {}, make_current=False)
+        self.serve_version(v.version)
+        return {"published": True, "version": v.version}
+
+
+def test_a_version_the_trainer_publishes_serves_on_every_replica(url, tmp_path):
+    stores = [open_store(url), open_store(url)]
+    hosts = [PublishingReplica(s, tmp_path / "adapters") for s in stores]
+    try:
+        for h in hosts:
+            h.start_background(poll_s=0.01)
+        assert wait_for(lambda: any(h.cycles and h.served == 1 for h in hosts))
+        trainer, replica = sorted(hosts, key=lambda h: -h.cycles)
+        assert trainer.served == 1 and trainer.followed == []  # its own publish: no follow
+        assert wait_for(lambda: replica.served == 1)  # within a poll plus the swap
+        assert replica.followed == [1] and replica.cycles == 0
+        assert replica.registry.current_version() == 1
+    finally:
+        for h in hosts:
+            h.stop_background()
+        for s in stores:
+            s.close()
 
 
 def test_the_session_gives_a_silent_peer_up_on_both_ends(url, leases):

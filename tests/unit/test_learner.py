@@ -371,6 +371,31 @@ def test_a_shift_at_the_same_liked_rate_is_found_by_what_the_model_learned(
     assert learner.detector.alarms == 0  # the liked-rate never moved
 
 
+def test_a_replica_follows_the_trainers_version_and_continues_from_its_state(
+    tmp_path, tiny_model_dir
+):
+    rng = np.random.default_rng(9)
+    trainer_host = TinyHost(tmp_path / "a", tiny_model_dir)
+    replica = TinyHost(tmp_path / "b", tiny_model_dir)
+    replica.store = trainer_host.store  # one store (PostgreSQL in a deployment)
+    replica.registry = AdapterRegistry(tmp_path / "a" / "adapters")  # one registry directory
+    trainer, follower = Learner(trainer_host, epochs=1), Learner(replica, epochs=1)
+    feed(trainer_host, 0, 40, rng)
+    assert trainer.run(gate=False)["version"] == 1
+    replica.serve_version(1)
+    follower.follow(1)
+    assert follower.last_id == trainer.last_id == 40 and follower.pending() == 0
+    assert follower.split.sides == trainer.split.sides and follower.cycles == trainer.cycles
+    theirs, mine = trainer._state()[0], follower._state()[0]
+    for k, v in theirs.items():
+        np.testing.assert_array_equal(mine[k], v, err_msg=k)
+    assert follower.run(gate=False)["skipped"] == "no new feedback since the last cycle"
+    feed(trainer_host, 40, 10, rng)  # the trainer went away; this replica takes over
+    rep = follower.run(gate=False)
+    assert rep["new_records"] == 10 and rep["version"] == 2
+    assert replica.registry.get(2).parent == 1
+
+
 def test_a_failed_cycle_leaves_its_records_to_the_next(tmp_path, tiny_model_dir):
     rng = np.random.default_rng(6)
     host = TinyHost(tmp_path, tiny_model_dir)

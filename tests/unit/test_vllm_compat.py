@@ -114,6 +114,8 @@ def test_sona_serve_adds_the_cpu_defaults_unless_given():
         host="127.0.0.1",
         port=9000,
         state_dir=None,
+        store_url=None,
+        registry_dir=None,
         schedule=None,
         admin_token_file=None,
         max_lora_rank=None,

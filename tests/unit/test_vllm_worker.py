@@ -248,6 +248,8 @@ def test_sona_serve_builds_the_vllm_command():
         host="127.0.0.1",
         port=9000,
         state_dir="/s",
+        store_url="postgresql://sona@db.internal/sona",
+        registry_dir="/shared/adapters",
         schedule="manual",
         admin_token_file=None,
         max_lora_rank=None,
@@ -259,8 +261,20 @@ def test_sona_serve_builds_the_vllm_command():
     import json
 
     cfg = json.loads(cmd[cmd.index("--additional-config") + 1])
-    assert cfg == {"sona": {"base_lora_rank": 16, "state_dir": "/s", "schedule": "manual"}}
+    assert cfg == {
+        "sona": {
+            "base_lora_rank": 16,
+            "state_dir": "/s",
+            "store_url": "postgresql://sona@db.internal/sona",
+            "registry_dir": "/shared/adapters",
+            "schedule": "manual",
+        }
+    }
     assert cmd.count("--dtype") == 1 and cmd[-2:] == ["--dtype", "bfloat16"]
+    args.store_url = "postgresql://sona:s3cret@db.internal/sona"  # visible in ps
+    with pytest.raises(SystemExit, match="PGPASSWORD"):
+        serve_command(args, [])
+    args.store_url = None
     args.sona_config = '{"nope": 1}'
     with pytest.raises(ConfigError, match="nope"):
         serve_command(args, [])
