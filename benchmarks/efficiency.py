@@ -18,7 +18,7 @@ the 32 held-out prompts (never trained on), two sampled answers each:
   needs to move the liked-rate from ``p0`` to ``p``; 1 means no drift wasted).
 
 Variants are trainer settings (``--beta``, ``--epochs``, ``--lr``, ``--clip``, ``--rank``,
-``--targets``, ``--baseline knn``: each record's advantage against the mean reward of the
+``--targets``, ``--optimizer sgd``, ``--baseline knn``: each record's advantage against the mean reward of the
 10 most similar earlier prompts instead of the global running mean), one process per variant so each starts from the same base model and seed;
 results append one JSON line per round to ``--out``. ``--table FILE`` prints the
 comparison. Run one at a time on a small machine (one torch thread each).
@@ -169,6 +169,7 @@ def run(args) -> None:
         beta=args.beta,
         seed=args.seed,
         clip=args.clip,
+        optimizer=args.optimizer,
         target_modules=tuple(args.targets.split(",")),
     )
     peft = trainer.peft_model
@@ -243,6 +244,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--clip", type=float, default=None)
+    ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     ap.add_argument("--baseline", choices=["global", "knn"], default="global")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")

@@ -97,6 +97,12 @@ class BaseLoRATrainer:
             later epochs skip the reference forward pass; 0 disables the cache.
         fisher_samples: records per :meth:`train` call whose per-record gradients
             estimate the Fisher for EWC++ (one backward pass each).
+        clip: PPO's clipped surrogate with ratio bound ``clip`` against the weights each
+            :meth:`train` call starts from (None: plain REINFORCE). Measured in
+            ``benchmarks/efficiency.py``; off by default.
+        optimizer: ``"adamw"`` (default) or ``"sgd"`` (plain gradient steps: Adam moves
+            every LoRA coordinate by about ``lr`` per step whatever its gradient, noise
+            included; ``benchmarks/efficiency.py`` compares the two).
 
     Raises:
         InvalidValue: ``base_model`` already has PEFT adapters, or bad arguments.
@@ -116,6 +122,7 @@ class BaseLoRATrainer:
         ref_cache_mb: float = 256.0,
         fisher_samples: int = 24,
         clip: float | None = None,
+        optimizer: str = "adamw",
     ):
         from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -140,6 +147,9 @@ class BaseLoRATrainer:
         if clip is not None and not (isinstance(clip, (int, float)) and 0 < clip < 1):
             raise InvalidValue(f"clip must be None or in (0, 1), got {clip!r}")
         self.clip = None if clip is None else float(clip)
+        if optimizer not in ("adamw", "sgd"):
+            raise InvalidValue(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        self.optimizer = optimizer
         self.target_modules = tuple(target_modules)
         r = int(config.base_lora_rank)
         self.lora_config = LoraConfig(
@@ -205,6 +215,10 @@ class BaseLoRATrainer:
         baselines: Sequence[float] | None = None,
     ) -> TrainReport:
         """Train the LoRA on ``records`` for ``epochs`` passes; see the module docstring.
+
+        ``baselines`` (one per record) replaces the running mean in the advantages
+        ``clip(r − b_i, ±1)`` (for example the mean reward of similar prompts; the running
+        mean is still folded in).
 
         The call's rewards are first folded into the running mean (which starts from one
         neutral prior reward of 0); every record's advantage is ``clip(r − mean, ±1)``
@@ -272,7 +286,11 @@ class BaseLoRATrainer:
 
         params = self.named_lora_params()
         plist = list(params.values())
-        opt = torch.optim.AdamW(plist, lr=lr)
+        opt = (
+            torch.optim.AdamW(plist, lr=lr)
+            if self.optimizer == "adamw"
+            else torch.optim.SGD(plist, lr=lr)
+        )
         ref_cache: dict[int, torch.Tensor] = {}
         cache_bytes = 0
         first_epoch: list[float] = []

@@ -299,6 +299,18 @@ def test_invalid_arguments():
             tr.train(recs, **kw)
     with pytest.raises(InvalidValue, match="PEFT"):
         BaseLoRATrainer(tr.model, config())
+    for kw, field in (({"clip": 1.5}, "clip"), ({"optimizer": "lion"}, "optimizer")):
+        with pytest.raises(InvalidValue, match=field):
+            BaseLoRATrainer(tiny_llama(), config(), **kw)
+
+
+def test_sgd_moves_the_preference_too():
+    tr = BaseLoRATrainer(tiny_llama(), config(), optimizer="sgd")
+    held = preference_records(8, seed=2)
+    before = mean_response_logprob(tr.model, held)
+    tr.train(preference_records(16, seed=1), epochs=6, batch_size=8, lr=0.5)
+    delta = mean_response_logprob(tr.model, held) - before
+    assert float(delta[0::2].mean()) > float(delta[1::2].mean()) + 0.05
 
 
 # -------------------------------------------------------------------------- selection
