@@ -99,6 +99,7 @@ def run(rule, seed: int, mode: str, checkpoints: list[int]) -> list[dict]:
                 "feedback": cp,
                 "published": rep.get("published"),
                 "step": rep.get("step"),
+                "gate_reasons": (rep.get("gate") or {}).get("reasons"),
                 **measure(pipe, rule, 10_000 + seed * 100 + cp),
             }
             rows.append(row)
