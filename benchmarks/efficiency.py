@@ -39,19 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tastes import rule as taste_rule  # noqa: E402  (benchmarks/ is on sys.path)
 
-from sona_plugin.demo import HELDOUT_PROMPTS, RULES, STREAM_PROMPTS, chat  # noqa: E402
-from sona_plugin.learner.drift import answer_kl, kl_floor  # noqa: E402
+from sona_plugin.demo import HELDOUT_PROMPTS, STREAM_PROMPTS, chat  # noqa: E402
+from sona_plugin.learner.drift import answer_kl, kl_floor, sample_answer_ids  # noqa: E402
 
 MAX_NEW = 40
-
-
-def taste(name: str):
-    if name in RULES:
-        return RULES[name]
-    from tastes import TASTES
-
-    return TASTES[name]
 
 
 def prompt_rows(tok, prompts: list[str]) -> list[list[int]]:
@@ -62,35 +55,9 @@ def prompt_rows(tok, prompts: list[str]) -> list[list[int]]:
     return rows
 
 
-def sample(model, tok, rows: list[list[int]], seed: int, batch: int = 16) -> list[list[int]]:
-    """Answers at temperature 1, top-p 0.95 (left-padded batches), cut after EOS."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for s in range(0, len(rows), batch):
-            part = rows[s : s + batch]
-            L = max(map(len, part))
-            ids = torch.full((len(part), L), int(pad), dtype=torch.long)
-            mask = torch.zeros((len(part), L), dtype=torch.long)
-            for i, r in enumerate(part):
-                ids[i, L - len(r) :] = torch.tensor(r)
-                mask[i, L - len(r) :] = 1
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=MAX_NEW,
-                do_sample=True,
-                temperature=1.0,
-                top_p=0.95,
-                top_k=0,
-                pad_token_id=int(pad),
-            )
-            for row in gen[:, L:].tolist():
-                if tok.eos_token_id in row:
-                    row = row[: row.index(tok.eos_token_id) + 1]
-                out.append(row)
-    return out
+def sample(model, tok, rows: list[list[int]], seed: int) -> list[list[int]]:
+    """Answers at temperature 1, top-p 0.95 (what users get), cut after EOS."""
+    return sample_answer_ids(model, rows, tok, MAX_NEW, seed, top_p=0.95)
 
 
 def records(tok, prompts, rows, answers, rule, start_id: int):
@@ -160,7 +127,7 @@ def run(args) -> None:
     from sona_plugin.training import BaseLoRATrainer
 
     torch.set_num_threads(args.threads)
-    rule = taste(args.taste)
+    rule = taste_rule(args.taste)
     model, tok = load_default_llm()
     cfg = SonaConfig(base_lora_rank=args.rank, base_lora_lr=args.lr, seed=args.seed)
     trainer = BaseLoRATrainer(

@@ -36,8 +36,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from tastes import rule as taste_rule  # noqa: E402  (benchmarks/ is on sys.path)
 
-from sona_plugin.demo import HELDOUT_PROMPTS, RULES, STREAM_PROMPTS, answers  # noqa: E402
+from sona_plugin.demo import HELDOUT_PROMPTS, STREAM_PROMPTS, answers  # noqa: E402
 from sona_plugin.training.gate import on_topic_score  # noqa: E402
 
 MAX_NEW = 40
@@ -48,16 +49,6 @@ LEARNER: dict = {}  # ablations: {"replay": "uniform"}, {"dreams": n} (deep cycl
 
 
 ENGINE = {"name": "transformers"}
-
-
-def rule_of(name: str):
-    """A marker rule (``sona_plugin.demo.RULES``) or a whole-answer taste
-    (``benchmarks/tastes.py``: warm, plain)."""
-    if name in RULES:
-        return RULES[name]
-    from tastes import TASTES  # benchmarks/ is on sys.path when this script runs
-
-    return TASTES[name]
 
 
 def new_pipe(sona_config: dict | None = None):
@@ -112,7 +103,7 @@ def stream(seed: int) -> list[str]:
 
 
 def run_main(task: str, seed: int, rounds: int, per_round: int, background: bool) -> dict:
-    rule = rule_of(task)
+    rule = taste_rule(task)
     pipe = new_pipe()
     s = stream(seed)
     t0 = time.time()
@@ -186,7 +177,7 @@ def run_forgetting(
     would refuse it (isolates what EWC++ does from what the gate does)."""
     cfg = None if ewc else {"ewc_lambda": 0.0, "ewc_min_lambda": 0.0}
     pipe = new_pipe(cfg)
-    ra, rb = rule_of(task_a), rule_of(task_b)
+    ra, rb = taste_rule(task_a), taste_rule(task_b)
     s = stream(seed)
     t0 = time.time()
     a0, on0 = heldout(pipe, ra)

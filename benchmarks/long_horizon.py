@@ -40,21 +40,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from tastes import rule as taste_rule  # noqa: E402  (benchmarks/ is on sys.path)
 
-from sona_plugin.demo import HELDOUT_PROMPTS, RULES, STREAM_PROMPTS, Rule, answers  # noqa: E402
+from sona_plugin.demo import HELDOUT_PROMPTS, STREAM_PROMPTS, Rule, answers  # noqa: E402
 from sona_plugin.learner import kl_floor  # noqa: E402
 from sona_plugin.training.gate import ANCHOR_TEXTS, anchor_nll, on_topic_score  # noqa: E402
 
 MAX_NEW = 40
 EVAL_PROMPTS = 32
-
-
-def taste(name: str) -> Rule:
-    if name in RULES:
-        return RULES[name]
-    from tastes import TASTES  # benchmarks/tastes.py (run from the repository root)
-
-    return TASTES[name]
 
 
 def either(a: Rule, b: Rule) -> Rule:
@@ -163,7 +156,7 @@ def main() -> None:
             plot(result, dict.fromkeys(names), Path(args.plot))
         return
     torch.set_num_threads(args.threads)
-    a, b = taste(args.tastes[0]), taste(args.tastes[1])
+    a, b = taste_rule(args.tastes[0]), taste_rule(args.tastes[1])
     rules = {a.name: a, b.name: b}
     phases = [
         ("A", a, args.phases[0]),

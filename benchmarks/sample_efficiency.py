@@ -36,18 +36,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from tastes import rule as taste_rule  # noqa: E402  (benchmarks/ is on sys.path)
 
-from sona_plugin.demo import HELDOUT_PROMPTS, RULES, STREAM_PROMPTS, answers  # noqa: E402
+from sona_plugin.demo import HELDOUT_PROMPTS, STREAM_PROMPTS, answers  # noqa: E402
 
 MAX_NEW = 40
-
-
-def taste(name: str):
-    if name in RULES:
-        return RULES[name]
-    from tastes import TASTES
-
-    return TASTES[name]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -152,7 +145,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     HELD[:] = HELDOUT_PROMPTS[: args.heldout]
-    rule = taste(args.taste)
+    rule = taste_rule(args.taste)
     from sona_plugin.integrations.transformers import pipeline
 
     t0 = time.time()

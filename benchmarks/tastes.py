@@ -70,3 +70,10 @@ TASTES = {
         _plain,
     ),
 }
+
+
+def rule(name: str) -> Rule:
+    """A taste of this module, or a marker rule of ``sona_plugin.demo.RULES`` by name."""
+    from sona_plugin.demo import RULES
+
+    return RULES[name] if name in RULES else TASTES[name]

@@ -50,9 +50,11 @@ def sample_answer_ids(
     max_new_tokens: int = 32,
     seed: int = 0,
     batch_size: int = 16,
+    top_p: float = 1.0,
 ) -> list[list[int]]:
-    """Answers sampled at temperature 1 without truncation (the model's own distribution),
-    cut after the end-of-sequence token (kept)."""
+    """Answers sampled at temperature 1, by default without truncation (the model's own
+    distribution; ``top_p`` < 1 samples what users of a nucleus sampler get), cut after the
+    end-of-sequence token (kept)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     dev = next(model.parameters()).device
@@ -73,7 +75,7 @@ def sample_answer_ids(
                 max_new_tokens=max_new_tokens,
                 do_sample=True,
                 temperature=1.0,
-                top_p=1.0,
+                top_p=top_p,
                 top_k=0,
                 pad_token_id=int(pad),
             )
