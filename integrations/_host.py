@@ -49,6 +49,18 @@ def load_engine(path: Path, config: Any) -> Any:
     return SonaEngine(config)
 
 
+def _replica_log(store: Any) -> Any:
+    """The instant log on ``store``'s database when replicas share it (a PostgresStore),
+    else None."""
+    try:
+        from sona_plugin.store.replication import replica_log_for
+    except ImportError as e:  # without psycopg the store cannot be a PostgresStore
+        if e.name not in ("psycopg", "psycopg_pool"):
+            raise
+        return None
+    return replica_log_for(store)
+
+
 def _trainer_lease(store: Any) -> Any:
     """The trainer lease on ``store``'s database when replicas share it (a PostgresStore),
     else None."""
@@ -111,6 +123,7 @@ class LearningHost:
     _embedder: Any = None
     _coordinator: Any = None
     _trainer_lease: Any = None  # replicas on one PostgreSQL store: only its holder trains
+    _replica: Any = None  # replicas on one PostgreSQL store: one instant log (_replica.py)
     save_every: int = 25
     save_interval_s: float = 60.0
     keep_versions: int = 20
@@ -141,6 +154,46 @@ class LearningHost:
         """Sampled answers (token ids, stop token included) from the served model."""
         raise NotImplementedError
 
+    def _has_recording(self, response_id: str, index: int) -> bool:
+        """Whether this host generated the response (and can take its feedback)."""
+        raise NotImplementedError
+
+    # -- replicas (integrations/_replica.py) ------------------------------------------------
+    def _micro_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the served MicroLoRA's A and B."""
+        m = self.engine.micro_lora
+        return m.A.copy(), m.B.copy()
+
+    def _set_micro_arrays(self, A: np.ndarray, B: np.ndarray) -> None:
+        """Serve exactly these MicroLoRA weights."""
+        m = self.engine.micro_lora
+        m.A[...] = A
+        m.B[...] = B
+
+    def _take_forward(self, f: Any) -> dict:
+        """Take feedback another replica forwarded for a response generated here."""
+        return dict(self.feedback(f.response_id, f.reward))
+
+    def _start_replica(self) -> None:
+        """On a PostgreSQL store, join the deployment's replicas: the MicroLoRA comes from
+        the instant log (snapshot + tail) and follows it from then on."""
+        log = _replica_log(self.store)
+        if log is not None:
+            from ._replica import ReplicaSync
+
+            self._replica = ReplicaSync(self, log)
+            self._replica.start()
+
+    def _stop_replica(self) -> None:
+        if self._replica is not None:
+            self._replica.stop()
+
+    def _instant(self, response_id: str, update: Any) -> Any:
+        """Run the instant update ``update()``: through the instant log when replicated."""
+        if self._replica is None:
+            return update()
+        return self._replica.instant(response_id, update)
+
     # -- the Host protocol of sona_plugin.learner ------------------------------------------
     def serve_version(self, version: int, micro_decay: float = 1.0) -> None:
         """Serve ``version``: the engine loads it and its canary is checked first
@@ -161,6 +214,8 @@ class LearningHost:
         if self.registry.current_version() != version:
             failpoint("swap.loaded")
             self.registry.set_current(version)
+            if self._replica is not None:
+                self._replica.log.notify_published(version)
         dt = time.perf_counter() - t0
         metrics.swap(dt, True, version)
         self.last_swap = {
@@ -171,7 +226,10 @@ class LearningHost:
             "at": time.time(),
         }
         if micro_decay != 1.0:
-            self._shrink_micro(micro_decay)
+            if self._replica is not None:  # every replica decays, in the log's order
+                self._replica.scale(micro_decay)
+            else:
+                self._shrink_micro(micro_decay)
 
     def _serve_at_start(self) -> None:
         """Serve the registry's version at start-up: CURRENT's, or the newest complete one
@@ -191,27 +249,35 @@ class LearningHost:
                 logger.error("not serving version %s at start-up: %s", cand.version, e)
         logger.error("no adapter version passed its canary: serving the base model")
 
-    def follow_registry(self) -> int | None:
+    def follow_registry(self, blocking: bool = True) -> int | None:
         """Serve the registry's CURRENT when another process moved it: replicas that share
         a store and a registry directory learn as one, the trainer publishes and every
         replica follows (checked by the version's canary, like any swap), taking the
         learner state saved with the version. Returns the version now served when it
         changed, else None. A version that fails its canary here is logged and retried at
-        the next poll; this replica keeps serving what it served."""
+        the next poll; this replica keeps serving what it served. With ``blocking`` False
+        it returns None at once while this host's learner is busy (a cycle runs).
+
+        The MicroLoRA's decay that goes with a new version is the trainer's to log (every
+        replica applies it from the instant log); without a log it is halved here."""
         from sona_plugin.errors import SwapRefused
 
         current = self.registry.current_version()
         if current is None or current == self.adapter_version:
             return None
-        with self.learner.lock:
+        if not self.learner.lock.acquire(blocking=blocking):
+            return None
+        try:
             if self.registry.current_version() != current:
                 return None  # moved again meanwhile: the next poll follows
             try:
-                self.serve_version(current, micro_decay=0.5)
+                self.serve_version(current, micro_decay=1.0 if self._replica else 0.5)
             except SwapRefused as e:
                 logger.error("not following adapter version %s: %s", current, e)
                 return None
             self.learner.follow(current)
+        finally:
+            self.learner.lock.release()
         logger.info("following adapter version %s published by the trainer", current)
         return current
 
@@ -318,10 +384,11 @@ class LearningHost:
         On a PostgreSQL store shared by replicas, only the holder of the trainer lease
         (``sona_plugin/store/leader.py``) runs loops B and C: another replica's coordinator
         sees nothing pending, and its forced cycle reports ``{"skipped": "not the trainer"}``;
-        it takes over when the holder goes away. Every replica's poll (each ``poll_s``)
-        first follows the registry (:meth:`follow_registry`): with the registry directory
-        shared, a version the trainer publishes serves everywhere within ``poll_s`` plus
-        one swap."""
+        it takes over when the holder goes away. Every replica follows the registry
+        (:meth:`follow_registry`) from its replica thread (``integrations/_replica.py``),
+        woken by the trainer's ``NOTIFY`` or every 0.5 s: with the registry directory
+        shared, a version the trainer publishes serves everywhere within one notification
+        (or poll) plus one swap."""
         from sona_plugin.loops.coordinator import LoopCoordinator
 
         if self._coordinator is None:
@@ -333,17 +400,7 @@ class LearningHost:
 
                 lease = self._trainer_lease
                 # pending 0 off the lease: a follower's poll neither runs nor logs a cycle
-                lease_pending = only_while_leading(lease, pending, otherwise=0)
-
-                def pending() -> int:
-                    # every poll first serves what the trainer published (the trainer
-                    # itself serves what it publishes; a new trainer starts from there)
-                    try:
-                        self.follow_registry()
-                    except Exception:
-                        logger.exception("following the registry failed; retried next poll")
-                    return lease_pending()
-
+                pending = only_while_leading(lease, pending, otherwise=0)
                 run_background = only_while_leading(lease, run_background)
                 run_deep = only_while_leading(lease, run_deep)
             self._coordinator = LoopCoordinator(
@@ -409,6 +466,8 @@ class LearningHost:
         )
         if self._trainer_lease is not None:
             s["trainer_lease"] = self._trainer_lease.stats()
+        if self._replica is not None:
+            s["replica"] = self._replica.stats()
         s["counters"] = metrics.snapshot()
         return s
 

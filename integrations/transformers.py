@@ -199,6 +199,7 @@ class SonaPipeline(LearningHost):
         self.registry = AdapterRegistry(registry_dir or state_dir / "adapters")
         self._serve_at_start()
         self._start_learner()
+        self._start_replica()
         # interpreter exit (end of script, Ctrl-C) saves the MicroLoRA even without close();
         # a SIGTERM that the application does not handle skips this: save_every and
         # save_interval_s bound what it loses
@@ -344,6 +345,10 @@ class SonaPipeline(LearningHost):
             raise DuplicateFeedback(
                 f"feedback for response {response_id} was already given; one feedback per response"
             )
+        if self._replica is not None and response_id not in self._responses:
+            # another replica generated it: it takes the feedback (integrations/_replica.py)
+            metrics.feedback("forwarded")
+            return FeedbackResult(**self._replica.forward(response_id, 0, reward, None))
         r = self.response(response_id)
         from sona_plugin.store import FeedbackRecord
 
@@ -380,7 +385,9 @@ class SonaPipeline(LearningHost):
                 ],
                 final_quality=(reward + 1.0) / 2.0,
             )
-            report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
+            report = self._instant(
+                response_id, lambda: self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
+            )
             if report is not None:
                 metrics.instant(bool(report.update.accepted))
         with self._meta_lock:
@@ -394,6 +401,9 @@ class SonaPipeline(LearningHost):
             adapter_version=r.adapter_version,
             instant=report.to_dict() if report is not None else None,
         )
+
+    def _has_recording(self, response_id: str, index: int) -> bool:
+        return index == 0 and response_id in self._responses
 
     def _serve(self, version: int) -> float | None:
         """Load ``version`` under a fresh adapter name, check its canary, make it active;
@@ -498,6 +508,7 @@ class SonaPipeline(LearningHost):
 
     def close(self) -> None:
         self.stop_background()
+        self._stop_replica()
         self.save_state()
         for h in self._hooks:
             h.remove()

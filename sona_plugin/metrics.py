@@ -9,7 +9,8 @@ Counters only grow; ``/sona/stats`` reads them (and a few in-memory numbers), ne
 disk. Without ``prometheus_client`` installed every call here is a no-op.
 
 * ``sona_feedback_total{outcome}``: accepted, duplicate, unknown, invalid,
-  rate_limited, too_large;
+  rate_limited, too_large, forwarded (to the replica that generated the response, which
+  counts it as accepted);
 * ``sona_feedback_liked_total``: accepted feedback with reward > 0 (liked-rate =
   liked / accepted);
 * ``sona_instant_updates_total{outcome}``: accepted, refused (by the MicroLoRA's checks);

@@ -250,8 +250,10 @@ class PublishingReplica(Replica):
     def __init__(self, store, registry_dir: Path) -> None:
         super().__init__(store)
         from sona_plugin.adapters import AdapterRegistry
+        from sona_plugin.micro_lora import MicroLoRA
 
         self.registry = AdapterRegistry(registry_dir)
+        self.engine.micro_lora = MicroLoRA(8)  # what the replica thread keeps in step
         self.served: int | None = None
         self.followed: list[int] = []
         self.learner = SimpleNamespace(
@@ -289,16 +291,18 @@ def test_a_version_the_trainer_publishes_serves_on_every_replica(url, tmp_path):
     hosts = [PublishingReplica(s, tmp_path / "adapters") for s in stores]
     try:
         for h in hosts:
+            h._start_replica()  # what a host does at start-up: follows the registry
             h.start_background(poll_s=0.01)
         assert wait_for(lambda: any(h.cycles and h.served == 1 for h in hosts))
         trainer, replica = sorted(hosts, key=lambda h: -h.cycles)
         assert trainer.served == 1 and trainer.followed == []  # its own publish: no follow
-        assert wait_for(lambda: replica.served == 1)  # within a poll plus the swap
+        assert wait_for(lambda: replica.served == 1)  # within a NOTIFY plus the swap
         assert replica.followed == [1] and replica.cycles == 0
         assert replica.registry.current_version() == 1
     finally:
         for h in hosts:
             h.stop_background()
+            h._stop_replica()
         for s in stores:
             s.close()
 

@@ -1,0 +1,181 @@
+"""Replicas on one PostgreSQL store learn as one: the instant log, feedback forwarded to the
+replica that generated the response, bit-identical MicroLoRAs, a late replica catching up.
+
+Tiny random models in transformers hosts (``sona_plugin.pipeline``) against a throwaway
+server (tests/_postgres.py); the same on SmolLM2 with a vLLM replica is in
+tests/integration/test_replicas_smollm2.py.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+try:
+    from sona_plugin.integrations import _replica
+    from sona_plugin.store.replication import ReplicaLog
+except ImportError:  # psycopg missing: the pg_server fixture skips (or fails in CI)
+    _replica = None
+
+from sona_plugin.errors import DuplicateFeedback, UnknownResponse
+from sona_plugin.store import open_store
+
+
+@pytest.fixture
+def url(pg_server) -> str:
+    return pg_server.create_database()
+
+
+def tiny_pipeline(url: str, state_dir, registry_dir):
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from sona_plugin import pipeline
+
+    vocab = {"<pad>": 0, "</s>": 1, **{chr(97 + i): 2 + i for i in range(26)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>"
+    )
+    torch.manual_seed(0)  # every replica serves the same model
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+        )
+    )
+    p = pipeline(
+        model=model,
+        tokenizer=tok,
+        # a larger cap and step than the LM defaults: a few feedbacks move the weights
+        sona_config={
+            "logit_top_k": 5,
+            "micro_lora_norm_cap": 0.5,
+            "host": {"store_url": url, "registry_dir": str(registry_dir)},
+        },
+        state_dir=state_dir,
+    )
+    # no sentence-transformers model in unit tests: a constant embedding
+    p._embedder = SimpleNamespace(
+        encode=lambda texts, **kw: np.ones((len(texts), 384), np.float32) / np.sqrt(384)
+    )
+    return p
+
+
+def generate(p, text: str) -> str:
+    return p(text, max_new_tokens=6, do_sample=True)[0]["response_id"]
+
+
+def digest(p) -> str:
+    return _replica.micro_digest(*p._micro_arrays())
+
+
+def wait_for(pred, timeout: float = 10.0, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return pred()
+
+
+@pytest.fixture
+def replicas(url, tmp_path):
+    made = []
+
+    def new(name: str):
+        made.append(tiny_pipeline(url, tmp_path / name, tmp_path / "adapters"))
+        return made[-1]
+
+    yield new
+    for p in made:
+        p.close()
+
+
+def test_feedback_at_either_replica_moves_both_microloras_identically(replicas, monkeypatch):
+    monkeypatch.setattr(_replica, "FORWARD_CLAIM_S", 1.0)
+    a, b = replicas("a"), replicas("b")
+    start = digest(a)
+    assert digest(b) == start  # b started from the snapshot a logged
+    ids_a = [generate(a, w) for w in ("abc", "hello", "xyz", "queue")]
+    ids_b = [generate(b, w) for w in ("dog", "cat")]
+
+    # feedback for a's response given at b: forwarded to a, stored once, learned by both
+    res = b.feedback(ids_a[0], liked=True)
+    assert res["id"] == ids_a[0] and res["stored_id"] > 0 and res["instant"] is not None
+    assert b.store.get(ids_a[0]).reward == 1.0
+    assert a._replica.forwards_taken == 1 and b._replica.forwards_sent == 1
+    for rid, p, liked in [(ids_a[1], a, False), (ids_b[0], a, True), (ids_a[2], b, True)]:
+        p.feedback(rid, liked=liked)
+    b.feedback(ids_b[1], reward=-0.5)  # its own
+    assert wait_for(lambda: a._replica.stats()["applied_seq"] == b._replica.stats()["applied_seq"])
+    assert wait_for(lambda: digest(a) == digest(b))
+    assert digest(a) != start  # the feedback did move the weights
+    A1, B1 = a._micro_arrays()
+    A2, B2 = b._micro_arrays()
+    assert np.abs(A1 - A2).max() == 0.0 and np.abs(B1 - B2).max() == 0.0
+    assert a.store.count() == 5
+
+    # one feedback per response, whichever replica is asked
+    with pytest.raises(DuplicateFeedback):
+        a.feedback(ids_a[0], liked=False)
+    with pytest.raises(DuplicateFeedback):
+        b.feedback(ids_a[0], liked=False)
+    # nobody generated it: the forward is withdrawn and the client told
+    t0 = time.monotonic()
+    with pytest.raises(UnknownResponse, match="no replica"):
+        b.feedback("never-generated", liked=True)
+    assert time.monotonic() - t0 < 5.0
+    assert a.store.count() == 5  # nothing stored for it
+
+
+def test_a_late_replica_and_a_decay_follow_the_log(replicas, monkeypatch):
+    monkeypatch.setattr(_replica, "SNAPSHOT_EVERY", 3)
+    a = replicas("a")
+    for w in ("abc", "hello", "xyz", "queue", "mango", "kiwi", "plum"):
+        a.feedback(generate(a, w), liked=w < "m")
+    a._replica.wake()  # what the thread does: snapshot when due, prune the older entries
+    log = a._replica.log
+    assert log.latest_snapshot() > 1
+    assert wait_for(lambda: a._replica.stats()["last_snapshot_seq"] > 1)
+
+    late = replicas("late")  # starts at the newest snapshot, reads the tail
+    assert wait_for(lambda: digest(late) == digest(a))
+
+    # a new BaseLoRA version's decay is logged once and applied everywhere
+    before = a._micro_arrays()[0]
+    a._replica.scale(0.5)
+    assert wait_for(lambda: digest(late) == digest(a))
+    np.testing.assert_array_equal(a._micro_arrays()[0], (before * np.float32(0.5)))
+    assert late.learner_stats() is not None and "replica" in late.stats()
+
+
+def test_the_log_orders_snapshots_and_refuses_a_stale_one(url):
+    store = open_store(url)
+    try:
+        log = ReplicaLog(store, "one")
+        A, B = np.ones((2, 4), np.float32), np.zeros((4, 2), np.float32)
+        assert log.start(A, B) == 1
+        assert log.start(A * 2, B) is None  # the first replica's MicroLoRA wins
+        s2 = log.append_delta("r1", A, B)
+        assert log.append_snapshot(A, B, at_head=1) is None  # the log moved on
+        s3 = log.append_snapshot(A * 2, B, at_head=s2)
+        assert s3 == s2 + 1 and log.latest_snapshot() == s3
+        assert [e.kind for e in log.entries(0)] == ["set", "delta", "set"]
+        assert log.prune(s3) == 2 and log.catch_up_from(0) == s3 - 1
+        e = log.entries(s3 - 1)[0]
+        np.testing.assert_array_equal(e.apply(A, B)[0], A * 2)
+    finally:
+        store.close()
