@@ -1,7 +1,7 @@
 """What several replicas cost: store throughput, publish-to-replica delay, leader failover.
 
-    python benchmarks/replicas.py [--writers 1 4 16] [--adds 200] [--publishes 20]
-        [--failovers 10] [--out results/replicas.json]
+    python benchmarks/replicas.py [--writers 1 4 16] [--adds 200] [--instants 200]
+        [--forwards 100] [--publishes 20] [--failovers 10] [--out results/replicas.json]
 
 Starts a throwaway PostgreSQL (``tests/_postgres.py``: ``initdb``/``pg_ctl`` on 127.0.0.1)
 and measures, in one run:
@@ -10,11 +10,20 @@ and measures, in one run:
   PostgreSQL: each writer is its own store object, as replicas are, and adds ``--adds``
   records (a 60-token prompt, a 40-token answer, a 384-d embedding), each committed before
   ``add`` returns (the promise behind a feedback's 200);
+* **instant update to every replica**: one replica logs a feedback's MicroLoRA update
+  (rank 2 on SmolLM2's 576-d hidden state) in the instant log; delay until the other
+  replica serves the same weights (woken by ``NOTIFY``, it reads and applies the entry),
+  p50/p99 over ``--instants``;
+* **feedback at the other replica**: a feedback posted to a replica that did not generate
+  the response is forwarded through the database to the one that did (the holder's work,
+  storing the record and its update, is stubbed out: this is the forwarding overhead),
+  p50/p99 over ``--forwards``;
 * **publish to every replica**: one replica's host publishes a version into the shared
-  registry directory and serves it; the other replica's background poll follows it (the
-  swap is stubbed: this is the notification path, a real swap adds its canary and load,
-  ``docs/reliability.md``). Delay from the trainer's ``serve_version`` returning to the
-  follower serving, p50/p99 over ``--publishes``, at the default 1 s poll;
+  registry directory and serves it; the other replica, woken by the trainer's ``NOTIFY``
+  (polling every 0.5 s is the fallback), follows it (the swap is stubbed: this is the
+  notification path, a real swap adds its canary and load, ``docs/reliability.md``).
+  Delay from the trainer's ``serve_version`` returning to the follower serving, p50/p99
+  over ``--publishes``;
 * **leader failover**: a child process holds the trainer lease and is killed with SIGKILL;
   the time until a waiting lease (polling every 10 ms) holds it, over ``--failovers``.
 """
@@ -87,46 +96,118 @@ def throughput(url_for_writer, writers: int, adds: int) -> float:
     return writers * adds / dt
 
 
+class StubReplica:
+    """A replica host over a real store, instant log and registry, without a model: the
+    MicroLoRA is SmolLM2's shape, swaps are recorded, not performed."""
+
+    @staticmethod
+    def make(url: str, registry_dir: Path):
+        from sona_plugin.adapters import AdapterRegistry
+        from sona_plugin.integrations._host import LearningHost
+        from sona_plugin.micro_lora import MicroLoRA
+
+        class Replica(LearningHost):
+            def __init__(self) -> None:
+                self.store = open_store(url)
+                self.registry = AdapterRegistry(registry_dir)
+                self.served: int | None = None
+                self.served_at: dict[int, float] = {}
+                self.set_at: list[float] = []
+                self.owned: set[str] = set()
+                self.engine = SimpleNamespace(
+                    config=SimpleNamespace(
+                        background_trigger_count=10**9,
+                        background_interval_ms=10**9,
+                        consolidation_interval=10**9,
+                    ),
+                    micro_lora=MicroLoRA(576, 2),
+                )
+                self.learner = SimpleNamespace(
+                    pending=lambda: 0, lock=threading.RLock(), follow=lambda v: None
+                )
+                self._start_replica()
+
+            @property
+            def adapter_version(self) -> int | None:
+                return self.served
+
+            def _serve(self, version: int) -> None:
+                self.served = version
+                self.served_at[version] = time.perf_counter()
+
+            def _set_micro_arrays(self, A, B) -> None:
+                super()._set_micro_arrays(A, B)
+                self.set_at.append(time.perf_counter())
+
+            def _has_recording(self, response_id: str, index: int) -> bool:
+                return response_id in self.owned
+
+            def _take_forward(self, f) -> dict:
+                return {"id": f.response_id, "index": f.index, "stored_id": 0}
+
+            def close(self) -> None:
+                self._stop_replica()
+                self.store.close()
+
+        return Replica()
+
+
+def instant_delays(url: str, registry_dir: Path, n: int) -> list[float]:
+    """One replica logs an update; seconds until the other serves the same weights."""
+    from sona_plugin.integrations._replica import micro_digest
+
+    a, b = StubReplica.make(url, registry_dir), StubReplica.make(url, registry_dir)
+    rng = np.random.default_rng(0)
+    delays = []
+    try:
+        for i in range(n):
+            m = a.engine.micro_lora
+
+            def update(m=m) -> None:
+                m.A[...] += rng.standard_normal(m.A.shape).astype(np.float32) * 1e-3
+                m.B[...] += rng.standard_normal(m.B.shape).astype(np.float32) * 1e-3
+
+            a._replica.instant(f"r{i}", update)
+            t0 = time.perf_counter()
+            target = a._replica.applied
+            while b._replica.applied < target and time.perf_counter() - t0 < 10:
+                time.sleep(0.0005)
+            delays.append(b.set_at[-1] - t0 if b._replica.applied >= target else float("inf"))
+            time.sleep(0.01)
+        assert micro_digest(*a._micro_arrays()) == micro_digest(*b._micro_arrays())
+    finally:
+        a.close()
+        b.close()
+    return delays
+
+
+def forward_delays(url: str, registry_dir: Path, n: int) -> list[float]:
+    """Seconds a feedback at the replica that did not generate the response takes to be
+    answered by the one that did (its own work stubbed)."""
+    holder, other = StubReplica.make(url, registry_dir), StubReplica.make(url, registry_dir)
+    out = []
+    try:
+        for i in range(n):
+            holder.owned.add(f"f{i}")
+            t0 = time.perf_counter()
+            res = other._replica.forward(f"f{i}", 0, 1.0, None)
+            out.append(time.perf_counter() - t0)
+            assert res["id"] == f"f{i}"
+    finally:
+        holder.close()
+        other.close()
+    return out
+
+
 def publish_delays(url: str, registry_dir: Path, publishes: int) -> list[float]:
     from safetensors.numpy import save_file
-
-    from sona_plugin.adapters import AdapterRegistry
-    from sona_plugin.integrations._host import LearningHost
-
-    class Replica(LearningHost):
-        def __init__(self) -> None:
-            self.store = open_store(url)
-            self.registry = AdapterRegistry(registry_dir)
-            self.served: int | None = None
-            self.served_at: dict[int, float] = {}
-            self.engine = SimpleNamespace(
-                config=SimpleNamespace(
-                    background_trigger_count=10**9,
-                    background_interval_ms=10**9,
-                    consolidation_interval=10**9,
-                )
-            )
-            self.learner = SimpleNamespace(
-                pending=lambda: 0, lock=threading.RLock(), follow=lambda v: None
-            )
-
-        @property
-        def adapter_version(self) -> int | None:
-            return self.served
-
-        def _serve(self, version: int) -> None:
-            self.served = version
-            self.served_at[version] = time.perf_counter()
-
-        def _shrink_micro(self, factor: float) -> None:
-            pass
 
     def write(path: Path) -> None:
         (path / "adapter_config.json").write_text("{}")
         save_file({"w": np.zeros(4, np.float32)}, str(path / "adapter_model.safetensors"))
 
-    trainer, follower = Replica(), Replica()
-    follower.start_background()  # the default 1 s poll
+    trainer = StubReplica.make(url, registry_dir)
+    follower = StubReplica.make(url, registry_dir)
     delays = []
     try:
         for _ in range(publishes):
@@ -139,9 +220,8 @@ def publish_delays(url: str, registry_dir: Path, publishes: int) -> list[float]:
             delays.append(follower.served_at.get(v.version, float("inf")) - t_pub)
             time.sleep(0.37)  # publishes land at different phases of the poll
     finally:
-        follower.stop_background()
-        trainer.store.close()
-        follower.store.close()
+        trainer.close()
+        follower.close()
     return delays
 
 
@@ -184,6 +264,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--writers", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--adds", type=int, default=200, help="records per writer")
+    ap.add_argument("--instants", type=int, default=200)
+    ap.add_argument("--forwards", type=int, default=100)
     ap.add_argument("--publishes", type=int, default=20)
     ap.add_argument("--failovers", type=int, default=10)
     ap.add_argument("--out", default="results/replicas.json")
@@ -203,17 +285,27 @@ def main() -> None:
             }
             results["throughput"].append(row)
             print(json.dumps(row), flush=True)
-        d = publish_delays(server.create_database(), Path(tmp) / "adapters", args.publishes)
+        reg = Path(tmp) / "adapters"
+        ins = instant_delays(server.create_database(), reg, args.instants)
+        results["instant_to_replica_s"] = ins
+        fwd = forward_delays(server.create_database(), reg, args.forwards)
+        results["forwarded_feedback_s"] = fwd
+        d = publish_delays(server.create_database(), reg, args.publishes)
         results["publish_to_replica_s"] = d
         f = failovers(server.create_database(), args.failovers)
         results["failover_s"] = f
     print("\n| writers | SQLite adds/s | PostgreSQL adds/s |\n| --- | --- | --- |")
     for r in results["throughput"]:
         print(f"| {r['writers']} | {r['sqlite_per_s']:.0f} | {r['postgres_per_s']:.0f} |")
-    print(
-        f"\npublish → other replica serving: p50 {pct(d, 50) * 1000:.0f} ms, "
-        f"p99 {pct(d, 99) * 1000:.0f} ms, max {max(d) * 1000:.0f} ms (poll 1 s, n={len(d)})"
-    )
+    for label, xs in [
+        ("instant update → other replica serving it", ins),
+        ("feedback forwarded to the generating replica, answered", fwd),
+        ("publish → other replica serving", d),
+    ]:
+        print(
+            f"{label}: p50 {pct(xs, 50) * 1000:.1f} ms, p99 {pct(xs, 99) * 1000:.1f} ms, "
+            f"max {max(xs) * 1000:.1f} ms (n={len(xs)})"
+        )
     print(
         f"leader kill -9 → lease held elsewhere: p50 {statistics.median(f) * 1000:.0f} ms, "
         f"max {max(f) * 1000:.0f} ms (n={len(f)})"

@@ -345,7 +345,29 @@ class LearningHost:
 
     def learn(self, **kwargs) -> dict:
         """Run loop B now: train, gate, publish, hot-swap; then retention. Returns the
-        report."""
+        report.
+
+        On a PostgreSQL store shared by replicas only the holder of the trainer lease
+        trains: on another replica this returns ``{"skipped": "not the trainer"}`` and
+        changes nothing. A call that had to take the lease gives it back when it ends,
+        unless this host's background thread is running (then it keeps training)."""
+        if self._trainer_lease is None:
+            self._trainer_lease = _trainer_lease(self.store)
+        lease = self._trainer_lease
+        if lease is None:
+            return self._learn_now(**kwargs)
+        from sona_plugin.store.leader import NOT_TRAINER
+
+        had = lease.stats()["holder"]
+        if not lease.try_acquire():
+            return {"skipped": NOT_TRAINER}
+        try:
+            return self._learn_now(**kwargs)
+        finally:
+            if not had and not (self._coordinator is not None and self._coordinator.running):
+                lease.release()
+
+    def _learn_now(self, **kwargs) -> dict:
         from sona_plugin import metrics
 
         try:
@@ -394,7 +416,8 @@ class LearningHost:
         if self._coordinator is None:
             c = self.engine.config
             pending, run_background, run_deep = self.learner.pending, self.learn, self.deep_cycle
-            self._trainer_lease = _trainer_lease(self.store)
+            if self._trainer_lease is None:
+                self._trainer_lease = _trainer_lease(self.store)
             if self._trainer_lease is not None:
                 from sona_plugin.store.leader import only_while_leading
 

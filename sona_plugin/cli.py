@@ -1,4 +1,4 @@
-"""The ``sona`` command: ``demo``, ``export``, ``stats``."""
+"""The ``sona`` command: ``demo``, ``export``, ``stats``, ``serve``, ``train``."""
 
 from __future__ import annotations
 
@@ -181,6 +181,49 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     return 0  # not reached
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """A trainer process for replicas that share a PostgreSQL store: loop B and C on a
+    transformers copy of the model, publishing into the shared registry; the replicas
+    (``sona serve --schedule manual``) follow. It trains only while it holds the trainer
+    lease; a second ``sona train`` waits and takes over when the first goes away."""
+    import signal
+    import threading
+
+    from sona_plugin import pipeline
+
+    if urlsplit(args.store_url).scheme not in ("postgresql", "postgres"):
+        raise SystemExit(
+            "sona train: --store-url must be the postgresql:// store the replicas share "
+            f"(got {args.store_url!r}); a single server trains on its own"
+        )
+    if urlsplit(args.store_url).password:
+        raise SystemExit(
+            "sona train: --store-url carries a password, and the command line is visible "
+            "to every user of the machine: give it in $PGPASSWORD or ~/.pgpass instead"
+        )
+    try:
+        settings = json.loads(args.sona_config) if args.sona_config else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"sona train: --sona-config is not valid JSON: {e}") from None
+    host = dict(settings.pop("host", {}) or {})
+    host.update(store_url=args.store_url, registry_dir=args.registry_dir)
+    _quiet(args.verbose)
+    p = pipeline(model=args.model, sona_config={**settings, "host": host}, state_dir=args.state_dir)
+    try:
+        if args.once:
+            print(json.dumps(p.learn(), default=str), flush=True)
+            return 0
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        p.start_background(poll_s=args.poll_s)
+        print(f"sona train: training for {p.store.url} into {p.registry.root}", flush=True)
+        stop.wait()
+        return 0
+    finally:
+        p.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(prog="sona", description="SONA: models that learn from feedback")
@@ -244,6 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     v.add_argument("--max-lora-rank", type=int, help="default: the BaseLoRA rank (at least 8)")
     v.add_argument("--sona-config", help="JSON object of SonaConfig fields and host options")
+    t = sub.add_parser(
+        "train",
+        help="the one trainer of replicas sharing a PostgreSQL store (they follow what it "
+        "publishes)",
+    )
+    t.add_argument("--store-url", required=True, help="the replicas' postgresql:// store")
+    t.add_argument("--registry-dir", required=True, help="the adapter directory replicas read")
+    t.add_argument("--model", help="model path (default: the embedded SmolLM2)")
+    t.add_argument("--state-dir", help="this trainer's own state (default $SONA_HOME/state)")
+    t.add_argument("--sona-config", help="JSON object of SonaConfig fields and host options")
+    t.add_argument("--poll-s", type=float, default=1.0, help="how often it looks for work")
+    t.add_argument("--once", action="store_true", help="one cycle (if this is the trainer)")
+    t.add_argument("-v", "--verbose", action="store_true", help="log what the loops do")
+    t.set_defaults(fn=cmd_train)
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["serve"]:

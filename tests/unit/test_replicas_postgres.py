@@ -29,12 +29,10 @@ def url(pg_server) -> str:
     return pg_server.create_database()
 
 
-def tiny_pipeline(url: str, state_dir, registry_dir):
+def tiny_model_and_tokenizer():
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from sona_plugin import pipeline
 
     vocab = {"<pad>": 0, "</s>": 1, **{chr(97 + i): 2 + i for i in range(26)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
@@ -56,6 +54,13 @@ def tiny_pipeline(url: str, state_dir, registry_dir):
             eos_token_id=1,
         )
     )
+    return model, tok
+
+
+def tiny_pipeline(url: str, state_dir, registry_dir):
+    from sona_plugin import pipeline
+
+    model, tok = tiny_model_and_tokenizer()
     p = pipeline(
         model=model,
         tokenizer=tok,
@@ -179,3 +184,56 @@ def test_the_log_orders_snapshots_and_refuses_a_stale_one(url):
         np.testing.assert_array_equal(e.apply(A, B)[0], A * 2)
     finally:
         store.close()
+
+
+def test_sona_train_once_trains_only_as_the_trainer(url, tmp_path, capsys):
+    import json
+
+    from sona_plugin.cli import main
+    from sona_plugin.store import FeedbackRecord
+    from sona_plugin.store.leader import NOT_TRAINER, TrainerLease
+
+    model, tok = tiny_model_and_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    store = open_store(url)
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        store.add(
+            FeedbackRecord(
+                response_id=f"r{i}",
+                prompt=f"prompt {i}",
+                prompt_ids=rng.integers(2, 28, 5).tolist(),
+                response_ids=[3 if i % 2 else 4] * 3,
+                response_text="",
+                reward=1.0 if i % 2 else -1.0,
+                embedding=rng.standard_normal(384).astype(np.float32),
+            )
+        )
+    store.close()
+    argv = [
+        "train",
+        "--once",
+        "--store-url",
+        url,
+        "--registry-dir",
+        str(tmp_path / "adapters"),
+        "--model",
+        str(tmp_path / "model"),
+        "--state-dir",
+        str(tmp_path / "trainer"),
+    ]
+    other = TrainerLease(url)
+    try:
+        assert other.try_acquire()  # another trainer holds the lease: this one waits
+        assert main(argv) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {
+            "skipped": NOT_TRAINER
+        }
+    finally:
+        other.close()
+    assert main(argv) == 0  # the lease is free: a real cycle over the 24 records
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report.get("new_records") == 24 and "skipped" not in report, report
+    with pytest.raises(SystemExit, match="postgresql://"):
+        main([*argv[:2], "--store-url", str(tmp_path / "x.db"), *argv[4:]])
