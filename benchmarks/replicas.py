@@ -153,7 +153,8 @@ class StubReplica:
 
 
 def instant_delays(url: str, registry_dir: Path, n: int) -> list[float]:
-    """One replica logs an update; seconds until the other serves the same weights."""
+    """Seconds from one replica starting to log a feedback's update (read the log, update,
+    append, apply) until the other serves the same weights."""
     from sona_plugin.integrations._replica import micro_digest
 
     a, b = StubReplica.make(url, registry_dir), StubReplica.make(url, registry_dir)
@@ -167,12 +168,12 @@ def instant_delays(url: str, registry_dir: Path, n: int) -> list[float]:
                 m.A[...] += rng.standard_normal(m.A.shape).astype(np.float32) * 1e-3
                 m.B[...] += rng.standard_normal(m.B.shape).astype(np.float32) * 1e-3
 
+            sets = len(b.set_at)
+            t0 = time.perf_counter()  # the feedback's update, logged by its replica
             a._replica.instant(f"r{i}", update)
-            t0 = time.perf_counter()
-            target = a._replica.applied
-            while b._replica.applied < target and time.perf_counter() - t0 < 10:
+            while len(b.set_at) == sets and time.perf_counter() - t0 < 10:
                 time.sleep(0.0005)
-            delays.append(b.set_at[-1] - t0 if b._replica.applied >= target else float("inf"))
+            delays.append(b.set_at[sets] - t0 if len(b.set_at) > sets else float("inf"))
             time.sleep(0.01)
         assert micro_digest(*a._micro_arrays()) == micro_digest(*b._micro_arrays())
     finally:

@@ -8,6 +8,10 @@ tests/integration/test_replicas_smollm2.py.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -186,7 +190,7 @@ def test_the_log_orders_snapshots_and_refuses_a_stale_one(url):
         store.close()
 
 
-def test_sona_train_once_trains_only_as_the_trainer(url, tmp_path, capsys):
+def test_sona_train_takes_over_from_a_killed_trainer_and_trains_only_as_the_trainer(url, tmp_path, capsys):
     import json
 
     from sona_plugin.cli import main
@@ -223,6 +227,18 @@ def test_sona_train_once_trains_only_as_the_trainer(url, tmp_path, capsys):
         "--state-dir",
         str(tmp_path / "trainer"),
     ]
+    # the trainer is killed (SIGKILL) mid-cycle: trained, not yet gated or published
+    killed = subprocess.run(
+        [sys.executable, "-m", "sona_plugin.cli", *argv],
+        env={**os.environ, "SONA_FAILPOINT": "learner.trained", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    from sona_plugin.adapters import AdapterRegistry
+
+    assert AdapterRegistry(tmp_path / "adapters").versions() == []  # nothing half-published
     other = TrainerLease(url)
     try:
         assert other.try_acquire()  # another trainer holds the lease: this one waits
@@ -232,8 +248,12 @@ def test_sona_train_once_trains_only_as_the_trainer(url, tmp_path, capsys):
         }
     finally:
         other.close()
-    assert main(argv) == 0  # the lease is free: a real cycle over the 24 records
+    # the lease is free (the killed trainer's session ended with it): this trainer takes
+    # over and runs the cycle over all 24 records, none lost, published at most once
+    assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report.get("new_records") == 24 and "skipped" not in report, report
+    versions = [v.version for v in AdapterRegistry(tmp_path / "adapters").versions()]
+    assert versions == ([report["version"]] if report.get("published") else []), report
     with pytest.raises(SystemExit, match="postgresql://"):
         main([*argv[:2], "--store-url", str(tmp_path / "x.db"), *argv[4:]])
