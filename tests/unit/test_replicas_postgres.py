@@ -190,7 +190,9 @@ def test_the_log_orders_snapshots_and_refuses_a_stale_one(url):
         store.close()
 
 
-def test_sona_train_takes_over_from_a_killed_trainer_and_trains_only_as_the_trainer(url, tmp_path, capsys):
+def test_sona_train_takes_over_from_a_killed_trainer_and_trains_only_as_the_trainer(
+    url, tmp_path, capsys
+):
     import json
 
     from sona_plugin.cli import main
