@@ -15,6 +15,9 @@ import logging
 import math
 import threading
 import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -61,16 +64,16 @@ def _replica_log(store: Any) -> Any:
     return replica_log_for(store)
 
 
-def _trainer_lease(store: Any) -> Any:
-    """The trainer lease on ``store``'s database when replicas share it (a PostgresStore),
-    else None."""
+def _trainer_lease(store: Any, name: str) -> Any:
+    """The trainer lease ``name`` on ``store``'s database when replicas share it (a
+    PostgresStore), else None."""
     try:
         from sona_plugin.store.leader import lease_for
     except ImportError as e:  # without psycopg the store cannot be a PostgresStore
         if e.name not in ("psycopg", "psycopg_pool"):
             raise
         return None
-    return lease_for(store)
+    return lease_for(store, name)
 
 
 class FeedbackResult(TypedDict):
@@ -103,6 +106,29 @@ def parse_reward(reward: Any = None, liked: Any = None) -> float:
     return r
 
 
+class Turns:
+    """One training cycle at a time among the tenants of one server, granted in the order
+    they asked: when every tenant has work, they train round-robin."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[object] = deque()
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            while self._queue[0] is not me:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._queue.popleft()
+                self._cond.notify_all()
+
+
 class LearningHost:
     """Loop B/C, adapters and the embedder for a host (see the module docstring).
 
@@ -124,6 +150,8 @@ class LearningHost:
     _coordinator: Any = None
     _trainer_lease: Any = None  # replicas on one PostgreSQL store: only its holder trains
     _replica: Any = None  # replicas on one PostgreSQL store: one instant log (_replica.py)
+    lease_name: str = "sona-trainer"  # one trainer per lease name (per tenant)
+    training_turns: Any = None  # a Turns shared by one server's tenants (None: one tenant)
     save_every: int = 25
     save_interval_s: float = 60.0
     keep_versions: int = 20
@@ -352,7 +380,7 @@ class LearningHost:
         changes nothing. A call that had to take the lease gives it back when it ends,
         unless this host's background thread is running (then it keeps training)."""
         if self._trainer_lease is None:
-            self._trainer_lease = _trainer_lease(self.store)
+            self._trainer_lease = _trainer_lease(self.store, self.lease_name)
         lease = self._trainer_lease
         if lease is None:
             return self._learn_now(**kwargs)
@@ -368,6 +396,13 @@ class LearningHost:
                 lease.release()
 
     def _learn_now(self, **kwargs) -> dict:
+        turns = self.training_turns
+        if turns is None:
+            return self._learn_in_turn(**kwargs)
+        with turns.turn():
+            return self._learn_in_turn(**kwargs)
+
+    def _learn_in_turn(self, **kwargs) -> dict:
         from sona_plugin import metrics
 
         try:
@@ -417,7 +452,7 @@ class LearningHost:
             c = self.engine.config
             pending, run_background, run_deep = self.learner.pending, self.learn, self.deep_cycle
             if self._trainer_lease is None:
-                self._trainer_lease = _trainer_lease(self.store)
+                self._trainer_lease = _trainer_lease(self.store, self.lease_name)
             if self._trainer_lease is not None:
                 from sona_plugin.store.leader import only_while_leading
 
@@ -476,7 +511,10 @@ class LearningHost:
     def _with_learner(self, s: dict) -> dict:
         """Engine stats with loop B's: the EWC++ that trains the BaseLoRA is the learner's
         (the engine's own serves the engine-only router mode)."""
+        from ._replica import micro_digest
+
         s["learner"] = self.learner_stats()
+        s["micro_lora_sha256"] = micro_digest(*self._micro_arrays())
         s["ewc_tasks"] = self.learner.ewc.task_count
         s["ewc_lambda"] = float(self.learner.ewc.lambda_)
         s["task_boundaries"] = len(self.learner.boundaries)

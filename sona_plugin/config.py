@@ -524,6 +524,7 @@ class LoopsConfig(_Section):
 
 
 _SCHEDULES = ("background", "manual")
+_TENANT_SOURCES = ("off", "header", "api_key")
 _ADMIN_TOKEN_REFUSED = (
     "admin_token: give the admin token in $SONA_ADMIN_TOKEN or a file "
     "named by 'admin_token_file', not in the launch config (vLLM logs the "
@@ -606,6 +607,19 @@ class HostConfig(_Section):
     feedback_burst: float = _opt(
         50.0, "feedback requests a client may send at once (default 50)", 1
     )
+    tenants: str = _opt(
+        "off",
+        "who a request and its feedback belong to, each tenant with its own MicroLoRA, "
+        "feedback store and adapter versions (vLLM server): 'off' (one tenant, default), "
+        "'header' (the X-Sona-Tenant header) or 'api_key' (the request's bearer key)",
+        choices=_TENANT_SOURCES,
+    )
+    max_tenants: int = _opt(
+        16,
+        "the most tenants a server holds; a request naming one more is refused with 403 "
+        "(default 16)",
+        1,
+    )
     keep_versions: int = _opt(
         20,
         "adapter versions kept on disk; older ones are pruned after each cycle, "
@@ -630,12 +644,14 @@ class HostConfig(_Section):
                 raise ConfigError(f"{name} must be a path, got {v!r}")
         if self.schedule not in _SCHEDULES:
             raise ConfigError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.tenants not in _TENANT_SOURCES:
+            raise ConfigError(f"tenants must be one of {_TENANT_SOURCES}, got {self.tenants!r}")
         every = self.save_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ConfigError(
                 f"save_every must be an integer >= 0 (0: only on close), got {every!r}"
             )
-        for name in ("max_recordings", "keep_versions"):
+        for name in ("max_recordings", "keep_versions", "max_tenants"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")

@@ -60,6 +60,10 @@ class UnknownRecord(InvalidValue):
     """No stored feedback record has that id."""
 
 
+class TenantLimit(SonaError):
+    """A request names a new tenant and the server holds ``max_tenants`` already."""
+
+
 # HTTP status of each error class, for every route of both hosts (most specific first)
 HTTP_STATUS: tuple[tuple[type[SonaError], int], ...] = (
     (UnknownResponse, 404),
@@ -67,6 +71,7 @@ HTTP_STATUS: tuple[tuple[type[SonaError], int], ...] = (
     (UnknownAdapterVersion, 404),
     (UnknownRecord, 404),
     (DuplicateFeedback, 409),
+    (TenantLimit, 403),
     (SonaError, 400),
 )
 

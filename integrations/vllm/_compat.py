@@ -206,6 +206,32 @@ def wrap_adapter_choice(choose: Callable[[Any, Callable[[], bool]], Any]) -> Non
     BaseServing._maybe_get_adapters = _maybe_get_adapters
 
 
+def wrap_sampling_params(tag: Callable[[Any], None]) -> None:
+    """Let ``tag(params)`` amend the SamplingParams of every chat and text completion
+    request before the engine sees them (the per-request tenant, in ``extra_args``).
+
+    Relies on ``entrypoints/openai/chat_completion/protocol.py::ChatCompletionRequest`` and
+    ``entrypoints/openai/completion/protocol.py::CompletionRequest``'s
+    ``to_sampling_params`` (every generation of those routes builds its SamplingParams
+    there; ``SamplingParams.extra_args`` reaches the workers' ``CachedRequestState``)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    for cls in (ChatCompletionRequest, CompletionRequest):
+        orig = cls.to_sampling_params
+        if getattr(orig, "_sona", False):
+            continue
+
+        def to_sampling_params(self: Any, *a, _orig: Callable = orig, **k):
+            params = _orig(self, *a, **k)
+            tag(params)
+            return params
+
+        functools.update_wrapper(to_sampling_params, orig)
+        to_sampling_params._sona = True
+        cls.to_sampling_params = to_sampling_params
+
+
 def lora_load_request(name: str, path: str) -> Any:
     """The body of ``POST /v1/load_lora_adapter`` for ``OpenAIServingModels.load_lora_adapter``.
 
@@ -342,6 +368,17 @@ def request_state(runner: Any, req_id: str) -> tuple[list[int], Any]:
     )
 
 
+def request_tenant(runner: Any, req_id: str, key: str) -> str:
+    """The SONA tenant the server gave a request (``""``: the default tenant).
+
+    Relies on ``GPUModelRunner.requests`` and ``CachedRequestState.sampling_params``
+    (``sampling_params.py::SamplingParams.extra_args``, where the server's
+    ``to_sampling_params`` wrapper puts it)."""
+    state = runner.requests.get(req_id)
+    extra = getattr(getattr(state, "sampling_params", None), "extra_args", None)
+    return str(extra.get(key, "")) if extra else ""
+
+
 def lm_head_weight(model: Any) -> Any:
     """The LM head ``[vocab, hidden]`` as a detached tensor, whole on every rank.
 
@@ -407,6 +444,22 @@ INTERNALS: tuple[Internal, ...] = (
         _probes(
             lambda: _params(f"{_SERVING}:BaseServing._maybe_get_adapters", "self", "request"),
             lambda: _obj(f"{_MODELS}:OpenAIServingModels.is_base_model"),
+        ),
+    ),
+    Internal(
+        "wrap_sampling_params",
+        "entrypoints/openai/{chat_completion,completion}/protocol.py::*Request.to_sampling_params",
+        _probes(
+            lambda: _params(
+                "vllm.entrypoints.openai.chat_completion.protocol:"
+                "ChatCompletionRequest.to_sampling_params",
+                "self",
+            ),
+            lambda: _params(
+                "vllm.entrypoints.openai.completion.protocol:CompletionRequest.to_sampling_params",
+                "self",
+            ),
+            lambda: _fields("vllm.sampling_params:SamplingParams", "extra_args"),
         ),
     ),
     Internal(

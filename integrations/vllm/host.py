@@ -12,18 +12,33 @@ version what requests for the served model get (``server.py``, ``__init__.py``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sona_plugin.config import HostConfig, SonaConfig, _snake
-from sona_plugin.errors import ConfigError, DuplicateFeedback, InvalidValue, UnknownResponse
+from sona_plugin.errors import (
+    ConfigError,
+    DuplicateFeedback,
+    InvalidValue,
+    TenantLimit,
+    UnknownResponse,
+)
 from sona_plugin.faults import failpoint
 
-from .._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, parse_reward
+from .._host import (
+    LM_DEFAULTS,
+    FeedbackResult,
+    LearningHost,
+    Turns,
+    load_engine,
+    parse_reward,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,6 +104,32 @@ def admin_token(opts: HostConfig | dict) -> str | None:
     return os.environ.get("SONA_ADMIN_TOKEN") or None
 
 
+TENANT_NAME = re.compile(r"[a-z0-9_]{1,32}")
+
+
+def check_tenant(tenant: object) -> str:
+    """``tenant`` if it is a tenant name (1-32 of ``a-z 0-9 _``), else InvalidValue."""
+    if not isinstance(tenant, str) or not TENANT_NAME.fullmatch(tenant):
+        raise InvalidValue(f"tenant must be 1-32 characters of a-z, 0-9 and _, got {tenant!r}")
+    return tenant
+
+
+def _is_postgres(url: object) -> bool:
+    return isinstance(url, str) and url.split(":", 1)[0] in ("postgresql", "postgres")
+
+
+def tenant_store_url(url: str, tenant: str) -> str:
+    """``url`` with its tables in schema ``sona_t_{tenant}`` of the same database (created
+    here if missing): each tenant's feedback and instant log apart, one server to run."""
+    import psycopg
+
+    schema = f"sona_t_{check_tenant(tenant)}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}"
+
+
 def _user_text(prompt: str) -> str:
     """The last user turn of a chat-templated prompt (what the embedder should see)."""
     marker = "<|im_start|>user"
@@ -107,8 +148,10 @@ class VllmHost(LearningHost):
         model_source: str | Path,
         settings: dict | None,
         rpc: Callable[..., Any],
-        serve: Callable[[int, Path], None],
+        serve: Callable[..., float | None],
         generate_ids: Callable[[list[list[int]], int], list[list[int]]] | None = None,
+        tenant: str = "",
+        root: VllmHost | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -117,34 +160,45 @@ class VllmHost(LearningHost):
         from sona_plugin.store import open_store
 
         engine_cfg, opts = split_settings(settings)
+        self.settings = settings
         self.options = opts  # as given
         self.host_config = host = HostConfig.from_dict(opts)  # with the defaults
-        self._rpc = rpc
-        self._serve_path = serve
+        self.tenant = tenant
+        self._root = root
+        self._lines: dict[str, VllmHost] = {}  # tenant -> its host (root only)
+        self._lines_lock = threading.Lock()
+        self._raw_rpc = rpc
+        self._raw_serve = serve
         self._generate_ids = generate_ids
         self.model_source = Path(model_source)
         self.lora_targets = host.lora_targets
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_source))
         worker_cfg = {**LM_DEFAULTS, **engine_cfg}
-        info = rpc("sona_install", worker_cfg, host.max_recordings)
+        info = rpc("sona_install", worker_cfg, host.max_recordings, tenant)
         cfg = {
             "embedding_dim": 384,
             **worker_cfg,
             "hidden_dim": int(info["hidden_dim"]),
             "host": host.to_dict(),  # the engine's config says what ran
         }
-        self.state_dir = Path(host.state_dir or sona_home() / "state")
+        base_state = Path(host.state_dir or sona_home() / "state")
+        self.state_dir = base_state / "tenants" / tenant if tenant else base_state
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # a restart keeps what was learned: patterns here, the MicroLoRA in the workers
         self.engine = load_engine(self.state_dir / "engine", SonaConfig.from_dict(cfg))
         m = self.engine.micro_lora  # float32 -> Python floats -> float32: bit-identical
-        rpc("sona_set_micro", m.A.tolist(), m.B.tolist())
-        self.store = open_store(
-            host.store_url or self.engine.config.database_url or self.state_dir / "sona.db"
-        )
-        self.registry = AdapterRegistry(
-            Path(host.registry_dir) if host.registry_dir else self.state_dir / "adapters"
-        )
+        self._rpc("sona_set_micro", m.A.tolist(), m.B.tolist())
+        url = host.store_url or self.engine.config.database_url
+        if tenant:  # its own store: a schema of the PostgreSQL database, or its own SQLite
+            url = tenant_store_url(url, tenant) if _is_postgres(url) else None
+        self.store = open_store(url or self.state_dir / "sona.db")
+        registry = Path(host.registry_dir) if host.registry_dir else base_state / "adapters"
+        self.registry = AdapterRegistry(registry / "tenants" / tenant if tenant else registry)
+        if tenant:
+            self.lease_name = f"{self.lease_name}:{tenant}"
+            self.training_turns = root.training_turns
+        elif host.tenants != "off":
+            self.training_turns = Turns()
         self._version: int | None = None
         self.save_every = host.save_every
         self.save_interval_s = float(host.save_interval_s)
@@ -155,6 +209,52 @@ class VllmHost(LearningHost):
         self._start_learner()
         self._start_replica()
 
+    def _rpc(self, method: str, *args: Any) -> Any:
+        """A worker call for this host's tenant (every tenant-aware ``sona_*`` method takes
+        the tenant as its last argument)."""
+        return self._raw_rpc(method, *args, self.tenant)
+
+    # -- tenants ----------------------------------------------------------------------------
+    def line(self, tenant: str) -> VllmHost:
+        """The host of ``tenant`` (made on first use: its MicroLoRA in the workers, its own
+        store, adapter versions, learner, trainer lease); ``""`` is this host.
+
+        Raises:
+            InvalidValue: not a tenant name (1-32 of ``a-z 0-9 _``).
+            TenantLimit: ``max_tenants`` tenants are held already.
+        """
+        if not tenant:
+            return self
+        with self._lines_lock:
+            h = self._lines.get(tenant)
+            if h is not None:
+                return h
+            check_tenant(tenant)
+            if len(self._lines) + 1 >= self.host_config.max_tenants:
+                raise TenantLimit(
+                    f"tenant {tenant!r} refused: this server holds its limit of "
+                    f"{self.host_config.max_tenants} tenants (max_tenants)"
+                )
+            h = VllmHost(
+                model_source=self.model_source,
+                settings=self.settings,
+                rpc=self._raw_rpc,
+                serve=functools.partial(self._raw_serve, tenant=tenant),
+                generate_ids=self._generate_ids,
+                tenant=tenant,
+                root=self,
+            )
+            self._lines[tenant] = h
+        logger.info("tenant %r: state in %s", tenant, h.state_dir)
+        if self._coordinator is not None and self._coordinator.running:
+            h.start_background()
+        return h
+
+    def lines(self) -> list[VllmHost]:
+        """This host and its tenants' hosts."""
+        with self._lines_lock:
+            return [self, *self._lines.values()]
+
     # -- LearningHost ---------------------------------------------------------------------
     @property
     def adapter_version(self) -> int | None:
@@ -163,7 +263,7 @@ class VllmHost(LearningHost):
 
     def _serve(self, version: int) -> float | None:
         v = self.registry.get(version)
-        err = self._serve_path(version, v.path)
+        err = self._raw_serve(version, v.path)
         self._version = version
         return err
 
@@ -317,10 +417,29 @@ class VllmHost(LearningHost):
 
     def stats(self) -> dict:
         s = self._rpc("sona_stats")
-        s.update({"feedback_stored": self.store.count(), "adapter_version": self._version})
+        s.update(
+            {
+                "feedback_stored": self.store.count(),
+                "adapter_version": self._version,
+                "tenant": self.tenant,
+            }
+        )
         return self._with_learner(s)
 
+    def start_background(self, poll_s: float = 1.0) -> None:
+        """Loop B/C in the background, for this host and every tenant's (one cycle at a
+        time across tenants, in the order they became due: round-robin)."""
+        super().start_background(poll_s)
+        with self._lines_lock:
+            lines = list(self._lines.values())
+        for h in lines:
+            h.start_background(poll_s)
+
     def close(self) -> None:
+        with self._lines_lock:
+            lines, self._lines = list(self._lines.values()), {}
+        for h in lines:
+            h.close()
         self.stop_background()
         self._stop_replica()
         self.save_state()

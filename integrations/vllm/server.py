@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter, Request
 
 from . import _compat, guard
-from .worker import ADAPTER_PREFIX, adapter_name, adapter_version
+from .worker import TENANT_ARG, adapter_name, adapter_version, parse_adapter_name
 
 if TYPE_CHECKING:
     from argparse import Namespace
@@ -64,7 +64,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 VERSION_HEADER = "x-sona-adapter-version"
-_current: dict[str, Any] = {"lora": None}  # the LoRARequest base-model requests get
+TENANT_HEADER = "x-sona-tenant"
+_current: dict[str, Any] = {}  # tenant -> the LoRARequest its base-model requests get
+# per request: the tenant it belongs to ("": the default tenant; set by TenantScope)
+_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("sona_tenant", default="")
 # per request: which SONA version its adapter choice gave (read by the header middleware)
 _answered_by: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
     "sona_answered_by", default=None
@@ -96,7 +99,7 @@ def _patch_serving() -> None:
     notes the version it got (for the ``x-sona-adapter-version`` header)."""
 
     def choose(lora: LoRARequest | None, names_base_model: Callable[[], bool]):
-        cur = _current["lora"]
+        cur = _current.get(_tenant.get())
         if lora is None and cur is not None and names_base_model():
             lora = cur
         holder = _answered_by.get()
@@ -106,6 +109,56 @@ def _patch_serving() -> None:
         return lora
 
     _compat.wrap_adapter_choice(choose)
+
+    def tag(params: Any) -> None:  # the workers pick the tenant's MicroLoRA by it
+        tenant = _tenant.get()
+        if tenant and params is not None:
+            params.extra_args = {**(params.extra_args or {}), TENANT_ARG: tenant}
+
+    _compat.wrap_sampling_params(tag)
+
+
+def request_tenant(headers: dict[bytes, bytes], source: str) -> str:
+    """The tenant a request names: its ``X-Sona-Tenant`` header (``source`` "header") or
+    a digest of its bearer key (``source`` "api_key"); "" (the default tenant) without
+    one, or when tenants are off."""
+    import hashlib
+
+    if source == "header":
+        return headers.get(TENANT_HEADER.encode(), b"").decode("latin-1").strip()
+    if source == "api_key":
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = auth.partition(" ")
+        if scheme.lower() == "bearer" and key.strip():
+            return "k" + hashlib.sha256(key.strip().encode()).hexdigest()[:16]
+    return ""
+
+
+class TenantScope:
+    """ASGI middleware: the tenant of each request (``request_tenant``), its host made on
+    first use (400: not a tenant name, 403: past ``max_tenants``), and set for the
+    request's adapter choice, its workers' MicroLoRA and SONA's routes."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+        host = getattr(getattr(scope.get("app"), "state", None), "sona", None)
+        if scope["type"] != "http" or host is None or host.host_config.tenants == "off":
+            return await self.app(scope, receive, send)
+        tenant = request_tenant(dict(scope.get("headers") or []), host.host_config.tenants)
+        if tenant:
+            from sona_plugin.errors import SonaError, http_status
+
+            try:
+                await asyncio.to_thread(host.line, tenant)
+            except SonaError as e:
+                return await _error(http_status(e), str(e))(scope, receive, send)
+        token = _tenant.set(tenant)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _tenant.reset(token)
 
 
 class VersionHeader:
@@ -173,7 +226,9 @@ class SonaEndpointPlugin:
         router = APIRouter()
 
         def host(request: Request):
-            return getattr(request.app.state, "sona", None)
+            """The host of the request's tenant (TenantScope made it)."""
+            h = getattr(request.app.state, "sona", None)
+            return h.line(_tenant.get()) if h is not None else None
 
         def admin_denied(request: Request):
             policy = getattr(request.app.state, "sona_admin", None)
@@ -239,7 +294,9 @@ class SonaEndpointPlugin:
             models = getattr(request.app.state, "openai_serving_models", None)
             if models is not None:
                 out["loaded_adapters"] = sorted(
-                    n for n in models.lora_requests if n.startswith(ADAPTER_PREFIX)
+                    n
+                    for n in models.lora_requests
+                    if (parse_adapter_name(n) or (None,))[0] == _tenant.get()
                 )
             return _jsonable(out)
 
@@ -311,6 +368,7 @@ class SonaEndpointPlugin:
 
         app.include_router(router)
         app.add_middleware(VersionHeader)
+        app.add_middleware(TenantScope)  # added last: runs first, VersionHeader sees the tenant
         _shutdown_hook(app)
 
     async def init_state(
@@ -352,8 +410,8 @@ class SonaEndpointPlugin:
                 pass
             return (await engine_client.collective_rpc("sona_take_hidden", args=(rid,)))[0]
 
-        async def serve_async(version: int, path: Path) -> float | None:
-            name = adapter_name(version)
+        async def serve_async(version: int, path: Path, tenant: str) -> float | None:
+            name = adapter_name(version, tenant)
             fresh = name not in models.lora_requests
             if fresh:
                 res = await models.load_lora_adapter(
@@ -370,21 +428,24 @@ class SonaEndpointPlugin:
                 try:
                     err = canary.check(version, await canary_run(name, expected[0]), expected[1])
                 except Exception:
-                    if fresh and _current["lora"] is not models.lora_requests.get(name):
+                    if fresh and _current.get(tenant) is not models.lora_requests.get(name):
                         old = models.lora_requests.pop(name)
                         await engine_client.remove_lora(old.lora_int_id)
                     raise
-            previous = _current["lora"]
-            _current["lora"] = models.lora_requests[name]
+            previous = _current.get(tenant)
+            _current[tenant] = models.lora_requests[name]
             keep = {name, getattr(previous, "lora_name", None)}
             for old_name, old in list(models.lora_requests.items()):
-                if old_name.startswith(ADAPTER_PREFIX) and old_name not in keep:
+                parsed = parse_adapter_name(old_name)
+                if parsed and parsed[0] == tenant and old_name not in keep:
                     del models.lora_requests[old_name]
                     await engine_client.remove_lora(old.lora_int_id)
             return err
 
-        def serve(version: int, path: Path) -> float | None:
-            return asyncio.run_coroutine_threadsafe(serve_async(version, path), loop).result()
+        def serve(version: int, path: Path, tenant: str = "") -> float | None:
+            return asyncio.run_coroutine_threadsafe(
+                serve_async(version, path, tenant), loop
+            ).result()
 
         _patch_serving()
         model_dir = getattr(args, "model", None) or models.base_model_paths[0].model_path

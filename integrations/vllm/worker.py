@@ -49,22 +49,38 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_PREFIX = "sona-v"
+ADAPTER_PREFIX = "sona-v"  # the default tenant's versions: sona-v000001
+TENANT_PREFIX = "sona-t."  # a tenant's: sona-t.{tenant}.v000001 (no "." in tenant names)
+TENANT_ARG = "sona_tenant"  # SamplingParams.extra_args key the server sets per request
 
 
-def adapter_name(version: int) -> str:
+def adapter_name(version: int, tenant: str = "") -> str:
+    if tenant:
+        return f"{TENANT_PREFIX}{tenant}.v{version:06d}"
     return f"{ADAPTER_PREFIX}{version:06d}"
+
+
+def parse_adapter_name(name: str | None) -> tuple[str, int] | None:
+    """(tenant, version) of a SONA adapter name, None for any other name."""
+    if not name:
+        return None
+    if name.startswith(ADAPTER_PREFIX):
+        tenant, digits = "", name[len(ADAPTER_PREFIX) :]
+    elif name.startswith(TENANT_PREFIX):
+        tenant, _, v = name[len(TENANT_PREFIX) :].rpartition(".")
+        if not tenant or not v.startswith("v"):
+            return None
+        digits = v[1:]
+    else:
+        return None
+    return (tenant, int(digits)) if digits.isdigit() else None
 
 
 def adapter_version(lora_request: LoRARequest | None) -> int | None:
     """The SONA BaseLoRA version a request was served with (None: no SONA adapter)."""
     name = getattr(lora_request, "lora_name", None) if lora_request is not None else None
-    if name and name.startswith(ADAPTER_PREFIX):
-        try:
-            return int(name[len(ADAPTER_PREFIX) :])
-        except ValueError:
-            return None
-    return None
+    parsed = parse_adapter_name(name)
+    return parsed[1] if parsed else None
 
 
 def external_id(internal_id: str) -> str:
@@ -89,6 +105,7 @@ class Recording:
     internal_id: str
     prompt_ids: list[int]
     version: int | None
+    tenant: str = ""
     hidden: list[np.ndarray] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     topk_ids: list[np.ndarray] = field(default_factory=list)
@@ -102,15 +119,13 @@ class WorkerSona:
     recordings of recent requests."""
 
     def __init__(self, runner: Any, settings: dict, capacity: int = 1000):
-        from sona_plugin.config import SonaConfig
-        from sona_plugin.engine import SonaEngine
-
-        self.runner = runner
         model = _compat.runner_model(runner)
-        head = _full_head_weight(model)
-        cfg = SonaConfig.from_dict({**settings, "hidden_dim": int(head.shape[1])})
-        self.engine = SonaEngine(cfg)
-        self.engine.set_output_head(head)
+        self.runner = runner
+        self.head = _full_head_weight(model)
+        self.settings = dict(settings)
+        self.engines: dict[str, Any] = {}  # tenant -> SonaEngine ("" the default tenant)
+        engine = self.add_tenant("")
+        cfg = engine.config
         self.capacity = int(capacity)
         self.max_steps = cfg.max_trajectory_steps
         self.top_k = cfg.logit_top_k
@@ -122,6 +137,30 @@ class WorkerSona:
         self.lock = threading.Lock()
         self._in_step = False
         self._install(model)
+
+    @property
+    def engine(self) -> Any:
+        """The default tenant's engine."""
+        return self.engines[""]
+
+    def add_tenant(self, tenant: str) -> Any:
+        """The engine (MicroLoRA, instant loop) of ``tenant``, made on first use."""
+        from sona_plugin.config import SonaConfig
+        from sona_plugin.engine import SonaEngine
+
+        engine = self.engines.get(tenant)
+        if engine is None:
+            cfg = SonaConfig.from_dict({**self.settings, "hidden_dim": int(self.head.shape[1])})
+            engine = SonaEngine(cfg)
+            engine.set_output_head(self.head)  # one head array, shared by every tenant
+            self.engines[tenant] = engine
+        return engine
+
+    def tenant_engine(self, tenant: str) -> Any:
+        engine = self.engines.get(tenant)
+        if engine is None:
+            raise RuntimeError(f"SONA tenant {tenant!r} is not installed in this worker")
+        return engine
 
     # -- the wrapped runner methods ------------------------------------------------------
     def _install(self, model: torch.nn.Module) -> None:
@@ -147,9 +186,11 @@ class WorkerSona:
         ids = _compat.batch_req_ids(self.runner, n) if self._in_step else []
         record = len(ids) == n
         h_rec = h.detach().to(torch.float32).cpu().numpy().copy() if record else None
-        micro = self.engine.micro_lora
-        if self.engine.is_enabled() and micro.B.any():
-            h = kernels.apply_micro_lora_torch(h, micro.A, micro.B, micro.scale)
+        if len(self.engines) == 1 or not record:
+            # one tenant, or rows of no known request: the default tenant's MicroLoRA
+            h = _apply_micro(self.engine, h)
+        else:
+            h = self._apply_per_tenant(h, ids)
         logits = orig(h, *args, **kwargs)
         if h_rec is not None and logits is not None:
             lp = torch.log_softmax(logits.detach().float(), dim=-1)
@@ -159,6 +200,20 @@ class WorkerSona:
                 for i, rid in enumerate(ids):
                     self.pending[rid] = (h_rec[i], ti[i], tl[i])
         return logits
+
+    def _apply_per_tenant(self, h: torch.Tensor, ids: list[str]) -> torch.Tensor:
+        """Each row with its request's tenant's MicroLoRA (rows grouped per tenant)."""
+        rows: dict[str, list[int]] = {}
+        for i, rid in enumerate(ids):
+            rows.setdefault(_compat.request_tenant(self.runner, rid, TENANT_ARG), []).append(i)
+        if len(rows) == 1:
+            (tenant,) = rows
+            return _apply_micro(self.engines.get(tenant, self.engine), h)
+        out = h.clone()
+        for tenant, idx in rows.items():
+            sel = torch.tensor(idx, device=h.device)
+            out[sel] = _apply_micro(self.engines.get(tenant, self.engine), h[sel])
+        return out
 
     def _after_sample(self, req_ids: list[str], sampled: list[list[int]]) -> None:
         with self.lock:
@@ -170,7 +225,8 @@ class WorkerSona:
                 rec = self.recordings.get(rid)
                 if rec is None:
                     prompt_ids, lora = _compat.request_state(self.runner, rid)
-                    rec = Recording(rid, prompt_ids, adapter_version(lora))
+                    tenant = _compat.request_tenant(self.runner, rid, TENANT_ARG)
+                    rec = Recording(rid, prompt_ids, adapter_version(lora), tenant)
                     self.recordings[rid] = rec
                     self._evict()
                 rec.tokens.append(int(toks[0]))
@@ -201,7 +257,15 @@ class WorkerSona:
             self.dropped += 1
 
     # -- feedback ------------------------------------------------------------------------
-    def find(self, response_id: str, index: int) -> Recording | None:
+    def find(self, response_id: str, index: int, tenant: str | None = None) -> Recording | None:
+        """:meth:`find_any`, only if the response was generated for ``tenant`` (None: any):
+        one tenant never reaches another's recordings."""
+        rec = self.find_any(response_id, index)
+        if rec is not None and tenant is not None and rec.tenant != tenant:
+            return None
+        return rec
+
+    def find_any(self, response_id: str, index: int) -> Recording | None:
         """The recording of choice ``index`` of the response the client knows as
         ``response_id``: the ``id`` of a chat completion (engine id ``{id}``, or
         ``{index}_{id}`` when ``n > 1``), of a completion (engine ids ``{id}-{prompt}``,
@@ -254,13 +318,16 @@ class WorkerSona:
             steps=steps,
             final_quality=(reward + 1.0) / 2.0,
         )
-        report = self.engine.learn_trajectory(t, (reward + 1.0) / 2.0)
+        engine = self.engines.get(rec.tenant)
+        if engine is None:
+            return None
+        report = engine.learn_trajectory(t, (reward + 1.0) / 2.0)
         return report.to_dict() if report is not None else None
 
-    def stats(self) -> dict:
+    def stats(self, tenant: str = "") -> dict:
         with self.lock:
             held = len(self.recordings)
-        s = self.engine.stats()
+        s = self.tenant_engine(tenant).stats()
         s.update(
             {
                 "recordings_held": held,
@@ -284,7 +351,8 @@ class SonaWorkerExtension:
     Names start with ``sona_`` so they cannot clash with the worker's own attributes.
     """
 
-    def sona_install(self, settings: dict, max_recordings: int = 1000) -> dict:
+    def sona_install(self, settings: dict, max_recordings: int = 1000, tenant: str = "") -> dict:
+        """Install SONA in this worker (first call), or add ``tenant``'s MicroLoRA."""
         runner = _compat.model_runner(self)
         st = getattr(runner, "_sona", None)
         if st is None:
@@ -295,6 +363,8 @@ class SonaWorkerExtension:
                 st.engine.config.hidden_dim,
                 st.engine.config.micro_lora_rank,
             )
+        if tenant:
+            st.add_tenant(tenant)
         return {"hidden_dim": st.engine.config.hidden_dim}
 
     def _sona(self) -> WorkerSona:
@@ -303,9 +373,10 @@ class SonaWorkerExtension:
             raise RuntimeError("SONA is not installed in this worker (call sona_install first)")
         return st
 
-    def sona_lookup(self, response_id: str, index: int = 0) -> dict | None:
-        """Prompt/response tokens and adapter version of a recorded response, or None."""
-        rec = self._sona().find(response_id, index)
+    def sona_lookup(self, response_id: str, index: int = 0, tenant: str = "") -> dict | None:
+        """Prompt/response tokens and adapter version of a response recorded for
+        ``tenant``, or None."""
+        rec = self._sona().find(response_id, index, tenant)
         if rec is None:
             return None
         return {
@@ -316,14 +387,17 @@ class SonaWorkerExtension:
             "finished": rec.finished,
         }
 
-    def sona_learn(self, response_id: str, index: int, reward: float) -> dict | None:
-        """The instant update from one judged response (then its recording is dropped)."""
+    def sona_learn(
+        self, response_id: str, index: int, reward: float, tenant: str = ""
+    ) -> dict | None:
+        """The instant update from one judged response of ``tenant`` (then its recording
+        is dropped)."""
         st = self._sona()
-        rec = st.find(response_id, index)
+        rec = st.find(response_id, index, tenant)
         if rec is None:
             return None
         instant = st.learn(rec, float(reward))
-        m = st.engine.micro_lora  # ~9 kB at rank 2, 576-d: the front end mirrors it
+        m = st.tenant_engine(tenant).micro_lora  # ~9 kB at rank 2, 576-d: the front end mirrors it
         return {
             "instant": instant,
             "recordings_dropped": st.dropped,
@@ -344,25 +418,40 @@ class SonaWorkerExtension:
             return None
         return {"hidden": rec.hidden[0].tolist(), "adapter_version": rec.version}
 
-    def sona_decay(self, factor: float) -> None:
+    def sona_decay(self, factor: float, tenant: str = "") -> None:
         """Shrink the MicroLoRA (after a BaseLoRA swap has taken over its lesson)."""
-        self._sona().engine.micro_lora.shrink(float(factor))
+        self._sona().tenant_engine(tenant).micro_lora.shrink(float(factor))
 
-    def sona_set_micro(self, A: list, B: list) -> None:
+    def sona_set_micro(self, A: list, B: list, tenant: str = "") -> None:
         """Restore saved MicroLoRA weights (a restarted server keeps what it learned)."""
-        m = self._sona().engine.micro_lora
+        m = self._sona().tenant_engine(tenant).micro_lora
         m.A[...] = np.asarray(A, np.float32)
         m.B[...] = np.asarray(B, np.float32)
 
-    def sona_micro_state(self) -> dict:
-        m = self._sona().engine.micro_lora
+    def sona_micro_state(self, tenant: str = "") -> dict:
+        m = self._sona().tenant_engine(tenant).micro_lora
         return {"A": m.A.tolist(), "B": m.B.tolist(), "scale": float(m.scale)}
 
     def sona_set_enabled(self, enabled: bool) -> None:
-        self._sona().engine.set_enabled(bool(enabled))
+        for engine in self._sona().engines.values():
+            engine.set_enabled(bool(enabled))
 
-    def sona_stats(self) -> dict:
-        return self._sona().stats()
+    def sona_stats(self, tenant: str = "") -> dict:
+        return self._sona().stats(tenant)
 
 
-__all__ = ["SonaWorkerExtension", "WorkerSona", "adapter_name", "adapter_version", "external_id"]
+def _apply_micro(engine: Any, h: torch.Tensor) -> torch.Tensor:
+    micro = engine.micro_lora
+    if engine.is_enabled() and micro.B.any():
+        return kernels.apply_micro_lora_torch(h, micro.A, micro.B, micro.scale)
+    return h
+
+
+__all__ = [
+    "SonaWorkerExtension",
+    "WorkerSona",
+    "adapter_name",
+    "adapter_version",
+    "external_id",
+    "parse_adapter_name",
+]

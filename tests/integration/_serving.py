@@ -18,12 +18,16 @@ def http_call(
     raw: bytes | None = None,
     timeout: float = 300,
     headers: dict | None = None,
+    send: dict | None = None,
 ) -> tuple[int, dict]:
     """(status, JSON body) of one request; HTTP errors are returned, not raised. Pass a
-    dict as ``headers`` to get the response's headers (lower-case names) in it."""
+    dict as ``headers`` to get the response's headers (lower-case names) in it; ``send``
+    adds request headers."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(base + path, data=data, method=method)
     req.add_header("Content-Type", "application/json")
+    for k, v in (send or {}).items():
+        req.add_header(k, v)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:

