@@ -125,15 +125,15 @@ class LogEntry:
 
         ``scale`` multiplies A as :meth:`MicroLoRA.shrink` does, so a decay reaches the
         same bits whether it was applied locally or read from the log."""
+        if self.a is not None and (self.a.shape != A.shape or self.b.shape != B.shape):
+            raise StateError(
+                f"instant log entry {self.seq} has shapes {self.a.shape}/{self.b.shape}, "
+                f"this replica's MicroLoRA {A.shape}/{B.shape}: replicas of one "
+                "deployment must run one MicroLoRA config (hidden size, rank)"
+            )
         if self.kind == "set":
             return self.a.copy(), self.b.copy()
         if self.kind == "delta":
-            if self.a.shape != A.shape or self.b.shape != B.shape:
-                raise StateError(
-                    f"instant log entry {self.seq} has shapes {self.a.shape}/{self.b.shape}, "
-                    f"this replica's MicroLoRA {A.shape}/{B.shape}: replicas of one "
-                    "deployment must run one MicroLoRA config"
-                )
             return (A + self.a).astype(np.float32), (B + self.b).astype(np.float32)
         return (A * np.float32(self.factor)).astype(np.float32), B.copy()
 

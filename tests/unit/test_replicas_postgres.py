@@ -24,7 +24,7 @@ try:
 except ImportError:  # psycopg missing: the pg_server fixture skips (or fails in CI)
     _replica = None
 
-from sona_plugin.errors import DuplicateFeedback, UnknownResponse
+from sona_plugin.errors import DuplicateFeedback, StateError, UnknownResponse
 from sona_plugin.store import open_store
 
 
@@ -186,6 +186,8 @@ def test_the_log_orders_snapshots_and_refuses_a_stale_one(url):
         assert log.prune(s3) == 2 and log.catch_up_from(0) == s3 - 1
         e = log.entries(s3 - 1)[0]
         np.testing.assert_array_equal(e.apply(A, B)[0], A * 2)
+        with pytest.raises(StateError, match="one MicroLoRA config"):
+            e.apply(np.ones((3, 4), np.float32), B)  # a replica with another rank
     finally:
         store.close()
 
