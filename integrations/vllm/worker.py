@@ -432,8 +432,11 @@ class SonaWorkerExtension:
         m = self._sona().tenant_engine(tenant).micro_lora
         return {"A": m.A.tolist(), "B": m.B.tolist(), "scale": float(m.scale)}
 
-    def sona_set_enabled(self, enabled: bool) -> None:
-        for engine in self._sona().engines.values():
+    def sona_set_enabled(self, enabled: bool, tenant: str | None = None) -> None:
+        """Switch the MicroLoRA on or off for ``tenant`` (None: every tenant)."""
+        st = self._sona()
+        engines = st.engines.values() if tenant is None else [st.tenant_engine(tenant)]
+        for engine in engines:
             engine.set_enabled(bool(enabled))
 
     def sona_stats(self, tenant: str = "") -> dict:
