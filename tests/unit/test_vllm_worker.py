@@ -315,3 +315,17 @@ def test_sona_serve_builds_the_vllm_command():
     args.sona_config = '{"admin_token": "s3cret"}'  # would be visible in ps and the logs
     with pytest.raises(SystemExit, match="admin-token-file"):
         serve_command(args, [])
+
+
+def test_a_requests_tenant_comes_from_its_header_or_a_digest_of_its_key():
+    import hashlib
+
+    from sona_plugin.integrations.vllm.server import request_tenant
+
+    headers = {b"x-sona-tenant": b"acme", b"authorization": b"Bearer sk-123"}
+    assert request_tenant(headers, "header") == "acme"
+    key_tenant = request_tenant(headers, "api_key")
+    assert key_tenant == "k" + hashlib.sha256(b"sk-123").hexdigest()[:16]
+    assert "sk-123" not in key_tenant  # never the key itself
+    assert request_tenant(headers, "off") == ""
+    assert request_tenant({}, "header") == "" and request_tenant({}, "api_key") == ""
