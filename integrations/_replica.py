@@ -96,7 +96,12 @@ class ReplicaSync:
             entries = self.log.entries(self.applied)
             if not entries:
                 break
-            if entries[0].kind != "set" and self.log.catch_up_from(self.applied) != self.applied:
+            first = entries[0]
+            if (
+                first.seq != self.applied + 1  # a gap: pruned, or an insert rolled back
+                and first.kind != "set"
+                and self.log.catch_up_from(self.applied) != self.applied
+            ):
                 # entries this replica had not read were pruned: start at the newest snapshot
                 self.applied = self.log.catch_up_from(self.applied)
                 logger.warning(
@@ -124,12 +129,14 @@ class ReplicaSync:
         change it made, and serve the log's state with it applied."""
         with self.lock:
             self._drain_locked()  # the update sees the newest weights the log has
-            out = update()
-            A1, B1 = self.host._micro_arrays()
-            dA, dB = A1 - self._A, B1 - self._B
-            if dA.any() or dB.any():
-                self.log.append_delta(response_id, dA, dB)
-            self.host._set_micro_arrays(self._A, self._B)  # back to the log's state...
+            try:
+                out = update()
+                A1, B1 = self.host._micro_arrays()
+                dA, dB = A1 - self._A, B1 - self._B
+                if dA.any() or dB.any():
+                    self.log.append_delta(response_id, dA, dB)
+            finally:
+                self.host._set_micro_arrays(self._A, self._B)  # back to the log's state...
             self._drain_locked()  # ...and forward through it, own entry included
             return out
 
