@@ -390,32 +390,13 @@ def test_docs_tables_are_the_config():
 
 
 def test_logit_top_k_and_host_options_reach_the_transformers_pipeline(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from _tiny import tiny_llama_and_tokenizer
 
     from sona_plugin import pipeline
 
-    vocab = {"<pad>": 0, "</s>": 1, **{chr(97 + i): 2 + i for i in range(26)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>"
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=1,
-        )
-    )
+    model, tok = tiny_llama_and_tokenizer()
     with pytest.raises(ConfigError, match="save_every must be an integer >= 0"):
         pipeline(model=model, tokenizer=tok, state_dir=tmp_path, save_every=-1)
     p = pipeline(

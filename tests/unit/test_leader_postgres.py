@@ -26,6 +26,7 @@ from sona_plugin.store import open_store
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # tests/_postgres.py
 import _postgres  # noqa: E402
+from _tiny import wait_for  # noqa: E402
 
 try:
     import psycopg
@@ -64,15 +65,6 @@ def leases(url):
     yield new
     for lease in made:
         lease.close()
-
-
-def wait_for(pred, timeout: float = 10.0, step: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 def test_only_one_of_two_leases_acquires_and_release_hands_it_over(leases):

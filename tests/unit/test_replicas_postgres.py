@@ -24,6 +24,8 @@ try:
 except ImportError:  # psycopg missing: the pg_server fixture skips (or fails in CI)
     _replica = None
 
+from _tiny import tiny_llama_and_tokenizer, wait_for
+
 from sona_plugin.errors import DuplicateFeedback, StateError, UnknownResponse
 from sona_plugin.store import open_store
 
@@ -33,38 +35,10 @@ def url(pg_server) -> str:
     return pg_server.create_database()
 
 
-def tiny_model_and_tokenizer():
-    import torch
-    import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "</s>": 1, **{chr(97 + i): 2 + i for i in range(26)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>"
-    )
-    torch.manual_seed(0)  # every replica serves the same model
-    model = transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=1,
-        )
-    )
-    return model, tok
-
-
 def tiny_pipeline(url: str, state_dir, registry_dir):
     from sona_plugin import pipeline
 
-    model, tok = tiny_model_and_tokenizer()
+    model, tok = tiny_llama_and_tokenizer()
     p = pipeline(
         model=model,
         tokenizer=tok,
@@ -89,15 +63,6 @@ def generate(p, text: str) -> str:
 
 def digest(p) -> str:
     return _replica.micro_digest(*p._micro_arrays())
-
-
-def wait_for(pred, timeout: float = 10.0, step: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return pred()
 
 
 @pytest.fixture
@@ -201,7 +166,7 @@ def test_sona_train_takes_over_from_a_killed_trainer_and_trains_only_as_the_trai
     from sona_plugin.store import FeedbackRecord
     from sona_plugin.store.leader import NOT_TRAINER, TrainerLease
 
-    model, tok = tiny_model_and_tokenizer()
+    model, tok = tiny_llama_and_tokenizer()
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     store = open_store(url)
