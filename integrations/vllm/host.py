@@ -164,7 +164,6 @@ class VllmHost(LearningHost):
         self.options = opts  # as given
         self.host_config = host = HostConfig.from_dict(opts)  # with the defaults
         self.tenant = tenant
-        self._root = root
         self._lines: dict[str, VllmHost] = {}  # tenant -> its host (root only)
         self._lines_lock = threading.Lock()
         self._raw_rpc = rpc

@@ -369,11 +369,12 @@ class ReplicaLog:
             time.sleep(poll_s)
 
     def prune_forwards(self, older_than_s: float = 3600.0) -> int:
-        """Delete settled forwards older than ``older_than_s`` seconds."""
+        """Delete forwards older than ``older_than_s`` seconds, settled or not: a requester
+        waits at most ``FORWARD_CLAIM_S + FORWARD_DONE_S`` (33 s), so an older row still
+        pending or claimed belongs to a replica that died and will never be read."""
         with self.store._connection() as conn:
             cur = conn.execute(
-                "DELETE FROM sona_forward WHERE state NOT IN ('pending', 'claimed') "
-                "AND requested_at < %s",
+                "DELETE FROM sona_forward WHERE requested_at < %s",
                 (time.time() - older_than_s,),
             )
             return cur.rowcount

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +40,32 @@ def http_call(
         if headers is not None:
             headers.update({k.lower(): v for k, v in e.headers.items()})
         return e.code, json.loads(e.read() or b"{}")
+
+
+def serve_command(port: int, state_dir, token_file, *options: str) -> list[str]:
+    """`sona serve` on SmolLM2 as the tests run it: ``--schedule manual``, an admin token
+    file, a 1024-token context, two LoRA slots and a 1 GiB KV cache, plus ``options``."""
+    return [
+        sys.executable,
+        "-m",
+        "sona_plugin.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state_dir),
+        "--schedule",
+        "manual",
+        "--admin-token-file",
+        str(token_file),
+        *options,
+        "--max-model-len",
+        "1024",
+        "--max-loras",
+        "2",
+        "--kv-cache-memory-bytes",
+        str(1 << 30),
+    ]
 
 
 def wait_healthy(base: str, proc: subprocess.Popen, seconds: float = 420) -> bool:

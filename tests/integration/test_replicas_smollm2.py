@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _serving import http_call, stop, wait_healthy
+from _serving import http_call, serve_command, stop, wait_healthy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/_postgres.py
 import _postgres  # noqa: E402
@@ -49,33 +49,18 @@ def deployment(tmp_path_factory):
         log = open(root / "vllm.log", "w")  # noqa: SIM115 - closed in teardown
         (root / "token").write_text(TOKEN + "\n")
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "sona_plugin.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--state-dir",
-                str(root / "vllm-state"),
+            serve_command(
+                port,
+                root / "vllm-state",
+                root / "token",
                 "--store-url",
                 url,
                 "--registry-dir",
                 str(registry),
-                "--schedule",
-                "manual",
                 "--sona-config",
                 '{"feedback_rate": 1000, "feedback_burst": 1000, "tenants": "header", '
                 '"max_tenants": 3}',
-                "--admin-token-file",
-                str(root / "token"),
-                "--max-model-len",
-                "1024",
-                "--max-loras",
-                "2",
-                "--kv-cache-memory-bytes",
-                str(1 << 30),
-            ],
+            ),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1"},

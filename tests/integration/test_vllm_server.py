@@ -7,12 +7,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from _serving import http_call, stop, wait_healthy
+from _serving import http_call, serve_command, stop, wait_healthy
 
 TOKEN = "test-admin-token"
 
@@ -51,30 +50,15 @@ def server(tmp_path_factory):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     (state / "token").write_text(TOKEN + "\n")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sona_plugin.cli",
-            "serve",
-            "--port",
-            str(port),
+        serve_command(
+            port,
+            state,
+            state / "token",
             "--host",
             "0.0.0.0",
-            "--state-dir",
-            str(state),
-            "--schedule",
-            "manual",
             "--sona-config",
             '{"feedback_rate": 1000, "feedback_burst": 1000}',
-            "--admin-token-file",
-            str(state / "token"),
-            "--max-model-len",
-            "1024",
-            "--max-loras",
-            "2",
-            "--kv-cache-memory-bytes",
-            str(1 << 30),
-        ],
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

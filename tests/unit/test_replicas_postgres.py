@@ -153,6 +153,11 @@ def test_the_log_orders_snapshots_and_refuses_a_stale_one(url):
         np.testing.assert_array_equal(e.apply(A, B)[0], A * 2)
         with pytest.raises(StateError, match="one MicroLoRA config"):
             e.apply(np.ones((3, 4), np.float32), B)  # a replica with another rank
+        # a forward whose holder died stays claimed; the hourly prune removes it anyway
+        fid = log.forward("r9", 0, 1.0)
+        assert log.claim(fid) and log.outcome(fid) == ("claimed", None)
+        assert log.prune_forwards(older_than_s=3600) == 0  # not old yet
+        assert log.prune_forwards(older_than_s=-1) == 1
     finally:
         store.close()
 
