@@ -32,9 +32,11 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=FutureWarning, module="sklearn")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
@@ -102,13 +104,77 @@ def knn_baselines(batch: list, history: list, k: int = 10, prior: float = 5.0) -
     return out
 
 
-def evaluate(peft, tok, rule, held_rows, seed: int, kl: bool) -> dict:
+def answer_features(peft, rows: list[list[int]], answers: list[list[int]], chunk: int = 8):
+    """Per answer, the base model's last hidden state averaged over the answer's tokens
+    (the adapter off, so features do not move as the policy learns): [n, d] float64."""
+    from types import SimpleNamespace
+
+    from sona_plugin.training.objective import make_batch
+
+    out = []
+    with torch.no_grad(), peft.disable_adapter():
+        for s in range(0, len(rows), chunk):
+            part = [
+                SimpleNamespace(prompt_ids=r, response_ids=a or [0], response_id=str(i))
+                for i, (r, a) in enumerate(zip(rows[s : s + chunk], answers[s : s + chunk]))
+            ]
+            b = make_batch(part, None, 0)
+            h = peft(
+                input_ids=b.input_ids, attention_mask=b.attention_mask, output_hidden_states=True
+            ).hidden_states[-1][:, 1:]
+            m = b.target_mask.unsqueeze(-1).to(h.dtype)  # position j+1 is an answer token
+            out.append(((h * m).sum(1) / m.sum(1)).double())
+    return torch.cat(out).numpy()
+
+
+class RewardModel:
+    """P(liked | answer): logistic regression on :func:`answer_features` of every judged
+    answer so far, standardised, its L2 strength chosen by 5-fold cross-validation."""
+
+    def __init__(self) -> None:
+        self.X: list[np.ndarray] = []
+        self.y: list[int] = []
+        self.model = None
+
+    def add(self, feats: np.ndarray, liked: list[bool]) -> None:
+        self.X.extend(feats)
+        self.y.extend(int(x) for x in liked)
+        from sklearn.linear_model import LogisticRegressionCV
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        if len(set(self.y)) < 2 or min(np.bincount(self.y)) < 5:
+            self.model = None
+            return
+        self.model = make_pipeline(
+            StandardScaler(),
+            LogisticRegressionCV(Cs=np.logspace(-4, 1, 11), cv=5, scoring="neg_log_loss"),
+        ).fit(np.stack(self.X), np.array(self.y))
+
+    def predict(self, feats: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            return np.full(len(feats), np.mean(self.y) if self.y else 0.5)
+        return self.model.predict_proba(feats)[:, 1]
+
+
+def auc(scores, labels) -> float | None:
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    return float(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
+
+
+def evaluate(peft, tok, rule, held_rows, seed: int, kl: bool, rm=None) -> dict:
     from sona_plugin.training import ModelView
 
     rows = held_rows + held_rows  # two sampled answers per held-out prompt
     answers = sample(peft, tok, rows, seed)
     texts = [tok.decode(a, skip_special_tokens=True) for a in answers]
-    out = {"p": sum(map(rule.check, texts)) / len(texts), "n": len(texts)}
+    liked = [rule.check(t) for t in texts]
+    out = {"p": sum(liked) / len(texts), "n": len(texts)}
+    if rm is not None and rm.model is not None:  # the reward model on unseen answers
+        out["rm_auc"] = auc(rm.predict(answer_features(peft, rows, answers)), liked)
     if kl:
         out["kl"] = answer_kl(
             ModelView.adapter(peft, "default"),
@@ -158,6 +224,7 @@ def run(args) -> None:
     emit({"feedback": 0, "p": p0, "p0": p0, "kl": 0.0, "efficiency": None})
     used: list = []
     fed = 0
+    rm = RewardModel() if args.reward_model else None
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
         prompts = [rng.choice(stream) for _ in range(args.per_round)]
@@ -168,10 +235,16 @@ def run(args) -> None:
         n_replay = min(len(used), round(len(new) / 3))
         replay = random.Random(args.seed + rnd).sample(used, n_replay) if n_replay else []
         batch = new + replay
-        baselines = knn_baselines(batch, used) if args.baseline == "knn" else None
+        baselines = None
+        if rm is not None:
+            batch, baselines = rm_batch(args, rm, peft, tok, new, replay, used, rnd, fed)
+        elif args.baseline == "knn":
+            baselines = knn_baselines(batch, used)
+        elif args.baseline == "liked-only":  # advantage 1 on liked answers, 0 on the rest
+            baselines = [0.0 if r.reward > 0 else r.reward for r in batch]
         rep = trainer.train(batch, epochs=args.epochs, batch_size=4, baselines=baselines)
         used.extend(new)
-        ev = evaluate(peft, tok, rule, held_rows, args.seed * 100 + rnd, kl=True)
+        ev = evaluate(peft, tok, rule, held_rows, args.seed * 100 + rnd, kl=True, rm=rm)
         emit(
             {
                 "feedback": fed,
@@ -182,9 +255,129 @@ def run(args) -> None:
                 "floor": kl_floor(ev["p"], p0),
                 "efficiency": kl_floor(ev["p"], p0) / ev["kl"] if ev["kl"] > 0 else None,
                 "train_kl_per_token": rep.kl,
+                "rm_auc": ev.get("rm_auc"),
+                "trained_records": len(batch),
                 "seconds": time.perf_counter() - t0,
             }
         )
+
+
+def rm_batch(args, rm, peft, tok, new, replay, used, rnd: int, fed: int):
+    """The round's records plus ``--reward-model`` fresh answers per new prompt, sampled
+    from the current adapter and scored by the reward model (reward ``2·P(liked) − 1``).
+    Each prompt's answers form a group whose baseline is the group's mean predicted
+    reward, so an advantage compares answers to the same prompt (GRPO's group baseline,
+    with the reward model standing in for the judge of the unjudged answers); replayed
+    records keep the running mean of all rewards as their baseline."""
+    from dataclasses import replace
+
+    rows = [r.prompt_ids for r in new]
+    rm.add(answer_features(peft, rows, [r.response_ids for r in new]), [r.reward > 0 for r in new])
+    k = args.reward_model
+    fresh_rows = [row for row in rows for _ in range(k)]
+    fresh = sample(peft, tok, fresh_rows, args.seed * 1000 + rnd + 500)
+    pred = 2 * rm.predict(answer_features(peft, fresh_rows, fresh)) - 1
+    own = 2 * rm.predict(answer_features(peft, rows, [r.response_ids for r in new])) - 1
+    extra, baselines, extra_baselines = [], [], []
+    for i, rec in enumerate(new):
+        group = [own[i], *pred[i * k : (i + 1) * k]]
+        b = float(np.mean(group))
+        baselines.append(b)
+        for j in range(k):
+            a = fresh[i * k + j]
+            if not a:
+                continue
+            extra.append(
+                replace(
+                    rec,
+                    response_id=f"{rec.response_id}.s{j}",
+                    response_ids=a,
+                    response_text=tok.decode(a, skip_special_tokens=True),
+                    reward=float(pred[i * k + j]),
+                )
+            )
+            extra_baselines.append(b)
+    g = float(np.mean([r.reward for r in used])) if used else 0.0
+    batch = new + extra + replay
+    return batch, baselines + extra_baselines + [g] * len(replay)
+
+
+def hidden_bias(model, bias: torch.Tensor):
+    """A ``ModelView`` of ``model`` with ``bias`` added to its final normed hidden state:
+    every next-token logit ``v`` moves by ``E_v · bias`` (tied output embeddings)."""
+    from contextlib import contextmanager
+
+    from sona_plugin.training.gate import ModelView
+
+    @contextmanager
+    def ctx():
+        h = model.model.norm.register_forward_hook(lambda m, i, o: o + bias)
+        try:
+            yield
+        finally:
+            h.remove()
+
+    return ModelView(model, ctx)
+
+
+def run_tilt(args) -> None:
+    """``--tilt C,...``: no LoRA. Each round the stream's answers (sampled from the base
+    model) are judged; a logistic regression of liked on the mean output embedding of the
+    answer's tokens gives ``w`` (a reward linear in the answer's tokens,
+    ``r̂(y) ∝ Σ_t E_{y_t}·w``); the policy is the token-level exponential tilt
+    ``π_base(v|ctx)·exp(E_v·b)``, ``b = c·w / std_v(E_v·w)`` (``c``: the spread of the
+    logit change in nats), applied as a bias on the final hidden state."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from sona_plugin.models import load_default_llm
+    from sona_plugin.training.gate import ModelView
+
+    torch.set_num_threads(args.threads)
+    rule = taste_rule(args.taste)
+    model, tok = load_default_llm()
+    E = model.get_output_embeddings().weight.detach().double()
+    held_rows = prompt_rows(tok, HELDOUT_PROMPTS[: args.heldout])
+    stream = list(STREAM_PROMPTS)
+    rng = random.Random(args.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base_args = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
+    p0 = evaluate(model, tok, rule, held_rows, args.seed * 100, kl=False)["p"]
+    X, y = [], []
+    for rnd in range(1, args.rounds + 1):
+        t0 = time.perf_counter()
+        prompts = [rng.choice(stream) for _ in range(args.per_round)]
+        answers = sample(model, tok, prompt_rows(tok, prompts), args.seed * 1000 + rnd)
+        for a in answers:
+            X.append(E[a].mean(0).numpy() if a else np.zeros(E.shape[1]))
+            y.append(rule.check(tok.decode(a, skip_special_tokens=True)))
+        fit = make_pipeline(
+            StandardScaler(),
+            LogisticRegressionCV(Cs=np.logspace(-4, 1, 11), cv=5, scoring="neg_log_loss"),
+        ).fit(np.stack(X), np.array(y))
+        w = torch.tensor(fit[-1].coef_[0] / fit[0].scale_)
+        for c in [float(x) for x in args.tilt.split(",")]:
+            bias = (c * w / (E @ w).std()).float()
+            view = hidden_bias(model, bias)
+            with view.use() as m:
+                ev = evaluate(m, tok, rule, held_rows, args.seed * 100 + rnd, kl=False)
+            kl = answer_kl(
+                view, ModelView(model), held_rows, tok, MAX_NEW, args.seed * 100 + rnd + 7
+            )
+            row = {"variant": f"{args.variant}-c{c:g}", **base_args, "feedback": len(y)}
+            row.update(
+                p=ev["p"],
+                p0=p0,
+                kl=kl,
+                floor=kl_floor(ev["p"], p0),
+                efficiency=kl_floor(ev["p"], p0) / kl if kl > 0 else None,
+                seconds=time.perf_counter() - t0,
+            )
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
 
 
 def table(path: str) -> None:
@@ -212,16 +405,26 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--clip", type=float, default=None)
     ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    ap.add_argument("--baseline", choices=["global", "knn"], default="global")
+    ap.add_argument("--baseline", choices=["global", "knn", "liked-only"], default="global")
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument(
+        "--reward-model",
+        type=int,
+        default=0,
+        metavar="K",
+        help="K fresh answers per new prompt, scored by a reward model fitted to the feedback",
+    )
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     ap.add_argument("--heldout", type=int, default=32)
+    ap.add_argument("--tilt", help="comma-separated logit spreads c: the token-tilt variant")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="results/efficiency.jsonl")
     ap.add_argument("--table")
     args = ap.parse_args()
     if args.table:
         table(args.table)
+    elif args.tilt:
+        run_tilt(args)
     else:
         run(args)
 
