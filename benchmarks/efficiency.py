@@ -18,9 +18,23 @@ the 32 held-out prompts (never trained on), two sampled answers each:
   needs to move the liked-rate from ``p0`` to ``p``; 1 means no drift wasted).
 
 Variants are trainer settings (``--beta``, ``--epochs``, ``--lr``, ``--clip``, ``--rank``,
-``--targets``, ``--optimizer sgd``, ``--baseline knn``: each record's advantage against the mean reward of the
-10 most similar earlier prompts instead of the global running mean), one process per variant so each starts from the same base model and seed;
-results append one JSON line per round to ``--out``. ``--table FILE`` prints the
+``--targets``, ``--optimizer sgd``), one process per variant so each starts from the same
+base model and seed, and three other ways to use the same feedback:
+
+* ``--baseline knn``: each record's advantage against the mean reward of the 10 most
+  similar earlier prompts instead of the global running mean;
+* ``--baseline liked-only``: advantage 1 on liked answers, 0 on the rest (supervised
+  fine-tuning on the liked answers, no push away from disliked ones);
+* ``--reward-model K``: a logistic reward model on the base model's hidden states, fitted
+  to every judgement so far, scores K fresh answers per new prompt; each prompt's answers
+  are compared with each other (the group's mean predicted reward is the baseline);
+* ``--tilt C,...``: no LoRA at all. A logistic regression of liked on the mean output
+  embedding of the answer's tokens gives ``w``; the policy is the token-level exponential
+  tilt ``π_base(v|ctx)·exp(E_v·b)`` with ``b = c·w / std_v(E_v·w)``, a bias on the final
+  hidden state (``c``: the spread of the logit change over the vocabulary, in nats). The
+  stream's answers come from the base model.
+
+Results append one JSON line per round to ``--out``; ``--table FILE`` prints the
 comparison. Run one at a time on a small machine (one torch thread each).
 """
 
