@@ -28,6 +28,8 @@ base model and seed, and three other ways to use the same feedback:
 * ``--reward-model K``: a logistic reward model on the base model's hidden states, fitted
   to every judgement so far, scores K fresh answers per new prompt; each prompt's answers
   are compared with each other (the group's mean predicted reward is the baseline);
+* ``--best-of K``: the feedback trains only that reward model; per new prompt the best of
+  K fresh answers by its score is a record with advantage 1 (best-of-K distillation);
 * ``--tilt C,...``: no LoRA at all. A logistic regression of liked on the mean output
   embedding of the answer's tokens gives ``w``; the policy is the token-level exponential
   tilt ``π_base(v|ctx)·exp(E_v·b)`` with ``b = c·w / std_v(E_v·w)``, a bias on the final
@@ -238,7 +240,7 @@ def run(args) -> None:
     emit({"feedback": 0, "p": p0, "p0": p0, "kl": 0.0, "efficiency": None})
     used: list = []
     fed = 0
-    rm = RewardModel() if args.reward_model else None
+    rm = RewardModel() if args.reward_model or args.best_of else None
     for rnd in range(1, args.rounds + 1):
         t0 = time.perf_counter()
         prompts = [rng.choice(stream) for _ in range(args.per_round)]
@@ -250,7 +252,9 @@ def run(args) -> None:
         replay = random.Random(args.seed + rnd).sample(used, n_replay) if n_replay else []
         batch = new + replay
         baselines = None
-        if rm is not None:
+        if args.best_of:
+            batch, baselines = best_of_batch(args, rm, peft, tok, new, rnd)
+        elif rm is not None:
             batch, baselines = rm_batch(args, rm, peft, tok, new, replay, used, rnd, fed)
         elif args.baseline == "knn":
             baselines = knn_baselines(batch, used)
@@ -274,6 +278,29 @@ def run(args) -> None:
                 "seconds": time.perf_counter() - t0,
             }
         )
+
+
+def best_of_batch(args, rm, peft, tok, new, rnd: int):
+    """``--best-of K``: the feedback trains only the reward model; the adapter is trained
+    toward the best-of-K policy (BOND, Sessa et al. 2024): per new prompt, K fresh answers
+    from the current adapter, the one the reward model scores highest is a record with
+    advantage 1 (supervised steps toward it, with the KL term)."""
+    from dataclasses import replace
+
+    rows = [r.prompt_ids for r in new]
+    rm.add(answer_features(peft, rows, [r.response_ids for r in new]), [r.reward > 0 for r in new])
+    k = args.best_of
+    fresh_rows = [row for row in rows for _ in range(k)]
+    fresh = sample(peft, tok, fresh_rows, args.seed * 1000 + rnd + 500)
+    score = rm.predict(answer_features(peft, fresh_rows, fresh))
+    picks = []
+    for i, rec in enumerate(new):
+        j = i * k + int(np.argmax(score[i * k : (i + 1) * k]))
+        if fresh[j]:
+            a = fresh[j]
+            text = tok.decode(a, skip_special_tokens=True)
+            picks.append(replace(rec, response_ids=a, response_text=text, reward=1.0))
+    return picks, [0.0] * len(picks)
 
 
 def rm_batch(args, rm, peft, tok, new, replay, used, rnd: int, fed: int):
@@ -380,7 +407,7 @@ def run_tilt(args) -> None:
             kl = answer_kl(
                 view, ModelView(model), held_rows, tok, MAX_NEW, args.seed * 100 + rnd + 7
             )
-            row = {"variant": f"{args.variant}-c{c:g}", **base_args, "feedback": len(y)}
+            row = {**base_args, "variant": f"{args.variant}-c{c:g}", "feedback": len(y)}
             row.update(
                 p=ev["p"],
                 p0=p0,
@@ -396,13 +423,19 @@ def run_tilt(args) -> None:
 
 def table(path: str) -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    print("| variant | feedback | liked (held-out, sampled) | KL/answer | d(p‖p0) | efficiency |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    first: dict = {}
+    for i, r in enumerate(rows):
+        first.setdefault(r["variant"], i)
+    rows.sort(key=lambda r: (first[r["variant"]], r.get("seed", 0), r["feedback"]))
+    print(
+        "| variant | seed | feedback | liked (held-out, sampled) | KL/answer | d(p‖p0) | efficiency |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if r["feedback"] == 0:
             continue
         print(
-            f"| {r['variant']} | {r['feedback']} | {r['p0']:.0%} → {r['p']:.0%} | "
+            f"| {r['variant']} | {r.get('seed', 0)} | {r['feedback']} | {r['p0']:.0%} → {r['p']:.0%} | "
             f"{r['kl']:.2f} | {r['floor']:.3f} | {r['efficiency']:.3f} |"
         )
 
@@ -429,6 +462,13 @@ def main() -> None:
         help="K fresh answers per new prompt, scored by a reward model fitted to the feedback",
     )
     ap.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    ap.add_argument(
+        "--best-of",
+        type=int,
+        default=0,
+        metavar="K",
+        help="train toward the best of K fresh answers per prompt by a fitted reward model",
+    )
     ap.add_argument("--heldout", type=int, default=32)
     ap.add_argument("--tilt", help="comma-separated logit spreads c: the token-tilt variant")
     ap.add_argument("--threads", type=int, default=1)

@@ -1,0 +1,175 @@
+"""How much taste can n feedbacks buy per nat of drift? The efficiency of a learned tilt.
+
+    python benchmarks/taste_ceiling.py [--answers 300] [--tastes warm plain]
+        [--fit 50 100 200] [--splits 20] [--seed 0] [--out results/taste_ceiling.json]
+
+For small steps every policy's efficiency ``d(p‖p0)/KL`` is about the squared correlation,
+under the base model's answers, between the user's reward and the policy's log-ratio
+``log π/π_base``: a learner can only be as efficient as its update direction is aligned
+with the taste. The best direction that ``n`` judgements can give is a reward model fitted
+to them; this benchmark measures what following one would buy.
+
+It samples ``--answers`` base-model answers to stream prompts (temperature 1, top-p 0.95),
+judges each with every taste, and takes each answer's features (the base model's last
+hidden state averaged over the answer: ``efficiency.answer_features``). Per split, the
+stream's prompts are halved at random: a reward model (L2 logistic regression,
+cross-validated strength: ``efficiency.RewardModel``) is fitted to ``n`` judged answers of
+the first half, and on the answers of the other half (prompts it never saw) the
+sequence-level tilt ``π ∝ π_base·exp(s·r̂)`` is evaluated by importance weights on the
+base answers: its liked-rate ``p(s)`` and its KL to the base ``KL(s)`` (exact for the
+reweighted sample), with ``s`` set so that ``KL(s)`` is 0.2, 0.5 and 1 nat per answer.
+Reported: the reward model's AUC on the unseen prompts, the gain ``p − p0`` and the
+efficiency at each KL, means over ``--splits`` splits.
+
+The same reward models also pick the best of ``k`` base answers to each unseen prompt
+(best-of-k, for the prompts with at least ``k`` answers, over random subsets): a policy
+that can be run, whose KL to the base is at most ``log k − (k−1)/k`` nats per answer
+(Beirami et al. 2024), so its efficiency is at least ``d(p‖p0)`` over that bound.
+
+This is the efficiency of the *policy* the feedback supports (reachable by best-of-n
+against the reward model, or by distilling that into a BaseLoRA), not of a trained
+adapter; ``benchmarks/efficiency.py`` measures trained ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from efficiency import RewardModel, answer_features, prompt_rows, sample  # noqa: E402
+from tastes import rule as taste_rule  # noqa: E402
+
+from sona_plugin.demo import STREAM_PROMPTS  # noqa: E402
+from sona_plugin.learner.drift import kl_floor  # noqa: E402
+from sona_plugin.learner.shift import auc  # noqa: E402
+
+KL_TARGETS = (0.2, 0.5, 1.0)
+BEST_OF = (2, 4)
+
+
+def best_of(
+    r: np.ndarray, liked: np.ndarray, groups: list[np.ndarray], k: int, rng
+) -> tuple[float, float] | None:
+    """``(p0, p)``: the liked-rate of one random answer and of the best-scored of ``k``
+    random answers, over the groups (one per prompt) with at least ``k`` answers."""
+    base, best = [], []
+    for g in groups:
+        if len(g) < k:
+            continue
+        for _ in range(8):
+            pick = rng.choice(g, k, replace=False)
+            base.append(liked[pick[0]])
+            best.append(liked[pick[np.argmax(r[pick])]])
+    return (float(np.mean(base)), float(np.mean(best))) if base else None
+
+
+def tilt_at(r: np.ndarray, liked: np.ndarray, kl_target: float) -> tuple[float, float]:
+    """``(p, KL)`` of the sample reweighted by ``exp(s·r)``, ``s`` found by bisection so
+    that its KL to the uniform weights is ``kl_target``."""
+    n = len(r)
+    lo, hi = 0.0, 100.0
+    for _ in range(80):
+        s = (lo + hi) / 2
+        w = np.exp(s * (r - r.max()))
+        w /= w.sum()
+        kl = float(np.sum(w * np.log(np.maximum(w * n, 1e-300))))
+        lo, hi = (s, hi) if kl < kl_target else (lo, s)
+    return float(np.dot(w, liked)), kl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--answers", type=int, default=300)
+    ap.add_argument("--tastes", nargs="+", default=["warm", "plain"])
+    ap.add_argument("--fit", nargs="+", type=int, default=[50, 100, 200])
+    ap.add_argument("--splits", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="results/taste_ceiling.json")
+    args = ap.parse_args()
+
+    from sona_plugin.config import SonaConfig
+    from sona_plugin.models import load_default_llm
+    from sona_plugin.training import BaseLoRATrainer
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model, tok = load_default_llm()
+    peft = BaseLoRATrainer(model, SonaConfig(seed=args.seed)).peft_model  # B = 0: the base
+    rng = random.Random(args.seed)
+    prompts = [rng.choice(STREAM_PROMPTS) for _ in range(args.answers)]
+    rows = prompt_rows(tok, prompts)
+    answers = sample(peft, tok, rows, args.seed * 1000 + 17)
+    texts = [tok.decode(a, skip_special_tokens=True) for a in answers]
+    feats = answer_features(peft, rows, answers)
+    unique = sorted(set(prompts))
+    split_rng = np.random.default_rng(args.seed)
+    report: dict = {"answers": args.answers, "prompts": len(unique), "tastes": {}}
+    for name in args.tastes:
+        liked = np.array([taste_rule(name).check(t) for t in texts])
+        per_fit = {}
+        for n in args.fit:
+            rows_out = {"auc": [], **{f"gain@{k}": [] for k in KL_TARGETS}}
+            rows_out.update({f"efficiency@{k}": [] for k in KL_TARGETS})
+            rows_out.update({f"best_of_{k}_gain": [] for k in BEST_OF})
+            rows_out.update({f"best_of_{k}_efficiency": [] for k in BEST_OF})
+            for _ in range(args.splits):
+                side = dict(zip(unique, split_rng.permutation(len(unique)) % 2))
+                fit = [i for i, p in enumerate(prompts) if side[p] == 0]
+                pool = np.array([i for i, p in enumerate(prompts) if side[p] == 1])
+                fit = split_rng.permutation(fit)[:n]
+                if len(fit) < n or min(liked[fit].sum(), (~liked[fit]).sum()) < 5:
+                    continue
+                rm = RewardModel()
+                rm.add(feats[fit], list(liked[fit]))
+                r = rm.model.decision_function(feats[pool])
+                y = liked[pool]
+                pool_prompts = np.array([prompts[i] for i in pool])
+                p0 = float(y.mean())
+                rows_out["auc"].append(auc(r, y))
+                for k in KL_TARGETS:
+                    p, kl = tilt_at(r, y, k)
+                    rows_out[f"gain@{k}"].append(p - p0)
+                    rows_out[f"efficiency@{k}"].append(kl_floor(p, p0) / kl)
+                groups = [
+                    np.flatnonzero(pool_prompts == q) for q in sorted(set(pool_prompts.tolist()))
+                ]
+                for k in BEST_OF:
+                    got = best_of(r, y, groups, k, split_rng)
+                    if got is not None:
+                        b0, b = got
+                        rows_out[f"best_of_{k}_gain"].append(b - b0)
+                        bound = math.log(k) - (k - 1) / k
+                        rows_out[f"best_of_{k}_efficiency"].append(kl_floor(b, b0) / bound)
+            per_fit[n] = {k: float(np.mean(v)) for k, v in rows_out.items() if v}
+            per_fit[n]["splits"] = len(rows_out["auc"])
+            cells = " ".join(
+                f"KL {k}: {per_fit[n][f'gain@{k}']:+.0%} eff {per_fit[n][f'efficiency@{k}']:.3f}"
+                for k in KL_TARGETS
+            )
+            cells += " " + " ".join(
+                f"best-of-{k}: {per_fit[n][f'best_of_{k}_gain']:+.0%} "
+                f"eff ≥ {per_fit[n][f'best_of_{k}_efficiency']:.3f}"
+                for k in BEST_OF
+                if f"best_of_{k}_gain" in per_fit[n]
+            )
+            print(f"{name} n={n} auc {per_fit[n]['auc']:.3f} {cells}", flush=True)
+        report["tastes"][name] = {"base_liked": float(liked.mean()), "fit": per_fit}
+    report["seconds"] = time.perf_counter() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
