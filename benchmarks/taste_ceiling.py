@@ -26,6 +26,11 @@ The same reward models also pick the best of ``k`` base answers to each unseen p
 that can be run, whose KL to the base is at most ``log k − (k−1)/k`` nats per answer
 (Beirami et al. 2024), so its efficiency is at least ``d(p‖p0)`` over that bound.
 
+``--shift``: the same answers also test a reward model of the old taste as a detector of
+an unhinted shift: fitted to 50 judgements of taste A (its reference: its 5-fold
+out-of-fold AUC), batches of 50 unseen answers judged by A (false alarms) or by B (a
+shift) are scored, and an alarm is the z-test of ``sona_plugin.learner.shift`` at 2.576.
+
 This is the efficiency of the *policy* the feedback supports (reachable by best-of-n
 against the reward model, or by distilling that into a BaseLoRA), not of a trained
 adapter; ``benchmarks/efficiency.py`` measures trained ones.
@@ -88,14 +93,70 @@ def tilt_at(r: np.ndarray, liked: np.ndarray, kl_target: float) -> tuple[float, 
     return float(np.dot(w, liked)), kl
 
 
+def alarm(score: np.ndarray, liked: np.ndarray, a_ref: float, v_ref: float) -> bool:
+    """The leaning detector's test: is this batch's AUC below the reference's, z > 2.576?"""
+    from sona_plugin.learner.shift import auc_variance
+
+    n1, n0 = int(liked.sum()), int((~liked).sum())
+    if min(n1, n0) < 5:
+        return False
+    a = auc(score, liked)
+    return (a_ref - a) / math.sqrt(v_ref + auc_variance(a, n1, n0)) > 2.576
+
+
+def shift_study(feats, labels: dict, prompts: list[str], seed: int, fits: int = 20) -> dict:
+    """Per ordered pair of tastes A → B: the share of batches of 50 that raise an alarm
+    when judged by A (false alarms) and when judged by B (the shift found in one batch,
+    and in the first or the second of two)."""
+    from sklearn.model_selection import cross_val_predict
+
+    from sona_plugin.learner.shift import auc_variance
+
+    rng = np.random.default_rng(seed)
+    unique = sorted(set(prompts))
+    out = {}
+    for a_name, b_name in [(a, b) for a in labels for b in labels if a != b]:
+        A, B = labels[a_name], labels[b_name]
+        counts = {"false_alarm": 0, "found_first": 0, "found_by_second": 0, "batches": 0}
+        for _ in range(fits):
+            side = dict(zip(unique, rng.permutation(len(unique)) % 2))
+            fit = rng.permutation([i for i, p in enumerate(prompts) if side[p] == 0])[:50]
+            pool = np.array([i for i, p in enumerate(prompts) if side[p] == 1])
+            rm = RewardModel()
+            rm.add(feats[fit], list(A[fit]))
+            if rm.model is None:
+                continue
+            oof = cross_val_predict(rm.model, feats[fit], A[fit], cv=5, method="predict_proba")
+            a_ref = auc(oof[:, 1], A[fit])
+            v_ref = auc_variance(a_ref, int(A[fit].sum()), int((~A[fit]).sum()))
+            score = rm.predict(feats[pool])
+
+            for _ in range(50):
+                b1 = rng.choice(len(pool), 50, replace=False)
+                b2 = rng.choice(len(pool), 50, replace=False)
+                counts["batches"] += 1
+                counts["false_alarm"] += alarm(score[b1], A[pool][b1], a_ref, v_ref)
+                first = alarm(score[b1], B[pool][b1], a_ref, v_ref)
+                counts["found_first"] += first
+                counts["found_by_second"] += first or alarm(score[b2], B[pool][b2], a_ref, v_ref)
+        n = max(counts.pop("batches"), 1)
+        out[f"{a_name}->{b_name}"] = {k: v / n for k, v in counts.items()}
+        print(
+            f"shift {a_name} -> {b_name}: "
+            + ", ".join(f"{k} {v / n:.1%}" for k, v in counts.items())
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--answers", type=int, default=300)
     ap.add_argument("--tastes", nargs="+", default=["warm", "plain"])
-    ap.add_argument("--fit", nargs="+", type=int, default=[50, 100, 200])
+    ap.add_argument("--fit", nargs="*", type=int, default=[50, 100, 200])
     ap.add_argument("--splits", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shift", action="store_true", help="also the shift-detector study")
     ap.add_argument("--out", default="results/taste_ceiling.json")
     args = ap.parse_args()
 
@@ -166,6 +227,9 @@ def main() -> None:
             )
             print(f"{name} n={n} auc {per_fit[n]['auc']:.3f} {cells}", flush=True)
         report["tastes"][name] = {"base_liked": float(liked.mean()), "fit": per_fit}
+    if args.shift:
+        labels = {n: np.array([taste_rule(n).check(t) for t in texts]) for n in args.tastes}
+        report["shift"] = shift_study(feats, labels, prompts, args.seed)
     report["seconds"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
