@@ -203,6 +203,22 @@ def evaluate(peft, tok, rule, held_rows, seed: int, kl: bool, rm=None) -> dict:
     return out
 
 
+def emitter(args):
+    """``emit(row)``: one JSON line of ``row`` (after the run's arguments and variant) to
+    ``--out`` and to stdout."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base_args = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
+
+    def emit(row: dict) -> None:
+        row = {"variant": args.variant, **base_args, **row}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    return emit
+
+
 def run(args) -> None:
     from sona_plugin.config import SonaConfig
     from sona_plugin.models import load_default_llm
@@ -225,16 +241,7 @@ def run(args) -> None:
     held_rows = prompt_rows(tok, HELDOUT_PROMPTS[: args.heldout])
     stream = list(STREAM_PROMPTS)
     rng = random.Random(args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    base_args = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
-
-    def emit(row: dict) -> None:
-        row = {"variant": args.variant, **base_args, **row}
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
-
+    emit = emitter(args)
     ev0 = evaluate(peft, tok, rule, held_rows, args.seed * 100, kl=False)  # B = 0: the base
     p0 = ev0["p"]
     emit({"feedback": 0, "p": p0, "p0": p0, "kl": 0.0, "efficiency": None})
@@ -382,9 +389,7 @@ def run_tilt(args) -> None:
     held_rows = prompt_rows(tok, HELDOUT_PROMPTS[: args.heldout])
     stream = list(STREAM_PROMPTS)
     rng = random.Random(args.seed)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    base_args = {k: v for k, v in vars(args).items() if k not in ("out", "table")}
+    emit = emitter(args)
     p0 = evaluate(model, tok, rule, held_rows, args.seed * 100, kl=False)["p"]
     X, y = [], []
     for rnd in range(1, args.rounds + 1):
@@ -407,18 +412,18 @@ def run_tilt(args) -> None:
             kl = answer_kl(
                 view, ModelView(model), held_rows, tok, MAX_NEW, args.seed * 100 + rnd + 7
             )
-            row = {**base_args, "variant": f"{args.variant}-c{c:g}", "feedback": len(y)}
-            row.update(
-                p=ev["p"],
-                p0=p0,
-                kl=kl,
-                floor=kl_floor(ev["p"], p0),
-                efficiency=kl_floor(ev["p"], p0) / kl if kl > 0 else None,
-                seconds=time.perf_counter() - t0,
+            emit(
+                {
+                    "variant": f"{args.variant}-c{c:g}",
+                    "feedback": len(y),
+                    "p": ev["p"],
+                    "p0": p0,
+                    "kl": kl,
+                    "floor": kl_floor(ev["p"], p0),
+                    "efficiency": kl_floor(ev["p"], p0) / kl if kl > 0 else None,
+                    "seconds": time.perf_counter() - t0,
+                }
             )
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
 
 
 def table(path: str) -> None:
