@@ -146,6 +146,7 @@ class LearningHost:
     model_source: Any = None
     lora_targets: Any = None
     learner: Any = None
+    ranker: Any = None  # the best-of-k reward model (rerank.candidates > 1; sona_plugin.rerank)
     _embedder: Any = None
     _coordinator: Any = None
     _trainer_lease: Any = None  # replicas on one PostgreSQL store: only its holder trains
@@ -335,6 +336,8 @@ class LearningHost:
         """Save the engine (the MicroLoRA's instant lessons, patterns) atomically."""
         with self._save_lock:
             self.engine.save(self.state_dir / "engine")
+            if self.ranker is not None:
+                self.ranker.save(self.state_dir)
 
     def _saved_after_feedback(self) -> None:
         """Every ``save_every`` feedbacks, and ``save_interval_s`` after an unsaved one,
@@ -560,11 +563,16 @@ class LearningHost:
     def quarantine(self, response_id: str, reason: str = "") -> None:
         """Never train on this record again (it stays stored, and a second feedback for
         the response stays refused). Its instant update is not undone."""
-        self.store.quarantine(response_id, reason)
+        rec = self.store.quarantine(response_id, reason)
+        if self.ranker is not None and rec.id is not None:
+            self.ranker.forget(rec.id)
 
     def delete_record(self, response_id: str) -> None:
         """Delete a stored feedback record for good (its instant update is not undone)."""
+        rec = self.store.get(response_id) if self.ranker is not None else None
         self.store.delete(response_id)
+        if rec is not None and rec.id is not None:
+            self.ranker.forget(rec.id)
 
     def prune(self) -> dict:
         """Retention: keep the newest ``keep_versions`` adapter versions (and the served

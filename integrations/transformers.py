@@ -40,6 +40,7 @@ from sona_plugin.config import SonaConfig
 from sona_plugin.engine import SonaEngine
 from sona_plugin.errors import ConfigError, DuplicateFeedback, UnknownResponse
 from sona_plugin.faults import failpoint
+from sona_plugin.rerank import AnswerRanker, answer_features
 from sona_plugin.types import Trajectory, TrajectoryStep
 
 from ._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, parse_reward
@@ -198,6 +199,11 @@ class SonaPipeline(LearningHost):
 
         self.registry = AdapterRegistry(registry_dir or state_dir / "adapters")
         self._serve_at_start()
+        rc = engine.config.rerank
+        if rc.candidates > 1:
+            self.ranker = AnswerRanker(rc.window, rc.refit_every, background=True)
+            self.ranker.load(state_dir)
+            self._ranker_catch_up()
         self._start_learner()
         self._start_replica()
         # interpreter exit (end of script, Ctrl-C) saves the MicroLoRA even without close();
@@ -301,8 +307,66 @@ class SonaPipeline(LearningHost):
 
     # -- the pipeline ---------------------------------------------------------------------
     def __call__(self, inputs: Any, **kwargs):
-        """Generate, as transformers' pipeline does; every sequence gets a ``response_id``."""
-        return self._pipe(inputs, **kwargs)
+        """Generate, as transformers' pipeline does; every sequence gets a ``response_id``.
+
+        With ``rerank.candidates`` k > 1, a sampled generation (``do_sample``) draws k
+        sequences for each one asked for and returns the one the reward model scores best
+        (``sona_plugin.rerank``); the others are dropped and cannot take feedback.
+        """
+        if self.ranker is None or not self._samples(kwargs):
+            return self._pipe(inputs, **kwargs)
+        k = self.engine.config.rerank.candidates
+        n = int(kwargs.get("num_return_sequences", 1))
+        out = self._pipe(inputs, **{**kwargs, "num_return_sequences": n * k})
+        batched = bool(out) and isinstance(out[0], list)
+        picked = [self._best_of(group, n, k) for group in (out if batched else [out])]
+        return picked if batched else picked[0]
+
+    def _samples(self, kwargs: dict) -> bool:
+        gc = kwargs.get("generation_config") or self._pipe.generation_config
+        return bool(kwargs.get("do_sample", getattr(gc, "do_sample", False)))
+
+    def _best_of(self, records: list[dict], n: int, k: int) -> list[dict]:
+        """Of each block of ``k`` records (one prompt's candidates), the best-scored."""
+        chosen = []
+        for b in range(n):
+            block = records[b * k : (b + 1) * k]
+            with self._meta_lock:
+                held = [self._responses.get(r["response_id"]) for r in block]
+            i = 0
+            if all(r is not None and len(r.hidden) for r in held):
+                i = self.ranker.choose(np.stack([answer_features(r.hidden) for r in held]))
+            with self._meta_lock:
+                for j, r in enumerate(block):
+                    if j != i:
+                        self._responses.pop(r["response_id"], None)
+            chosen.append(block[i])
+        return chosen
+
+    def answer_hidden(self, prompt_ids: list[int], response_ids: list[int]) -> np.ndarray:
+        """The final hidden states a generation of ``response_ids`` after ``prompt_ids``
+        records (one per step: the prompt's last position, then every answer token but the
+        last), computed by one forward pass of the served model: ``[T, d]``."""
+        P, T = len(prompt_ids), len(response_ids)
+        ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+        with self._swap.read(), torch.no_grad():
+            out = self._pipe.model(input_ids=ids, output_hidden_states=True)
+        h = out.hidden_states[-1][0, P - 1 : P + T - 1]
+        return h.detach().to(torch.float32).cpu().numpy()
+
+    def _ranker_catch_up(self) -> None:
+        """Judgements stored after the ranker's last save (a crash between saves, or a
+        first start with best-of-k on) are taken from the store, features recomputed."""
+        recs = [
+            r
+            for r in self.store.records(since_id=self.ranker.last_id)
+            if r.prompt_ids and r.response_ids
+        ][-self.ranker.window :]
+        for r in recs:
+            feats = answer_features(self.answer_hidden(r.prompt_ids, r.response_ids))
+            self.ranker.add(r.id, feats, r.reward)
+        if recs:
+            logger.info("best-of-k reward model: took %d stored judgements", len(recs))
 
     @property
     def model(self) -> PreTrainedModel:
@@ -366,6 +430,11 @@ class SonaPipeline(LearningHost):
         row = self.store.add(rec)  # durable from here on
         failpoint("feedback.stored")
         metrics.feedback("accepted", reward)
+        if self.ranker is not None and len(r.hidden):
+            try:
+                self.ranker.add(row, answer_features(r.hidden), reward)
+            except Exception:  # noqa: BLE001 - the record is stored; a restart retakes it
+                logger.exception("the best-of-k reward model did not take feedback %s", row)
         report = None
         if len(r.response_ids):
             t = Trajectory(
@@ -504,6 +573,9 @@ class SonaPipeline(LearningHost):
                 "adapter_version": self._served_version,
             }
         )
+        if self.ranker is not None:
+            s["rerank"] = {"candidates": self.engine.config.rerank.candidates}
+            s["rerank"].update(self.ranker.stats())
         return self._with_learner(s)
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ from .config import (
     LoopsConfig,
     MicroLoraConfig,
     PatternConfig,
+    RerankConfig,
     RoutingConfig,
     SonaConfig,
     TrajectoryConfig,
@@ -34,6 +35,7 @@ from .errors import (
 from .ewc import EwcPlusPlus
 from .micro_lora import MicroLoRA
 from .reasoning_bank import ReasoningBank
+from .rerank import AnswerRanker
 from .trajectory import TrajectoryBuffer, TrajectoryBuilder
 from .types import LearnedPattern, LearningSignal, PatternType, Trajectory, TrajectoryStep
 
@@ -65,6 +67,7 @@ def pipeline(
 
 
 __all__ = [
+    "AnswerRanker",
     "BaseLoRA",
     "BaseLoraConfig",
     "ConfigError",
@@ -83,6 +86,7 @@ __all__ = [
     "PatternConfig",
     "PatternType",
     "ReasoningBank",
+    "RerankConfig",
     "RoutingConfig",
     "SonaConfig",
     "SonaEngine",

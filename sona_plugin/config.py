@@ -523,6 +523,43 @@ class LoopsConfig(_Section):
     )
 
 
+@dataclass
+class RerankConfig(_Section):
+    """Best-of-k serving (``sona_plugin.rerank``): the host samples ``candidates`` answers
+    per prompt and serves the one a reward model fitted to the feedback scores best. Its
+    KL to the sampling model is at most ``log k - (k-1)/k`` nats per answer; the price is
+    ``k`` sampled answers per prompt. The transformers pipeline serves it; on vLLM a value
+    above 1 is refused."""
+
+    section = "rerank"
+
+    candidates: int = _opt(
+        1,
+        "Answers sampled per prompt, the best served (1: off; only sampled generation "
+        "is reranked, greedy calls are served as they are). benchmarks/rerank.py "
+        "measured the held-out gain for 2-16.",
+        1,
+        64,
+        flat="rerank_candidates",
+    )
+    window: int = _opt(
+        1000,
+        "The reward model fits the latest this-many judgements (a shifted taste "
+        "displaces the old one within it).",
+        10,
+        None,
+        flat="rerank_window",
+    )
+    refit_every: int = _opt(
+        5,
+        "Refit the reward model after this many new judgements (each fit is a "
+        "cross-validated logistic regression, on the feedback call).",
+        1,
+        None,
+        flat="rerank_refit_every",
+    )
+
+
 _SCHEDULES = ("background", "manual")
 _TENANT_SOURCES = ("off", "header", "api_key")
 _ADMIN_TOKEN_REFUSED = (
@@ -750,6 +787,9 @@ class SonaConfig:
     )
     gate: GateConfig = field(default_factory=GateConfig, metadata={"help": GateConfig.__doc__})
     loops: LoopsConfig = field(default_factory=LoopsConfig, metadata={"help": LoopsConfig.__doc__})
+    rerank: RerankConfig = field(
+        default_factory=RerankConfig, metadata={"help": RerankConfig.__doc__}
+    )
     host: HostConfig = field(default_factory=HostConfig, metadata={"help": HostConfig.__doc__})
 
     def __init__(self, **options: Any) -> None:

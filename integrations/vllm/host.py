@@ -160,6 +160,11 @@ class VllmHost(LearningHost):
         from sona_plugin.store import open_store
 
         engine_cfg, opts = split_settings(settings)
+        if SonaConfig.from_dict({**LM_DEFAULTS, **engine_cfg}).rerank.candidates > 1:
+            raise ConfigError(
+                "rerank.candidates (rerank_candidates) > 1: best-of-k serving runs in the "
+                "transformers pipeline only; on vLLM leave it at 1"
+            )
         self.settings = settings
         self.options = opts  # as given
         self.host_config = host = HostConfig.from_dict(opts)  # with the defaults
