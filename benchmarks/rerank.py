@@ -47,24 +47,17 @@ from tastes import rule as taste_rule  # noqa: E402
 
 from sona_plugin.demo import HELDOUT_PROMPTS, STREAM_PROMPTS  # noqa: E402
 from sona_plugin.learner.drift import kl_floor  # noqa: E402
-from sona_plugin.rerank import AnswerRanker, answer_features, kl_bound  # noqa: E402
+from sona_plugin.rerank import AnswerRanker, answer_features, kl_bound, recorded_hidden  # noqa: E402
 
 EVAL_K = (1, 2, 4, 8, 16)
 CHECKPOINTS = (25, 50, 100, 150, 200, 300, 400)
 
 
 def recorded_features(model, rows: list[list[int]], answers: list[list[int]]) -> np.ndarray:
-    """What the host records while generating each answer, averaged: the final hidden
-    state at the positions that predict the answer's tokens (the prompt's last token, then
-    every answer token but the last), [n, d]."""
-    out = []
-    with torch.no_grad():
-        for r, a in zip(rows, answers):
-            a = a or [0]
-            ids = torch.tensor([r + a])
-            h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
-            out.append(answer_features(h[len(r) - 1 : len(r) + len(a) - 1].float().numpy()))
-    return np.stack(out)
+    """What the host records while generating each answer, averaged, [n, d]."""
+    return np.stack(
+        [answer_features(recorded_hidden(model, r, a or [0])) for r, a in zip(rows, answers)]
+    )
 
 
 def held_out_rates(ranker, feats, liked, groups, rng) -> dict:

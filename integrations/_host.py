@@ -532,6 +532,9 @@ class LearningHost:
             s["trainer_lease"] = self._trainer_lease.stats()
         if self._replica is not None:
             s["replica"] = self._replica.stats()
+        if self.ranker is not None:
+            s["rerank"] = {"candidates": self.engine.config.rerank.candidates}
+            s["rerank"].update(self.ranker.stats())
         s["counters"] = metrics.snapshot()
         return s
 

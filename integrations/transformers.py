@@ -40,7 +40,7 @@ from sona_plugin.config import SonaConfig
 from sona_plugin.engine import SonaEngine
 from sona_plugin.errors import ConfigError, DuplicateFeedback, UnknownResponse
 from sona_plugin.faults import failpoint
-from sona_plugin.rerank import AnswerRanker, answer_features
+from sona_plugin.rerank import AnswerRanker, answer_features, recorded_hidden
 from sona_plugin.types import Trajectory, TrajectoryStep
 
 from ._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, parse_reward
@@ -344,15 +344,10 @@ class SonaPipeline(LearningHost):
         return chosen
 
     def answer_hidden(self, prompt_ids: list[int], response_ids: list[int]) -> np.ndarray:
-        """The final hidden states a generation of ``response_ids`` after ``prompt_ids``
-        records (one per step: the prompt's last position, then every answer token but the
-        last), computed by one forward pass of the served model: ``[T, d]``."""
-        P, T = len(prompt_ids), len(response_ids)
-        ids = torch.tensor([list(prompt_ids) + list(response_ids)])
-        with self._swap.read(), torch.no_grad():
-            out = self._pipe.model(input_ids=ids, output_hidden_states=True)
-        h = out.hidden_states[-1][0, P - 1 : P + T - 1]
-        return h.detach().to(torch.float32).cpu().numpy()
+        """What a generation of ``response_ids`` records (``rerank.recorded_hidden``), by
+        one forward pass of the served model: ``[T, d]``."""
+        with self._swap.read():
+            return recorded_hidden(self._pipe.model, prompt_ids, response_ids)
 
     def _ranker_catch_up(self) -> None:
         """Judgements stored after the ranker's last save (a crash between saves, or a
@@ -573,9 +568,6 @@ class SonaPipeline(LearningHost):
                 "adapter_version": self._served_version,
             }
         )
-        if self.ranker is not None:
-            s["rerank"] = {"candidates": self.engine.config.rerank.candidates}
-            s["rerank"].update(self.ranker.stats())
         return self._with_learner(s)
 
     def close(self) -> None:

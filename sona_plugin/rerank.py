@@ -32,6 +32,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,6 +54,20 @@ def answer_features(hidden: np.ndarray) -> np.ndarray:
     if hidden.ndim != 2 or hidden.shape[0] == 0:
         raise InvalidValue(f"answer hidden states must be [T > 0, d], got shape {hidden.shape}")
     return hidden.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
+def recorded_hidden(model: Any, prompt_ids: list[int], response_ids: list[int]) -> np.ndarray:
+    """The final hidden states a host records while ``model`` generates ``response_ids``
+    after ``prompt_ids`` (one per step: the prompt's last position, then every answer token
+    but the last), by one forward pass: float32 ``[T, d]``. A restart recomputes the
+    features of judgements stored after the ranker's last save with it."""
+    import torch
+
+    P, T = len(prompt_ids), len(response_ids)
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=model.device)
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    return out.hidden_states[-1][0, P - 1 : P + T - 1].detach().to(torch.float32).cpu().numpy()
 
 
 class AnswerRanker:

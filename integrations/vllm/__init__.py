@@ -21,7 +21,7 @@ Pieces: ``plugin.py`` (the switch), ``worker.py`` (recording + MicroLoRA in each
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +174,25 @@ class SonaLLM:
             o.response_id = f"{self._session}-{o.request_id}"
         return outs
 
+    def _call(self, method: Callable[..., list[RequestOutput]], prompts: Any, sp: Any, **kwargs):
+        """``method`` on the served adapter; with best-of-k (``rerank.candidates`` k > 1)
+        a sampled call draws k times ``n`` outputs per prompt and keeps, of each k, the
+        one the reward model scores best (its ``index`` is the one feedback names)."""
+        kwargs.setdefault("use_tqdm", False)
+        k = self.host.engine.config.rerank.candidates
+        if sp is None and k > 1:
+            sp = self.llm.get_default_sampling_params()
+        if k < 2 or isinstance(sp, Sequence) or sp.temperature == 0 or sp.n * k > 64:
+            return self._tag(method(prompts, sp, lora_request=self._lora, **kwargs))
+        wide = sp.clone()
+        wide.n = sp.n * k
+        outs = method(prompts, wide, lora_request=self._lora, **kwargs)
+        for o in outs:
+            indices = sorted(c.index for c in o.outputs)
+            kept = set(self.host.best_of(o.request_id, indices, k))
+            o.outputs = [c for c in sorted(o.outputs, key=lambda c: c.index) if c.index in kept]
+        return self._tag(outs)
+
     # -- the API --------------------------------------------------------------------------
     def generate(
         self,
@@ -181,11 +200,9 @@ class SonaLLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         **kwargs,
     ) -> list[RequestOutput]:
-        """``vllm.LLM.generate`` on the served adapter; every output gets ``response_id``."""
-        kwargs.setdefault("use_tqdm", False)
-        return self._tag(
-            self.llm.generate(prompts, sampling_params, lora_request=self._lora, **kwargs)
-        )
+        """``vllm.LLM.generate`` on the served adapter; every output gets ``response_id``
+        (best-of-k: ``_call``)."""
+        return self._call(self.llm.generate, prompts, sampling_params, **kwargs)
 
     def chat(
         self,
@@ -193,11 +210,9 @@ class SonaLLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         **kwargs,
     ) -> list[RequestOutput]:
-        """``vllm.LLM.chat`` on the served adapter; every output gets ``response_id``."""
-        kwargs.setdefault("use_tqdm", False)
-        return self._tag(
-            self.llm.chat(messages, sampling_params, lora_request=self._lora, **kwargs)
-        )
+        """``vllm.LLM.chat`` on the served adapter; every output gets ``response_id``
+        (best-of-k: ``_call``)."""
+        return self._call(self.llm.chat, messages, sampling_params, **kwargs)
 
     def feedback(
         self,

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from sona_plugin.config import HostConfig, SonaConfig, _snake
 from sona_plugin.errors import (
     ConfigError,
@@ -30,6 +32,7 @@ from sona_plugin.errors import (
     UnknownResponse,
 )
 from sona_plugin.faults import failpoint
+from sona_plugin.rerank import AnswerRanker, answer_features, recorded_hidden
 
 from .._host import (
     LM_DEFAULTS,
@@ -41,8 +44,6 @@ from .._host import (
 )
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from sona_plugin.micro_lora import MicroLoRA
 
 logger = logging.getLogger(__name__)
@@ -160,11 +161,6 @@ class VllmHost(LearningHost):
         from sona_plugin.store import open_store
 
         engine_cfg, opts = split_settings(settings)
-        if SonaConfig.from_dict({**LM_DEFAULTS, **engine_cfg}).rerank.candidates > 1:
-            raise ConfigError(
-                "rerank.candidates (rerank_candidates) > 1: best-of-k serving runs in the "
-                "transformers pipeline only; on vLLM leave it at 1"
-            )
         self.settings = settings
         self.options = opts  # as given
         self.host_config = host = HostConfig.from_dict(opts)  # with the defaults
@@ -210,8 +206,32 @@ class VllmHost(LearningHost):
         self.retain_days = float(host.retain_days)
         self._feedback_lock = threading.Lock()
         self._serve_at_start()
+        rc = self.engine.config.rerank
+        if rc.candidates > 1:
+            self.ranker = AnswerRanker(rc.window, rc.refit_every, background=True)
+            self.ranker.load(self.state_dir)
+            self._ranker_catch_up()
         self._start_learner()
         self._start_replica()
+
+    def _ranker_catch_up(self) -> None:
+        """Judgements stored after the ranker's last save get their features from one
+        forward pass each of the base model (transformers, loaded for this only)."""
+        recs = [
+            r
+            for r in self.store.records(since_id=self.ranker.last_id)
+            if r.prompt_ids and r.response_ids
+        ][-self.ranker.window :]
+        if not recs:
+            return
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(self.model_source), dtype=torch.float32)
+        for r in recs:
+            h = recorded_hidden(model, r.prompt_ids, r.response_ids)
+            self.ranker.add(r.id, answer_features(h), r.reward)
+        logger.info("best-of-k reward model: took %d stored judgements", len(recs))
 
     def _rpc(self, method: str, *args: Any) -> Any:
         """A worker call for this host's tenant (every tenant-aware ``sona_*`` method takes
@@ -333,6 +353,12 @@ class VllmHost(LearningHost):
                 f"feedback for response {key} was already given; one feedback per response"
             )
         info = self._rpc("sona_lookup", response_id, index)
+        if info is not None and info.get("discarded"):
+            metrics.feedback("unknown")
+            raise UnknownResponse(
+                f"response {response_id!r} (index {index}) was not served: best-of-k "
+                f"returned another of its candidates"
+            )
         if info is None:
             if self._replica is not None:
                 # another replica generated it: it takes the feedback (integrations/_replica.py)
@@ -365,6 +391,11 @@ class VllmHost(LearningHost):
             row = self.store.add(rec)  # durable from here on
             failpoint("feedback.stored")
             metrics.feedback("accepted", r)
+            if self.ranker is not None and info.get("features") is not None:
+                try:
+                    self.ranker.add(row, np.asarray(info["features"], np.float32), r)
+                except Exception:  # noqa: BLE001 - the record is stored; a restart retakes it
+                    logger.exception("the best-of-k reward model did not take feedback %s", row)
 
             def learn() -> dict | None:
                 out = self._rpc("sona_learn", response_id, index, r)
@@ -387,6 +418,23 @@ class VllmHost(LearningHost):
             adapter_version=info["adapter_version"],
             instant=instant,
         )
+
+    def best_of(self, response_id: str, indices: list[int], k: int) -> list[int]:
+        """Best-of-k over choices ``indices`` of one response, in blocks of ``k``
+        consecutive indices (one per prompt and sequence asked for): the index served of
+        each block, the reward model's best. The others are discarded in the workers and
+        take no feedback."""
+        feats = self._rpc("sona_candidates", response_id, indices)
+        kept, dropped = [], []
+        for b in range(0, len(indices), k):
+            block, f = indices[b : b + k], feats[b : b + k]
+            i = 0
+            if all(x is not None for x in f):
+                i = self.ranker.choose(np.asarray(f, np.float32))
+            kept.append(block[i])
+            dropped.extend(x for j, x in enumerate(block) if j != i)
+        self._rpc("sona_discard", response_id, dropped)
+        return kept
 
     # -- the rest -------------------------------------------------------------------------
     def micro_lora(self) -> MicroLoRA:

@@ -191,6 +191,117 @@ class VersionHeader:
             _answered_by.reset(token)
 
 
+RERANKED_PATHS = ("/v1/chat/completions", "/v1/completions")
+
+
+class BestOfK:
+    """ASGI middleware: best-of-k serving (``rerank.candidates`` k > 1, ``sona_plugin.rerank``).
+
+    A sampled, non-streamed completion or chat completion asks vLLM for k times the
+    choices it names (``n``) and returns, of each block of k, the one the tenant's reward
+    model scores best. A returned choice keeps the ``index`` vLLM gave it, which is the
+    ``index`` its feedback names; the candidates not returned take no feedback (404).
+    Streamed and greedy (``temperature`` 0) requests are served as they are.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send):
+        root = getattr(getattr(scope.get("app"), "state", None), "sona", None)
+        if (
+            scope["type"] != "http"
+            or root is None
+            or scope.get("method") != "POST"
+            or scope.get("path") not in RERANKED_PATHS
+        ):
+            return await self.app(scope, receive, send)
+        host = root.line(_tenant.get())  # TenantScope has made it
+        k = host.engine.config.rerank.candidates
+        if host.ranker is None or k < 2:
+            return await self.app(scope, receive, send)
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not _sampled_and_whole(body):
+            return await self.app(scope, _replay(raw, receive), send)
+        body["n"] = (body.get("n") or 1) * k  # an n of 0 never gets here
+        raw = json.dumps(body).encode()
+        scope = {**scope, "headers": _with_length(scope.get("headers") or [], len(raw))}
+        start: dict | None = None
+        chunks: list[bytes] = []
+
+        async def capture(message: Message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = dict(message)
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+            else:
+                await send(message)
+
+        await self.app(scope, _replay(raw, receive), capture)
+        if start is None:
+            return
+        out = b"".join(chunks)
+        if start["status"] == 200:
+            out = await asyncio.to_thread(_best_of, host, out, k)
+        start["headers"] = _with_length(start.get("headers") or [], len(out))
+        await send(start)
+        await send({"type": "http.response.body", "body": out, "more_body": False})
+
+
+def _sampled_and_whole(body: Any) -> bool:
+    """Best-of-k applies: a JSON object, not streamed, sampled, ``n`` a small integer."""
+    if not isinstance(body, dict) or body.get("stream"):
+        return False
+    t, n = body.get("temperature"), body.get("n", 1)
+    n = 1 if n is None else n
+    sampled = t is None or (isinstance(t, (int, float)) and t > 0)
+    whole = isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 64
+    return sampled and whole and not body.get("use_beam_search")
+
+
+def _replay(raw: bytes, receive: Receive) -> Receive:
+    """A receive that gives the (rewritten) body once, then the client's own messages
+    (its disconnect)."""
+    given = False
+
+    async def replay() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _with_length(headers: list, length: int) -> list:
+    return [(h, v) for h, v in headers if h.lower() != b"content-length"] + [
+        (b"content-length", str(length).encode())
+    ]
+
+
+def _best_of(host: Any, out: bytes, k: int) -> bytes:
+    """The completion ``out`` with, of each block of k choices, the best-scored only."""
+    data = json.loads(out)
+    rid, choices = data.get("id"), sorted(data.get("choices") or [], key=lambda c: c["index"])
+    if not rid or not choices or len(choices) % k:
+        logger.warning("best-of-%d: %d choices, not blocks of k; served whole", k, len(choices))
+        return out
+    kept = set(host.best_of(rid, [c["index"] for c in choices], k))
+    data["choices"] = [c for c in choices if c["index"] in kept]
+    return json.dumps(data).encode()
+
+
 def _shutdown_hook(app: FastAPI) -> None:
     """Save SONA's state when the server shuts down (SIGTERM, Ctrl-C): vLLM never calls a
     plugin's close(), so the lifespan is wrapped."""
@@ -367,6 +478,7 @@ class SonaEndpointPlugin:
             return {"deleted": response_id}
 
         app.include_router(router)
+        app.add_middleware(BestOfK)  # inside TenantScope: it serves the tenant's reward model
         app.add_middleware(VersionHeader)
         app.add_middleware(TenantScope)  # added last: runs first, VersionHeader sees the tenant
         _shutdown_hook(app)

@@ -112,6 +112,7 @@ class Recording:
     topk_lp: list[np.ndarray] = field(default_factory=list)
     finished: bool = False
     judged: bool = False  # feedback taken: the steps are dropped, the ids kept for lookup
+    discarded: bool = False  # best-of-k served a sibling: never shown, takes no feedback
 
 
 class WorkerSona:
@@ -385,7 +386,27 @@ class SonaWorkerExtension:
             "response_ids": list(rec.tokens),
             "adapter_version": rec.version,
             "finished": rec.finished,
+            "discarded": rec.discarded,
+            "features": _features(rec),
         }
+
+    def sona_candidates(
+        self, response_id: str, indices: list[int], tenant: str = ""
+    ) -> list[list[float] | None]:
+        """Best-of-k: the features (``rerank.answer_features``) of choices ``indices``."""
+        st = self._sona()
+        return [_features(st.find(response_id, i, tenant)) for i in indices]
+
+    def sona_discard(self, response_id: str, indices: list[int], tenant: str = "") -> None:
+        """Best-of-k: choices ``indices`` were not served; they take no feedback (their
+        steps are released, their ids kept so that sibling choices keep their numbers)."""
+        st = self._sona()
+        for i in indices:
+            rec = st.find(response_id, i, tenant)
+            if rec is not None:
+                with st.lock:
+                    rec.discarded = True
+                    rec.hidden, rec.topk_ids, rec.topk_lp = [], [], []
 
     def sona_learn(
         self, response_id: str, index: int, reward: float, tenant: str = ""
@@ -441,6 +462,15 @@ class SonaWorkerExtension:
 
     def sona_stats(self, tenant: str = "") -> dict:
         return self._sona().stats(tenant)
+
+
+def _features(rec: Recording | None) -> list[float] | None:
+    """A recording's answer features (its hidden states averaged), None without steps."""
+    if rec is None or not rec.hidden:
+        return None
+    from sona_plugin.rerank import answer_features
+
+    return answer_features(np.stack(rec.hidden)).tolist()
 
 
 def _apply_micro(engine: Any, h: torch.Tensor) -> torch.Tensor:
