@@ -48,11 +48,12 @@ def test_serves_the_first_candidate_until_both_labels_are_seen():
 def test_learns_the_taste_and_best_of_k_serves_more_liked_answers():
     rng = np.random.default_rng(1)
     w = rng.normal(size=D)
-    ranker = AnswerRanker(refit_every=10)
+    ranker = AnswerRanker(refit_every=10**6)  # one fit when both labels are in, one here
     X, liked = judged(rng, 100, w)
     for i, (x, y) in enumerate(zip(X, liked)):
         ranker.add(i + 1, x, 1.0 if y else -1.0)
-    assert ranker.fitted
+    ranker.fit()
+    assert ranker.fitted and ranker.fits == 2
     first, best = [], []
     for _ in range(300):  # unseen answers, four candidates a prompt
         C, ok = judged(rng, 4, w)
@@ -64,7 +65,7 @@ def test_learns_the_taste_and_best_of_k_serves_more_liked_answers():
 def test_a_restart_restores_the_same_scores(tmp_path):
     rng = np.random.default_rng(2)
     w = rng.normal(size=D)
-    ranker = AnswerRanker()
+    ranker = AnswerRanker(refit_every=10**6)
     X, liked = judged(rng, 40, w)
     for i, (x, y) in enumerate(zip(X, liked)):
         ranker.add(i + 1, x, 1.0 if y else -1.0)
@@ -80,23 +81,29 @@ def test_a_restart_restores_the_same_scores(tmp_path):
 
 def test_forget_drops_a_judgement_and_refits():
     rng = np.random.default_rng(3)
-    ranker = AnswerRanker()
+    ranker = AnswerRanker(refit_every=10**6)
     X, liked = judged(rng, 30, rng.normal(size=D))
     for i, (x, y) in enumerate(zip(X, liked)):
         ranker.add(i + 1, x, 1.0 if y else -1.0)
-    assert ranker.forget(7) and len(ranker) == 29 and 7 not in ranker._ids
+    fits = ranker.fits
+    assert ranker.forget(7)
+    assert ranker.fits == fits + 1 and len(ranker) == 29 and 7 not in ranker._ids
     assert not ranker.forget(7)
 
 
 def test_a_newer_taste_displaces_the_old_one_within_the_window():
     rng = np.random.default_rng(4)
     w = rng.normal(size=D)
-    ranker = AnswerRanker(window=60, refit_every=10)
+    ranker = AnswerRanker(window=60, refit_every=10**6)
     for i, (x, y) in enumerate(zip(*judged(rng, 100, w))):
         ranker.add(i + 1, x, 1.0 if y else -1.0)
+    ranker.fit()
+    probe, _ = judged(rng, 200, w)
+    assert np.corrcoef(ranker.score(probe), probe @ w)[0, 1] > 0.5
     for i, (x, y) in enumerate(zip(*judged(rng, 60, -w))):  # the opposite taste
         ranker.add(1000 + i, x, 1.0 if y else -1.0)
-    probe, _ = judged(rng, 200, w)
+    ranker.fit()
+    assert len(ranker) == 60
     assert np.corrcoef(ranker.score(probe), probe @ w)[0, 1] < -0.5
 
 
@@ -107,7 +114,7 @@ def test_features_of_another_width_are_refused():
         ranker.add(2, np.zeros(5, np.float32), -1.0)
 
 
-def test_a_background_fit_does_not_hold_up_add():
+def test_a_background_fit_takes_the_judgements_that_came_while_it_ran():
     rng = np.random.default_rng(5)
     ranker = AnswerRanker(refit_every=1, background=True)
     X, liked = judged(rng, 30, rng.normal(size=D))
@@ -115,4 +122,5 @@ def test_a_background_fit_does_not_hold_up_add():
         ranker.add(i + 1, x, 1.0 if y else -1.0)
     ranker.wait()
     assert ranker.fitted and ranker._thread is None
-    assert 1 <= ranker.fits < 30  # judgements that came during a fit share the next one
+    # the judgements that came while a fit ran are in the fit that followed it
+    assert ranker._model[0].n_samples_seen_ == 30
