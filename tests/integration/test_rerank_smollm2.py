@@ -12,7 +12,7 @@ from sona_plugin.rerank import answer_features
 
 torch.set_num_threads(2)
 
-CONFIG = {"rerank_candidates": 4, "rerank_refit_every": 1}
+CONFIG = {"rerank_candidates": 4, "rerank_refit_every": 6}
 PROMPTS = ["Name a fruit.", "Name a color.", "Say hello.", "Name an animal.", "Name a city."]
 
 
