@@ -361,6 +361,7 @@ class SonaPipeline(LearningHost):
             feats = answer_features(self.answer_hidden(r.prompt_ids, r.response_ids))
             self.ranker.add(r.id, feats, r.reward)
         if recs:
+            self.ranker.refit()  # on all of them, not only up to the last due fit
             logger.info("best-of-k reward model: took %d stored judgements", len(recs))
 
     @property

@@ -135,9 +135,11 @@ class AnswerRanker:
             self._since_fit += 1
             due = self._since_fit >= self.refit_every or (self._model is None and self._ready())
         if due:
-            self._refit()
+            self.refit()
 
-    def _refit(self) -> None:
+    def refit(self) -> None:
+        """Fit to every judgement held now: at once, or (``background``) on the fitting
+        thread, after the fit it is running."""
         if not self.background:
             self.fit()
             return
@@ -172,7 +174,7 @@ class AnswerRanker:
                 return False
             i = self._ids.index(record_id)
             del self._ids[i], self._X[i], self._y[i]
-        self._refit()
+        self.refit()
         return True
 
     def _ready(self) -> bool:
@@ -252,5 +254,5 @@ class AnswerRanker:
             self._ids = [int(i) for i in t["ids"]]
             self._X = list(t["features"])
             self._y = [int(v) for v in t["liked"]]
-        self._refit()
+        self.refit()
         return True

@@ -231,6 +231,7 @@ class VllmHost(LearningHost):
         for r in recs:
             h = recorded_hidden(model, r.prompt_ids, r.response_ids)
             self.ranker.add(r.id, answer_features(h), r.reward)
+        self.ranker.refit()  # on all of them, not only up to the last due fit
         logger.info("best-of-k reward model: took %d stored judgements", len(recs))
 
     def _rpc(self, method: str, *args: Any) -> Any:

@@ -200,3 +200,25 @@ def test_installed_but_not_enabled_changes_nothing(plain, first_answers):
     answers exactly as the SONA engine did before any feedback."""
     assert plain["ext"] is False
     assert plain["texts"] == first_answers
+
+
+def test_best_of_k_returns_one_candidate_and_only_it_takes_feedback(llm, monkeypatch):
+    """SonaLLM with ``rerank_candidates`` 4 (switched on for this test on the module's
+    engine): a sampled call returns one output of four, which keeps vLLM's index."""
+    from vllm import SamplingParams
+
+    from sona_plugin import AnswerRanker
+    from sona_plugin.errors import UnknownResponse
+
+    monkeypatch.setattr(llm.host.engine.config.rerank, "candidates", 4)
+    monkeypatch.setattr(llm.host, "ranker", AnswerRanker())
+    (out,) = llm.chat([chat("Name a city.")], SamplingParams(max_tokens=8, temperature=1.0))
+    (choice,) = out.outputs
+    assert 0 <= choice.index < 4
+    other = next(j for j in range(4) if j != choice.index)
+    with pytest.raises(UnknownResponse, match="not served"):
+        llm.feedback(out.response_id, reward=1.0, index=other)
+    llm.feedback(out.response_id, reward=1.0, index=choice.index)
+    assert len(llm.host.ranker) == 1
+    (greedy_out,) = llm.chat([chat("Name a city.")], greedy(max_tokens=8))
+    assert [c.index for c in greedy_out.outputs] == [0]  # greedy: served as it is
