@@ -69,4 +69,3 @@ def test_best_of_k_serves_one_answer_and_learns_from_its_feedback(state):
         assert np.allclose(pipe.ranker.score(probe), before, atol=1e-2)
     finally:
         pipe.close()
-
