@@ -3,6 +3,7 @@ model: held-out liked-rate against feedbacks, and its efficiency per nat of drif
 
     python benchmarks/rerank.py [--feedback 200] [--k 8] [--tastes warm plain]
         [--pool 16] [--seed 0] [--out results/rerank.json]
+    python benchmarks/rerank.py --cost [--k 8]    # sampling k answers against one
 
 A simulated user judges, with each taste, the answer served to ``--feedback`` stream
 prompts; the answer served is the best of ``--k`` base-model answers (temperature 1,
@@ -82,6 +83,24 @@ def held_out_rates(ranker, feats, liked, groups, rng) -> dict:
     return out
 
 
+def sampling_cost(model, tok, k: int, seed: int, prompts: int = 8) -> None:
+    """Seconds to sample k answers to one prompt (one batch) against one answer, for
+    ``prompts`` stream prompts, alternating, after a warm-up; prints the ratio."""
+    rows = prompt_rows(tok, STREAM_PROMPTS[:prompts])
+    sample(model, tok, rows[:1] * k, seed)  # warm-up
+    one = many = 0.0
+    for i, r in enumerate(rows):
+        t = time.perf_counter()
+        sample(model, tok, [r], seed + i)
+        one += time.perf_counter() - t
+        t = time.perf_counter()
+        sample(model, tok, [r] * k, seed + i)
+        many += time.perf_counter() - t
+    print(
+        f"one answer {one / prompts:.2f} s, {k} answers {many / prompts:.2f} s: {many / one:.2f}x"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--feedback", type=int, default=200)
@@ -91,6 +110,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/rerank.json")
+    ap.add_argument(
+        "--cost",
+        action="store_true",
+        help="only the cost: seconds to sample k answers to a prompt against one, side by side",
+    )
     args = ap.parse_args()
 
     from sona_plugin.models import load_default_llm
@@ -98,6 +122,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tok = load_default_llm()
+    if args.cost:
+        sampling_cost(model, tok, args.k, args.seed)
+        return
     rng = random.Random(args.seed)
     np_rng = np.random.default_rng(args.seed)
 

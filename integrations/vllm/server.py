@@ -462,7 +462,7 @@ class SonaEndpointPlugin:
                 return denied
             try:
                 b = await body(request, guard.QuarantineBody)
-                await asyncio.to_thread(host(request).store.quarantine, response_id, b.reason)
+                await asyncio.to_thread(host(request).quarantine, response_id, b.reason)
             except (guard.BadRequest, SonaError) as e:
                 return failure(e)
             return {"quarantined": response_id}
@@ -472,7 +472,7 @@ class SonaEndpointPlugin:
             if (denied := admin_denied(request)) is not None:
                 return denied
             try:
-                await asyncio.to_thread(host(request).store.delete, response_id)
+                await asyncio.to_thread(host(request).delete_record, response_id)
             except SonaError as e:
                 return failure(e)
             return {"deleted": response_id}

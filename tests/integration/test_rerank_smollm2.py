@@ -1,6 +1,6 @@
 """Best-of-k serving (rerank.candidates) in SonaPipeline on the real SmolLM2-135M-Instruct:
 one answer of k is served, its feedback teaches the reward model, and what the reward model
-learned survives a restart and a crash between saves."""
+learned survives a restart and a crash between saves; a quarantined judgement leaves it."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def test_best_of_k_serves_one_answer_and_learns_from_its_feedback(state):
         pipe.ranker.wait()
         stats = pipe.stats()["rerank"]
         assert stats["candidates"] == 4 and stats["judgements"] == 12 and stats["fitted"]
+        pipe.quarantine(rids[0], "test: a hostile judgement")  # out of the reward model too
+        pipe.ranker.wait()
+        assert len(pipe.ranker) == 11
         before = pipe.ranker.score(probe)
     finally:
         pipe.close()
@@ -57,7 +60,7 @@ def test_best_of_k_serves_one_answer_and_learns_from_its_feedback(state):
     pipe = pipeline(state_dir=state, sona_config=CONFIG)  # a restart
     try:
         pipe.ranker.wait()
-        assert len(pipe.ranker) == 12 and np.allclose(pipe.ranker.score(probe), before)
+        assert len(pipe.ranker) == 11 and np.allclose(pipe.ranker.score(probe), before)
     finally:
         pipe.close()
 
@@ -65,7 +68,7 @@ def test_best_of_k_serves_one_answer_and_learns_from_its_feedback(state):
     pipe = pipeline(state_dir=state, sona_config=CONFIG)
     try:
         pipe.ranker.wait()  # the judgements come back from the store, features recomputed
-        assert len(pipe.ranker) == 12 and pipe.ranker.last_id == pipe.store.count()
+        assert len(pipe.ranker) == 11 and pipe.ranker.last_id == 12
         assert np.allclose(pipe.ranker.score(probe), before, atol=1e-2)
     finally:
         pipe.close()
