@@ -83,6 +83,15 @@ def test_best_of_k_serves_one_candidate_learns_and_comes_back_after_a_restart(tm
         code, stats = http_call(base, "GET", "/sona/stats")
         assert stats["rerank"]["candidates"] == 4 and stats["rerank"]["judgements"] == 12
         assert stats["feedback_stored"] == 12
+        # the admin routes take judgements out of the reward model too
+        keys = [rid if index == 0 else f"{rid}:{index}" for rid, index in served[:2]]
+        code, out = http_call(
+            base, "POST", f"/sona/feedback/{keys[0]}/quarantine", {"reason": "test"}, TOKEN
+        )
+        assert code == 200, out
+        code, out = http_call(base, "DELETE", f"/sona/feedback/{keys[1]}", token=TOKEN)
+        assert code == 200, out
+        assert http_call(base, "GET", "/sona/stats")[1]["rerank"]["judgements"] == 10
     finally:
         stop(proc, log)
 
@@ -90,7 +99,7 @@ def test_best_of_k_serves_one_candidate_learns_and_comes_back_after_a_restart(tm
     base, proc, log = start(tmp_path)
     try:
         code, stats = http_call(base, "GET", "/sona/stats")
-        assert stats["rerank"]["judgements"] == 12  # rebuilt from the stored feedback
+        assert stats["rerank"]["judgements"] == 10  # rebuilt from the live stored feedback
     finally:
         stop(proc, log)
 
