@@ -310,6 +310,17 @@ class LearningHost:
         logger.info("following adapter version %s published by the trainer", current)
         return current
 
+    def _start_ranker(self, hidden_of: Any) -> None:
+        """Best-of-k (``rerank.candidates`` > 1): its reward model, as saved, plus what the
+        store took after the save (``AnswerRanker.catch_up`` with ``hidden_of``)."""
+        from sona_plugin.rerank import AnswerRanker
+
+        rc = self.engine.config.rerank
+        if rc.candidates > 1:
+            self.ranker = AnswerRanker(rc.window, rc.refit_every, background=True)
+            self.ranker.load(self.state_dir)
+            self.ranker.catch_up(self.store, hidden_of)
+
     def _start_learner(self) -> None:
         from sona_plugin.learner import Learner
 

@@ -40,7 +40,7 @@ from sona_plugin.config import SonaConfig
 from sona_plugin.engine import SonaEngine
 from sona_plugin.errors import ConfigError, DuplicateFeedback, UnknownResponse
 from sona_plugin.faults import failpoint
-from sona_plugin.rerank import AnswerRanker, answer_features, recorded_hidden
+from sona_plugin.rerank import answer_features, recorded_hidden
 from sona_plugin.types import Trajectory, TrajectoryStep
 
 from ._host import LM_DEFAULTS, FeedbackResult, LearningHost, load_engine, parse_reward
@@ -199,11 +199,7 @@ class SonaPipeline(LearningHost):
 
         self.registry = AdapterRegistry(registry_dir or state_dir / "adapters")
         self._serve_at_start()
-        rc = engine.config.rerank
-        if rc.candidates > 1:
-            self.ranker = AnswerRanker(rc.window, rc.refit_every, background=True)
-            self.ranker.load(state_dir)
-            self._ranker_catch_up()
+        self._start_ranker(self.answer_hidden)
         self._start_learner()
         self._start_replica()
         # interpreter exit (end of script, Ctrl-C) saves the MicroLoRA even without close();
@@ -333,9 +329,12 @@ class SonaPipeline(LearningHost):
             block = records[b * k : (b + 1) * k]
             with self._meta_lock:
                 held = [self._responses.get(r["response_id"]) for r in block]
-            i = 0
-            if all(r is not None and len(r.hidden) for r in held):
-                i = self.ranker.choose(np.stack([answer_features(r.hidden) for r in held]))
+            i = self.ranker.choose(
+                [
+                    answer_features(r.hidden) if r is not None and len(r.hidden) else None
+                    for r in held
+                ]
+            )
             with self._meta_lock:
                 for j, r in enumerate(block):
                     if j != i:
@@ -348,21 +347,6 @@ class SonaPipeline(LearningHost):
         one forward pass of the served model: ``[T, d]``."""
         with self._swap.read():
             return recorded_hidden(self._pipe.model, prompt_ids, response_ids)
-
-    def _ranker_catch_up(self) -> None:
-        """Judgements stored after the ranker's last save (a crash between saves, or a
-        first start with best-of-k on) are taken from the store, features recomputed."""
-        recs = [
-            r
-            for r in self.store.records(since_id=self.ranker.last_id)
-            if r.prompt_ids and r.response_ids
-        ][-self.ranker.window :]
-        for r in recs:
-            feats = answer_features(self.answer_hidden(r.prompt_ids, r.response_ids))
-            self.ranker.add(r.id, feats, r.reward)
-        if recs:
-            self.ranker.refit()  # on all of them, not only up to the last due fit
-            logger.info("best-of-k reward model: took %d stored judgements", len(recs))
 
     @property
     def model(self) -> PreTrainedModel:

@@ -31,6 +31,7 @@ import math
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -210,10 +211,28 @@ class AnswerRanker:
         model = self._model
         return None if model is None else model.decision_function(features)
 
-    def choose(self, features: np.ndarray) -> int:
-        """The index of the candidate to serve: the best-scored, or 0 before a fit."""
-        s = self.score(features)
+    def choose(self, features: list[np.ndarray | None]) -> int:
+        """The index of the candidate to serve: the best-scored, or 0 before a fit or when
+        a candidate has no features (nothing recorded)."""
+        if any(f is None for f in features):
+            return 0
+        s = self.score(np.stack(features))
         return 0 if s is None else int(np.argmax(s))
+
+    def catch_up(self, store: Any, hidden_of: Callable[[list[int], list[int]], np.ndarray]) -> int:
+        """Take the judgements ``store`` holds after :attr:`last_id` (a crash between saves,
+        or a first start with best-of-k on), the latest ``window`` of them, their features
+        from ``hidden_of(prompt_ids, response_ids)`` (:func:`recorded_hidden` on a model);
+        then fit on all. Returns how many were taken."""
+        recs = [r for r in store.records(since_id=self.last_id) if r.prompt_ids and r.response_ids][
+            -self.window :
+        ]
+        for r in recs:
+            self.add(r.id, answer_features(hidden_of(r.prompt_ids, r.response_ids)), r.reward)
+        if recs:
+            self.refit()  # on all of them, not only up to the last due fit
+            logger.info("best-of-k reward model: took %d stored judgements", len(recs))
+        return len(recs)
 
     def stats(self) -> dict:
         y = np.asarray(self._y)

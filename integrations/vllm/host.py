@@ -32,7 +32,7 @@ from sona_plugin.errors import (
     UnknownResponse,
 )
 from sona_plugin.faults import failpoint
-from sona_plugin.rerank import AnswerRanker, answer_features, recorded_hidden
+from sona_plugin.rerank import recorded_hidden
 
 from .._host import (
     LM_DEFAULTS,
@@ -206,33 +206,21 @@ class VllmHost(LearningHost):
         self.retain_days = float(host.retain_days)
         self._feedback_lock = threading.Lock()
         self._serve_at_start()
-        rc = self.engine.config.rerank
-        if rc.candidates > 1:
-            self.ranker = AnswerRanker(rc.window, rc.refit_every, background=True)
-            self.ranker.load(self.state_dir)
-            self._ranker_catch_up()
+        self._start_ranker(self._base_hidden)
         self._start_learner()
         self._start_replica()
 
-    def _ranker_catch_up(self) -> None:
-        """Judgements stored after the ranker's last save get their features from one
-        forward pass each of the base model (transformers, loaded for this only)."""
-        recs = [
-            r
-            for r in self.store.records(since_id=self.ranker.last_id)
-            if r.prompt_ids and r.response_ids
-        ][-self.ranker.window :]
-        if not recs:
-            return
+    @functools.cached_property
+    def _base_model(self) -> Any:
+        """The base model in transformers (float32): what a restart computes the features
+        of judgements stored after the ranker's last save with; loaded on first use."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(self.model_source), dtype=torch.float32)
-        for r in recs:
-            h = recorded_hidden(model, r.prompt_ids, r.response_ids)
-            self.ranker.add(r.id, answer_features(h), r.reward)
-        self.ranker.refit()  # on all of them, not only up to the last due fit
-        logger.info("best-of-k reward model: took %d stored judgements", len(recs))
+        return AutoModelForCausalLM.from_pretrained(str(self.model_source), dtype=torch.float32)
+
+    def _base_hidden(self, prompt_ids: list[int], response_ids: list[int]) -> np.ndarray:
+        return recorded_hidden(self._base_model, prompt_ids, response_ids)
 
     def _rpc(self, method: str, *args: Any) -> Any:
         """A worker call for this host's tenant (every tenant-aware ``sona_*`` method takes
@@ -392,9 +380,11 @@ class VllmHost(LearningHost):
             row = self.store.add(rec)  # durable from here on
             failpoint("feedback.stored")
             metrics.feedback("accepted", r)
-            if self.ranker is not None and info.get("features") is not None:
+            if self.ranker is not None:
                 try:
-                    self.ranker.add(row, np.asarray(info["features"], np.float32), r)
+                    (f,) = self._rpc("sona_candidates", response_id, [index])
+                    if f is not None:
+                        self.ranker.add(row, np.asarray(f, np.float32), r)
                 except Exception:  # noqa: BLE001 - the record is stored; a restart retakes it
                     logger.exception("the best-of-k reward model did not take feedback %s", row)
 
@@ -425,13 +415,14 @@ class VllmHost(LearningHost):
         consecutive indices (one per prompt and sequence asked for): the index served of
         each block, the reward model's best. The others are discarded in the workers and
         take no feedback."""
-        feats = self._rpc("sona_candidates", response_id, indices)
+        feats = [
+            None if f is None else np.asarray(f, np.float32)
+            for f in self._rpc("sona_candidates", response_id, indices)
+        ]
         kept, dropped = [], []
         for b in range(0, len(indices), k):
-            block, f = indices[b : b + k], feats[b : b + k]
-            i = 0
-            if all(x is not None for x in f):
-                i = self.ranker.choose(np.asarray(f, np.float32))
+            block = indices[b : b + k]
+            i = self.ranker.choose(feats[b : b + k])
             kept.append(block[i])
             dropped.extend(x for j, x in enumerate(block) if j != i)
         self._rpc("sona_discard", response_id, dropped)

@@ -387,7 +387,6 @@ class SonaWorkerExtension:
             "adapter_version": rec.version,
             "finished": rec.finished,
             "discarded": rec.discarded,
-            "features": _features(rec),
         }
 
     def sona_candidates(
