@@ -220,18 +220,32 @@ class AnswerRanker:
         return 0 if s is None else int(np.argmax(s))
 
     def catch_up(self, store: Any, hidden_of: Callable[[list[int], list[int]], np.ndarray]) -> int:
-        """Take the judgements ``store`` holds after :attr:`last_id` (a crash between saves,
-        or a first start with best-of-k on), the latest ``window`` of them, their features
-        from ``hidden_of(prompt_ids, response_ids)`` (:func:`recorded_hidden` on a model);
-        then fit on all. Returns how many were taken."""
-        recs = [r for r in store.records(since_id=self.last_id) if r.prompt_ids and r.response_ids][
-            -self.window :
-        ]
+        """Make the judgements held agree with ``store`` after a restart: drop those whose
+        record is no longer live (quarantined or deleted after the last save), and take
+        the live ones stored after :attr:`last_id` (a crash between saves, or a first start
+        with best-of-k on), the latest ``window`` of them, their features from
+        ``hidden_of(prompt_ids, response_ids)`` (:func:`recorded_hidden` on a model); then
+        fit on all. Returns how many were taken."""
+        last = self.last_id
+        live = store.records(since_id=min(self._ids, default=1) - 1)
+        ids = {r.id for r in live}
+        with self._lock:
+            keep = [i for i, rid in enumerate(self._ids) if rid in ids]
+            dropped = len(self._ids) - len(keep)
+            self._ids = [self._ids[i] for i in keep]
+            self._X = [self._X[i] for i in keep]
+            self._y = [self._y[i] for i in keep]
+        recs = [r for r in live if r.id > last and r.prompt_ids and r.response_ids]
+        recs = recs[-self.window :]
         for r in recs:
             self.add(r.id, answer_features(hidden_of(r.prompt_ids, r.response_ids)), r.reward)
-        if recs:
+        if recs or dropped:
             self.refit()  # on all of them, not only up to the last due fit
-            logger.info("best-of-k reward model: took %d stored judgements", len(recs))
+            logger.info(
+                "best-of-k reward model: took %d stored judgements, dropped %d no longer live",
+                len(recs),
+                dropped,
+            )
         return len(recs)
 
     def stats(self) -> dict:

@@ -124,3 +124,37 @@ def test_a_background_fit_takes_the_judgements_that_came_while_it_ran():
     assert ranker.fitted and ranker._thread is None
     # the judgements that came while a fit ran are in the fit that followed it
     assert ranker._model[0].n_samples_seen_ == 30
+
+
+def test_catch_up_takes_what_the_store_took_after_the_save_and_drops_what_left_it(tmp_path):
+    from sona_plugin.store import FeedbackRecord
+    from sona_plugin.store.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "sona.db")
+    try:
+        for i in range(14):
+            store.add(
+                FeedbackRecord(
+                    response_id=f"r{i}",
+                    prompt="p",
+                    prompt_ids=[1, 2],
+                    response_ids=[3, 4, 5],
+                    response_text="t",
+                    reward=1.0 if i % 2 else -1.0,
+                    embedding=np.zeros(4, np.float32),
+                )
+            )
+        saved = AnswerRanker(refit_every=10**6)
+        for row in range(1, 13):  # the save saw rows 1..12
+            saved.add(row, np.full(D, row, np.float32), 1.0 if row % 2 else -1.0)
+        saved.save(tmp_path)
+        store.quarantine("r2")  # row 3, after the save
+        store.delete("r4")  # row 5
+        ranker = AnswerRanker(refit_every=10**6)
+        ranker.load(tmp_path)
+        seen = []
+        taken = ranker.catch_up(store, lambda p, r: seen.append((p, r)) or np.ones((len(r), D)))
+        assert taken == 2 and seen == [([1, 2], [3, 4, 5])] * 2  # rows 13 and 14
+        assert ranker._ids == [1, 2, 4, *range(6, 15)] and ranker.fitted
+    finally:
+        store.close()
