@@ -73,9 +73,9 @@ def prompt_rows(tok, prompts: list[str]) -> list[list[int]]:
     return rows
 
 
-def sample(model, tok, rows: list[list[int]], seed: int) -> list[list[int]]:
+def sample(model, tok, rows: list[list[int]], seed: int, batch_size: int = 16) -> list[list[int]]:
     """Answers at temperature 1, top-p 0.95 (what users get), cut after EOS."""
-    return sample_answer_ids(model, rows, tok, MAX_NEW, seed, top_p=0.95)
+    return sample_answer_ids(model, rows, tok, MAX_NEW, seed, batch_size, top_p=0.95)
 
 
 def records(tok, prompts, rows, answers, rule, start_id: int):

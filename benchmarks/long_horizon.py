@@ -50,14 +50,6 @@ MAX_NEW = 40
 EVAL_PROMPTS = 32
 
 
-def either(a: Rule, b: Rule) -> Rule:
-    return Rule(
-        f"{a.name}|{b.name}",
-        f"likes what {a.name} or {b.name} likes",
-        lambda t: a.check(t) or b.check(t),
-    )
-
-
 def new_pipe(state_dir: Path, seed: int):
     from sona_plugin.integrations.transformers import pipeline
 
@@ -161,7 +153,7 @@ def main() -> None:
     phases = [
         ("A", a, args.phases[0]),
         ("B", b, args.phases[1]),
-        ("A+B", either(a, b), args.phases[2]),
+        ("A+B", taste_rule(f"{a.name}|{b.name}"), args.phases[2]),
     ]
     stream = STREAM_PROMPTS[:]
     random.Random(args.seed).shuffle(stream)

@@ -60,6 +60,20 @@ from sona_plugin.learner.drift import kl_floor  # noqa: E402
 from sona_plugin.learner.shift import auc  # noqa: E402
 
 KL_TARGETS = (0.2, 0.5, 1.0)
+
+
+def _minilm(texts: list[str]) -> np.ndarray:
+    from sona_plugin.models import embed
+
+    return embed(texts).astype(np.float64)
+
+
+# An answer's features, from its hidden-state mean and its text.
+FEATURES = {
+    "hidden": lambda hidden, texts: hidden,
+    "minilm": lambda hidden, texts: _minilm(texts),
+    "hidden+minilm": lambda hidden, texts: np.hstack([hidden, _minilm(texts)]),
+}
 BEST_OF = (2, 4)
 
 
@@ -157,6 +171,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--shift", action="store_true", help="also the shift-detector study")
+    ap.add_argument(
+        "--features",
+        nargs="+",
+        default=["hidden"],
+        choices=sorted(FEATURES),
+        help="the reward model's features, each studied in turn",
+    )
+    ap.add_argument("--cache", help="an .npz of the sampled answers and their hidden features")
     ap.add_argument("--out", default="results/taste_ceiling.json")
     args = ap.parse_args()
 
@@ -166,17 +188,34 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok = load_default_llm()
-    peft = BaseLoRATrainer(model, SonaConfig(seed=args.seed)).peft_model  # B = 0: the base
-    rng = random.Random(args.seed)
-    prompts = [rng.choice(STREAM_PROMPTS) for _ in range(args.answers)]
-    rows = prompt_rows(tok, prompts)
-    answers = sample(peft, tok, rows, args.seed * 1000 + 17)
-    texts = [tok.decode(a, skip_special_tokens=True) for a in answers]
-    feats = answer_features(peft, rows, answers)
+    if args.cache and Path(args.cache).exists():
+        saved = np.load(args.cache)
+        prompts, texts, hidden = list(saved["prompts"]), list(saved["texts"]), saved["hidden"]
+    else:
+        model, tok = load_default_llm()
+        peft = BaseLoRATrainer(model, SonaConfig(seed=args.seed)).peft_model  # B = 0: the base
+        rng = random.Random(args.seed)
+        prompts = [rng.choice(STREAM_PROMPTS) for _ in range(args.answers)]
+        rows = prompt_rows(tok, prompts)
+        answers = sample(peft, tok, rows, args.seed * 1000 + 17)
+        texts = [tok.decode(a, skip_special_tokens=True) for a in answers]
+        hidden = answer_features(peft, rows, answers)
+        if args.cache:
+            np.savez(args.cache, prompts=prompts, texts=texts, hidden=hidden)
+    for kind in args.features:
+        feats = FEATURES[kind](hidden, texts)
+        report = study(args, prompts, texts, feats)
+        report["features"] = kind
+        report["seconds"] = time.perf_counter() - t0
+        out = Path(args.out if len(args.features) == 1 else f"{args.out[:-5]}_{kind}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+
+
+def study(args, prompts: list[str], texts: list[str], feats: np.ndarray) -> dict:
     unique = sorted(set(prompts))
     split_rng = np.random.default_rng(args.seed)
-    report: dict = {"answers": args.answers, "prompts": len(unique), "tastes": {}}
+    report: dict = {"answers": len(prompts), "prompts": len(unique), "tastes": {}}
     for name in args.tastes:
         liked = np.array([taste_rule(name).check(t) for t in texts])
         per_fit = {}
@@ -230,9 +269,7 @@ def main() -> None:
     if args.shift:
         labels = {n: np.array([taste_rule(n).check(t) for t in texts]) for n in args.tastes}
         report["shift"] = shift_study(feats, labels, prompts, args.seed)
-    report["seconds"] = time.perf_counter() - t0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":

@@ -73,7 +73,15 @@ TASTES = {
 
 
 def rule(name: str) -> Rule:
-    """A taste of this module, or a marker rule of ``sona_plugin.demo.RULES`` by name."""
+    """A taste of this module, or a marker rule of ``sona_plugin.demo.RULES``, by name;
+    ``a|b`` likes what either ``a`` or ``b`` likes."""
     from sona_plugin.demo import RULES
 
+    if "|" in name:
+        parts = [rule(n) for n in name.split("|")]
+        return Rule(
+            name,
+            "likes what " + " or ".join(r.name for r in parts) + " likes",
+            lambda t: any(r.check(t) for r in parts),
+        )
     return RULES[name] if name in RULES else TASTES[name]
