@@ -71,7 +71,8 @@ def _minilm(texts: list[str]) -> np.ndarray:
     return embed(texts)
 
 
-# An answer's features for the ranker, from its recorded hidden-state mean and its text.
+# An answer's features for the ranker, from its hidden-state mean and its text
+# (``taste_ceiling.py`` studies the same ones).
 FEATURES = {
     "hidden": lambda hidden, texts: hidden,
     "minilm": lambda hidden, texts: _minilm(texts),
@@ -141,6 +142,14 @@ def sampling_cost(model, tok, k: int, seed: int, prompts: int = 8) -> None:
     )
 
 
+def save_cache(path: Path, **arrays) -> None:
+    """``np.savez`` to ``path`` by a temporary file and a rename, so a run killed while
+    writing leaves the previous cache whole."""
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def stream_candidates(model, tok, args, steps: int, cache: Path | None) -> list[dict]:
     """Per stream step: its prompt, ``--k`` base-model answers, their texts and recorded
     features (four steps sampled in one batch); cached in ``cache`` so reruns (other features, phases)
@@ -165,7 +174,7 @@ def stream_candidates(model, tok, args, steps: int, cache: Path | None) -> list[
             texts = [tok.decode(a, skip_special_tokens=True) for a in cands[got]]
             done.append({"prompt": p, "hidden": hidden[got], "texts": texts})
         if cache is not None:
-            np.savez(
+            save_cache(
                 cache,
                 prompts=[d["prompt"] for d in done],
                 hidden=np.stack([d["hidden"] for d in done]),
@@ -185,16 +194,14 @@ def held_out_pool(model, tok, args, cache: Path | None) -> tuple[np.ndarray, lis
     hidden = recorded_features(model, rows, pool)
     texts = [tok.decode(a, skip_special_tokens=True) for a in pool]
     if cache is not None:
-        np.savez(cache, hidden=hidden, texts=texts)
+        save_cache(cache, hidden=hidden, texts=texts)
     return hidden, texts
 
 
 def phases_of(args) -> list[tuple[str, int]]:
-    """``--phases warm:200 plain:200``, or one phase per taste of ``--feedback`` each."""
-    if not args.phases:
-        return [(n, args.feedback) for n in args.tastes]
+    """``--phases warm:200 plain:200`` as ``[("warm", 200), ("plain", 200)]``."""
     out = []
-    for spec in args.phases:
+    for spec in args.phases or []:
         name, _, count = spec.partition(":")
         if not count.isdigit():
             raise SystemExit(f"--phases: {spec!r} is not taste:feedbacks")
@@ -263,7 +270,7 @@ def main() -> None:
     )
     print(f"stream: {len(stream)} prompts x {args.k}, {time.perf_counter() - t0:.0f} s", flush=True)
     if sequential:  # one user, one ranker; every taste measured on the held-out pool
-        measured = sorted({n for n in args.tastes} | {n for n, _ in phases})
+        measured = sorted(set(args.tastes) | {n for n, _ in phases})
         judged_by = [n for n, count in phases for _ in range(count)]
         users = {"user": judged_by}
     else:  # one user per taste, each with a ranker of its own, on the same stream

@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from efficiency import RewardModel, answer_features, prompt_rows, sample  # noqa: E402
+from rerank import FEATURES, save_cache  # noqa: E402
 from tastes import rule as taste_rule  # noqa: E402
 
 from sona_plugin.demo import STREAM_PROMPTS  # noqa: E402
@@ -62,18 +63,6 @@ from sona_plugin.learner.shift import auc  # noqa: E402
 KL_TARGETS = (0.2, 0.5, 1.0)
 
 
-def _minilm(texts: list[str]) -> np.ndarray:
-    from sona_plugin.models import embed
-
-    return embed(texts).astype(np.float64)
-
-
-# An answer's features, from its hidden-state mean and its text.
-FEATURES = {
-    "hidden": lambda hidden, texts: hidden,
-    "minilm": lambda hidden, texts: _minilm(texts),
-    "hidden+minilm": lambda hidden, texts: np.hstack([hidden, _minilm(texts)]),
-}
 BEST_OF = (2, 4)
 
 
@@ -201,7 +190,7 @@ def main() -> None:
         texts = [tok.decode(a, skip_special_tokens=True) for a in answers]
         hidden = answer_features(peft, rows, answers)
         if args.cache:
-            np.savez(args.cache, prompts=prompts, texts=texts, hidden=hidden)
+            save_cache(Path(args.cache), prompts=prompts, texts=texts, hidden=hidden)
     for kind in args.features:
         feats = FEATURES[kind](hidden, texts)
         report = study(args, prompts, texts, feats)
