@@ -3,7 +3,7 @@ rollback; what the served model does at every checkpoint.
 
     python benchmarks/long_horizon.py [--phases 400 400 400] [--tastes warm plain]
         [--per-round 50] [--restart-at 600] [--rollback-at 1000] [--seed 0]
-        [--out results/long_horizon.json] [--plot docs/long_horizon.png]
+        [--rerank K] [--out results/long_horizon.json] [--plot docs/long_horizon.png]
 
 Phases: taste A alone, then taste B alone (no ``mark_task_boundary``: the learner must
 notice the shift itself), then A and B both liked (an answer is liked when either taste
@@ -23,6 +23,11 @@ learner's Monte Carlo estimate at publish) and the efficiency ``d(p‖p0) / KL``
 phase's taste (``p``: sampled held-out liked-rate, ``p0``: the base model's); versions
 published, gate refusals and their reasons, detected boundaries. ``--seed`` varies the
 prompt stream, the sampling and the trainer (LoRA initialisation, batch order).
+
+``--rerank K`` serves best-of-K sampled answers (``rerank_candidates``) on top of the
+trained versions: the stream's feedback is on the served (reranked) answers, and the
+sampled liked-rates above are those of served best-of-K answers; greedy answers are not
+reranked.
 """
 
 from __future__ import annotations
@@ -50,10 +55,10 @@ MAX_NEW = 40
 EVAL_PROMPTS = 32
 
 
-def new_pipe(state_dir: Path, seed: int):
+def new_pipe(state_dir: Path, seed: int, rerank: int = 1):
     from sona_plugin.integrations.transformers import pipeline
 
-    pipe = pipeline(state_dir=state_dir, sona_config={"seed": seed})
+    pipe = pipeline(state_dir=state_dir, sona_config={"seed": seed, "rerank_candidates": rerank})
     pipe.learner.seed = seed  # the trainer's LoRA initialisation and batch order
     return pipe
 
@@ -131,6 +136,13 @@ def main() -> None:
         default=EVAL_PROMPTS,
         help="held-out and trained-on prompts answered at every checkpoint",
     )
+    ap.add_argument(
+        "--rerank",
+        type=int,
+        default=1,
+        metavar="K",
+        help="serve the best of K sampled answers by the reward model (rerank_candidates)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/long_horizon.json")
     ap.add_argument("--plot", default="docs/long_horizon.png")
@@ -159,7 +171,7 @@ def main() -> None:
     random.Random(args.seed).shuffle(stream)
     held = HELDOUT_PROMPTS[: args.eval_prompts]
     state = Path(tempfile.mkdtemp(prefix="sona-long-"))
-    pipe = new_pipe(state, args.seed)
+    pipe = new_pipe(state, args.seed, args.rerank)
     trained = trained_prompts(pipe, stream, args.eval_prompts)
     t0 = time.time()
     base = evaluate(pipe, rules, held, trained, args.seed, None)
@@ -206,6 +218,7 @@ def main() -> None:
                 ],
                 "boundaries": rep.get("boundaries"),
                 "train_kl": (rep.get("train") or {}).get("kl"),
+                "rerank": (pipe.stats().get("rerank") or {}),
                 "seconds": time.time() - t0,
                 **ev,
             }
@@ -228,7 +241,7 @@ def main() -> None:
             if args.restart_at and n == args.restart_at:
                 used = pipe.learner.last_id
                 pipe.close()
-                pipe = new_pipe(state, args.seed)
+                pipe = new_pipe(state, args.seed, args.rerank)
                 result["events"].append(
                     {
                         "feedback": n,

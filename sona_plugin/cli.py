@@ -16,6 +16,16 @@ def _state_dir(arg: str | None) -> Path:
     return Path(arg) if arg else sona_home() / "state"
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _quiet(verbose: bool) -> None:
     """The demo prints its progress and results; libraries' logs and load bars only with -v."""
     import logging
@@ -41,6 +51,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"SmolLM2-135M-Instruct; {args.rounds} rounds of {args.per_round} feedback events, "
         f"a background cycle (train, gate, publish, hot-swap) after each."
     )
+    if args.candidates > 1:
+        print(
+            f"Sampled answers are the best of {args.candidates} by a reward model of the "
+            "feedback (rerank_candidates)."
+        )
     s = run_demo(
         Path(args.out),
         rule_name=args.rule,
@@ -48,15 +63,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         per_round=args.per_round,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
+        candidates=args.candidates,
     )
     print(
-        f"\nliked on held-out prompts: {s['heldout_liked_before']:.0%} before -> "
+        f"\nliked on held-out prompts (greedy): {s['heldout_liked_before']:.0%} before -> "
         f"{s['heldout_liked_after']:.0%} after {s['feedback']} feedback events "
         f"({s['versions']} adapter versions published, {s['seconds']:.0f} s)"
     )
-    for c in s["curve"][1:]:
+    if s["candidates"] > 1:
         print(
-            f"  after {c['feedback']:>4} feedback: held-out {c['heldout_liked']:.0%}, "
+            f"liked on held-out prompts (sampled, served best of {s['candidates']}): "
+            f"{s['heldout_served_before']:.0%} before -> {s['heldout_served_after']:.0%} after"
+        )
+    for c in s["curve"][1:]:
+        sampled = "" if c["heldout_served"] is None else f" (sampled {c['heldout_served']:.0%})"
+        print(
+            f"  after {c['feedback']:>4} feedback: held-out {c['heldout_liked']:.0%}{sampled}, "
             f"stream {c['stream_liked']:.0%}, serving version {c['version']} "
             f"(gate {'passed' if c['gate'] else 'held back the candidate' if c['gate'] is False else 'n/a'})"
         )
@@ -239,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--per-round", type=int, default=50)
     d.add_argument("--max-new-tokens", type=int, default=40)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--candidates",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="serve the best of K sampled answers by a reward model of the feedback "
+        "(rerank_candidates; K sampled answers per prompt)",
+    )
     d.add_argument("--out", default="sona-demo", help="output directory (plot, adapter, state)")
     d.add_argument("-v", "--verbose", action="store_true", help="log what the loops do")
     d.set_defaults(fn=cmd_demo)

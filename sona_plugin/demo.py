@@ -246,10 +246,17 @@ def answers(
 
 
 def liked_rate(
-    pipe: SonaPipeline | SonaLLM, rule: Rule, prompts: list[str], max_new_tokens: int
+    pipe: SonaPipeline | SonaLLM,
+    rule: Rule,
+    prompts: list[str],
+    max_new_tokens: int,
+    *,
+    sample: bool = False,
+    seed: int = 0,
 ) -> float:
-    """Share of greedy answers to ``prompts`` that ``rule`` likes."""
-    outs = answers(pipe, prompts, sample=False, max_new_tokens=max_new_tokens)
+    """Share of answers to ``prompts`` that ``rule`` likes: greedy ones, or (``sample``)
+    the sampled answers users get (with best-of-k serving on, the served best of k)."""
+    outs = answers(pipe, prompts, sample=sample, max_new_tokens=max_new_tokens, seed=seed)
     return sum(rule.check(o["text"]) for o in outs) / len(outs)
 
 
@@ -261,8 +268,15 @@ def run_demo(
     max_new_tokens: int = 40,
     seed: int = 0,
     progress: bool = True,
+    candidates: int = 1,
 ) -> dict:
-    """`sona demo`: a simulated user teaches the embedded default model its preference."""
+    """`sona demo`: a simulated user teaches the embedded default model its preference.
+
+    With ``candidates`` k > 1 the pipeline serves the best of k sampled answers by a
+    reward model of the feedback (``rerank_candidates``, ``sona_plugin.rerank``); the
+    user judges those, and the held-out prompts are measured twice: greedy answers (what
+    the trained versions do) and sampled ones as served (what users get), seeded alike at
+    every checkpoint."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,13 +296,28 @@ def run_demo(
         shutil.rmtree(state)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    pipe = pipeline(state_dir=state)
+    pipe = pipeline(state_dir=state, sona_config={"rerank_candidates": candidates})
     held = HELDOUT_PROMPTS
+
+    def served() -> float | None:
+        if candidates == 1:
+            return None
+        return liked_rate(pipe, rule, held, max_new_tokens, sample=True, seed=seed + 10_000)
+
     before = liked_rate(pipe, rule, held, max_new_tokens)
+    served_before = served()
     rng = random.Random(seed)
     stream = STREAM_PROMPTS[:]
     rng.shuffle(stream)
-    curve = [{"feedback": 0, "heldout_liked": before, "stream_liked": None, "version": None}]
+    curve = [
+        {
+            "feedback": 0,
+            "heldout_liked": before,
+            "heldout_served": served_before,
+            "stream_liked": None,
+            "version": None,
+        }
+    ]
     n = 0
     bar = tqdm(
         total=rounds * per_round,
@@ -312,6 +341,7 @@ def run_demo(
             {
                 "feedback": n,
                 "heldout_liked": held_now,
+                "heldout_served": served(),
                 "stream_liked": liked / len(outs),
                 "version": pipe.adapter_version,
                 "published": rep.get("published"),
@@ -330,6 +360,13 @@ def run_demo(
         "o-",
         label="held-out prompts (greedy)",
     )
+    if candidates > 1:
+        ax.plot(
+            [c["feedback"] for c in curve],
+            [100 * c["heldout_served"] for c in curve],
+            "^-",
+            label=f"held-out prompts (sampled, best of {candidates})",
+        )
     ax.plot(
         [c["feedback"] for c in curve[1:]],
         [100 * c["stream_liked"] for c in curve[1:]],
@@ -347,6 +384,9 @@ def run_demo(
         "rule": rule.name,
         "heldout_liked_before": before,
         "heldout_liked_after": after,
+        "candidates": candidates,
+        "heldout_served_before": served_before,
+        "heldout_served_after": curve[-1]["heldout_served"],
         "feedback": n,
         "versions": len(pipe.adapters()),
         "curve": curve,
