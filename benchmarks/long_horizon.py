@@ -271,9 +271,11 @@ def main() -> None:
 def table(result: dict, names: list[str]) -> str:
     """One Markdown row per checkpoint: liked-rates (held-out greedy / held-out sampled /
     trained-on sampled) per taste, drift, KL, efficiency, what the cycle did."""
+    k = result["args"].get("rerank", 1)
+    sampled = "sampled" if k == 1 else f"sampled best of {k}"
     head = (
         "| feedback | phase | "
-        + " | ".join(f"{n}: held-out greedy / sampled / trained" for n in names)
+        + " | ".join(f"{n}: held-out greedy / {sampled} / trained" for n in names)
         + " | on-topic × base | anchor NLL × base | KL/answer | efficiency | cycle |"
     )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
@@ -310,6 +312,8 @@ def plot(result: dict, rules: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
+    k = result["args"].get("rerank", 1)
+    served = "sampled" if k == 1 else f"sampled, best of {k}"
     x = [r["feedback"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for name in rules:
@@ -318,7 +322,7 @@ def plot(result: dict, rules: dict, path: Path) -> None:
             [r[name]["heldout_sampled"] for r in rows],
             "-o",
             ms=3,
-            label=f"{name}: held-out, sampled",
+            label=f"{name}: held-out, {served}",
         )
         ax1.plot(
             x, [r[name]["heldout_greedy"] for r in rows], "--", label=f"{name}: held-out, greedy"
@@ -327,7 +331,7 @@ def plot(result: dict, rules: dict, path: Path) -> None:
             x,
             [r[name]["trained_sampled"] for r in rows],
             ":",
-            label=f"{name}: trained prompts, sampled",
+            label=f"{name}: trained prompts, {served}",
         )
     ax1.set_ylabel("liked-rate")
     ax1.legend(fontsize=7, ncol=2)
