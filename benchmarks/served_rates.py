@@ -9,6 +9,9 @@ prompt, for each best-of-k setting asked for, with a 95 % bootstrap interval ove
 and feedback store); ``base`` measures the base model. The state is copied first, so the
 measurement leaves it as it was. ``--rerank 1`` is the served version's own sampling;
 ``--rerank 8`` the best of 8 by the reward model fitted to the state's judgements.
+``--on-topic`` also scores the greedy held-out answers' on-topic ratio to the base
+model's (``training.gate.on_topic_score``), as served and with the MicroLoRA zeroed
+(what the instant loop's drift since the last cycle costs).
 """
 
 from __future__ import annotations
@@ -39,28 +42,58 @@ def bootstrap(per_prompt: np.ndarray, seed: int, draws: int = 2000) -> list[floa
     return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
+def open_copy(state: str, k: int):
+    """A pipeline on a copy of ``state`` ('base': a fresh one), serving best of ``k``."""
+    from sona_plugin.integrations.transformers import pipeline
+
+    work = Path(tempfile.mkdtemp(prefix="sona-served-"))
+    if state != "base":
+        shutil.copytree(state, work / "state")
+    return work, pipeline(state_dir=work / "state", sona_config={"rerank_candidates": k})
+
+
+def on_topic(state: str, held: list[str]) -> dict:
+    """Greedy held-out answers' on-topic score over the base model's: as served, and with
+    the MicroLoRA zeroed."""
+    from sona_plugin.training.gate import on_topic_score
+
+    def score(pipe) -> float:
+        texts = [o["text"] for o in answers(pipe, held, sample=False, max_new_tokens=MAX_NEW)]
+        return on_topic_score(held, texts, pipe.embed)
+
+    out = {}
+    for name, where in [("base", "base"), ("served", state)]:
+        work, pipe = open_copy(where, 1)
+        out[name] = score(pipe)
+        if name == "served":
+            pipe.engine.micro_lora.shrink(0.0)
+            out["micro_zeroed"] = score(pipe)
+        pipe.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return {n: v / out["base"] for n, v in out.items() if n != "base"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("state", help="a pipeline state directory, or 'base'")
-    ap.add_argument("--rerank", nargs="+", type=int, default=[1, 8], metavar="K")
+    ap.add_argument("--rerank", nargs="*", type=int, default=[1, 8], metavar="K")
     ap.add_argument("--samples", type=int, default=4, help="sampled answers per prompt")
     ap.add_argument("--tastes", nargs="+", default=["warm", "plain"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--on-topic", action="store_true")
     ap.add_argument("--out", default="results/served_rates.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from sona_plugin.integrations.transformers import pipeline
 
     rules = {n: taste_rule(n) for n in args.tastes}
     held = list(HELDOUT_PROMPTS)
     result = {"args": vars(args), "rates": {}}
+    if args.on_topic:
+        result["on_topic"] = on_topic(args.state, held)
+        print(f"on-topic x base: {result['on_topic']}", flush=True)
     for k in args.rerank:
-        work = Path(tempfile.mkdtemp(prefix="sona-served-"))
-        state = work / "state"
-        if args.state != "base":
-            shutil.copytree(args.state, state)
-        pipe = pipeline(state_dir=state, sona_config={"rerank_candidates": k})
+        work, pipe = open_copy(args.state, k)
         if pipe.ranker is not None:
             pipe.ranker.wait()
         texts = [
