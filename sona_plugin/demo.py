@@ -371,7 +371,9 @@ def run_demo(
         [c["feedback"] for c in curve[1:]],
         [100 * c["stream_liked"] for c in curve[1:]],
         "s--",
-        label="stream answers (sampled, before feedback)",
+        label="stream answers (sampled, as judged)"
+        if candidates == 1
+        else f"stream answers (best of {candidates}, as judged)",
     )
     ax.set_xlabel("feedback events")
     ax.set_ylabel("liked by the simulated user (%)")
