@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-pytest.importorskip("transformers")
-
 
 def test_sona_demo_with_best_of_k_writes_its_results(tmp_path, capsys):
     from safetensors.numpy import load_file
