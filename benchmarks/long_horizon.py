@@ -17,7 +17,8 @@ previous version is rolled back to at ``--rollback-at``.
 At every round, on the 32 held-out prompts (never fed back) and on 32 stream prompts
 that were trained on: each taste's liked-rate for greedy answers and for sampled answers
 (temperature 1, top-p 0.95, what users get); the on-topic ratio (prompt-answer cosine of
-all-MiniLM-L6-v2, greedy held-out answers, against the base model's); the anchor-text NLL
+all-MiniLM-L6-v2, greedy held-out answers, against the base model's; also measured just
+before each cycle, where the MicroLoRA has drifted longest); the anchor-text NLL
 against the base model's; the served version's per-answer KL to the base model (the
 learner's Monte Carlo estimate at publish) and the efficiency ``d(p‖p0) / KL`` for the
 phase's taste (``p``: sampled held-out liked-rate, ``p0``: the base model's); versions
@@ -86,6 +87,18 @@ def served_kl(pipe) -> float | None:
     it was published), None for the base model."""
     v = pipe.adapter_version
     return None if v is None else pipe.registry.get(v).metadata.get("kl_per_answer")
+
+
+def drift_now(pipe, held: list[str], base: dict) -> dict:
+    """On-topic and anchor-NLL ratios to the base model of what serves now (greedy answers
+    to the held-out prompts, the MicroLoRA included): measured before each cycle, where
+    the instant loop's drift since the last one is largest."""
+    greedy = [o["text"] for o in answers(pipe, held, sample=False, max_new_tokens=MAX_NEW)]
+    return {
+        "on_topic_ratio": on_topic_score(held, greedy, pipe.embed) / base["on_topic"],
+        "anchor_nll_ratio": anchor_nll(pipe.model, ANCHOR_TEXTS, pipe.tokenizer)
+        / base["anchor_nll"],
+    }
 
 
 def evaluate(
@@ -195,7 +208,9 @@ def main() -> None:
                 pipe.feedback(o["response_id"], liked=like)
             n += len(outs)
             k += 1
+            before = drift_now(pipe, held, base)
             rep = pipe.learn(epochs=2)
+            micro = rep.get("micro") or {}
             gate = rep.get("gate") or {}
             kl = served_kl(pipe)
             ev = evaluate(pipe, rules, held, trained, args.seed + k, base)
@@ -217,6 +232,9 @@ def main() -> None:
                     {x: v for x, v in t.items() if x != "metrics"} for t in gate.get("tried", [])
                 ],
                 "boundaries": rep.get("boundaries"),
+                "before_cycle": before,
+                "micro_scale": micro.get("scale"),
+                "micro_reasons": (micro.get("tried") or [{}])[0].get("reasons"),
                 "train_kl": (rep.get("train") or {}).get("kl"),
                 "rerank": (pipe.stats().get("rerank") or {}),
                 "seconds": time.time() - t0,
@@ -230,7 +248,8 @@ def main() -> None:
                     f" trained {ev[t]['trained_sampled']:.0%}"
                     for t in rules
                 )
-                + f" | on-topic x{ev['on_topic_ratio']:.2f} NLL x{ev['anchor_nll_ratio']:.3f}"
+                + f" | on-topic x{before['on_topic_ratio']:.2f} -> x{ev['on_topic_ratio']:.2f}"
+                f" NLL x{ev['anchor_nll_ratio']:.3f} | MicroLoRA x{row['micro_scale']}"
                 f" | v{row['version']} {'published' if row['published'] else 'refused'}"
                 f" KL {kl} eff {row['efficiency']} | boundaries {row['boundaries']}"
                 f" | {row['seconds']:.0f} s",
@@ -276,7 +295,8 @@ def table(result: dict, names: list[str]) -> str:
     head = (
         "| feedback | phase | "
         + " | ".join(f"{n}: held-out greedy / {sampled} / trained" for n in names)
-        + " | on-topic × base | anchor NLL × base | KL/answer | efficiency | cycle |"
+        + " | on-topic × base (before → after the cycle) | anchor NLL × base | KL/answer"
+        " | efficiency | cycle |"
     )
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for r in result["rows"]:
@@ -293,10 +313,15 @@ def table(result: dict, names: list[str]) -> str:
             cycle = f"refused ({'; '.join(r.get('gate_reasons') or [])[:80]})"
         if r.get("boundaries"):
             cycle += f"; shift detected ({r['boundaries'][0]['direction']})"
+        if r.get("micro_scale") is not None and r["micro_scale"] != 1.0:
+            cycle += f"; MicroLoRA × {r['micro_scale']}"
+        on_topic = f"{r.get('on_topic_ratio', 1.0):.2f}"
+        if r.get("before_cycle"):
+            on_topic = f"{r['before_cycle']['on_topic_ratio']:.2f} → {on_topic}"
         kl, eff = r.get("kl_per_answer"), r.get("efficiency")
         lines.append(
             f"| {r['feedback']} | {r['phase']} | {rates} | "
-            f"{r.get('on_topic_ratio', 1.0):.2f} | {r.get('anchor_nll_ratio', 1.0):.3f} | "
+            f"{on_topic} | {r.get('anchor_nll_ratio', 1.0):.3f} | "
             f"{'' if kl is None else f'{kl:.2f}'} | {'' if eff is None else f'{eff:.2f}'} | "
             f"{cycle} |"
         )
@@ -336,6 +361,14 @@ def plot(result: dict, rules: dict, path: Path) -> None:
     ax1.set_ylabel("liked-rate")
     ax1.legend(fontsize=7, ncol=2)
     ax2.plot(x, [r.get("on_topic_ratio", 1.0) for r in rows], "-o", ms=3, label="on-topic / base")
+    if any(r.get("before_cycle") for r in rows):
+        ax2.plot(
+            x,
+            [(r.get("before_cycle") or {}).get("on_topic_ratio", 1.0) for r in rows],
+            "x",
+            ms=5,
+            label="on-topic / base, before the cycle",
+        )
     ax2.plot(
         x, [r.get("anchor_nll_ratio", 1.0) for r in rows], "-s", ms=3, label="anchor NLL / base"
     )

@@ -255,10 +255,15 @@ class LearningHost:
             "at": time.time(),
         }
         if micro_decay != 1.0:
-            if self._replica is not None:  # every replica decays, in the log's order
-                self._replica.scale(micro_decay)
-            else:
-                self._shrink_micro(micro_decay)
+            self.shrink_micro(micro_decay)
+
+    def shrink_micro(self, factor: float) -> None:
+        """Scale the served MicroLoRA's delta by ``factor`` (every replica alike, in the
+        instant log's order, when replicated)."""
+        if self._replica is not None:
+            self._replica.scale(factor)
+        else:
+            self._shrink_micro(factor)
 
     def _serve_at_start(self) -> None:
         """Serve the registry's version at start-up: CURRENT's, or the newest complete one

@@ -26,7 +26,10 @@ cycles, deep cycles, rollbacks and boundaries never overlap):
    older one inside the budget, the EWC++ penalty having already weighed what the older
    one is worth; that is the trade). The largest passing
    point is published; if none passes, the trainer returns to the served weights.
-6. EWC++'s Fisher is folded in at the weights that now serve, never at a refused
+6. the MicroLoRA is measured on top of the weights that now serve, against the same
+   drift budget, and scaled back (½, ¼, zero) until it fits (``micro_bound``): the budget
+   holds for what users get, not for the BaseLoRA alone.
+7. EWC++'s Fisher is folded in at the weights that now serve, never at a refused
    candidate. A published version carries the learner's whole state in its directory
    (``learner.safetensors``), and its per-answer KL to the base model (Monte Carlo on
    held-out prompts) is in its metadata; the state is also saved after every cycle.
@@ -461,6 +464,7 @@ class Learner:
             passed, report["gate"], report["step"] = self._gate(start, heldout, probe)
         report["fisher_mean"] = trainer.update_fisher(selected)  # at the weights kept
         if not passed:
+            report["micro"] = self._bound_micro(heldout, probe)
             self.save()
             report["seconds"] = time.perf_counter() - t0
             return report
@@ -490,6 +494,8 @@ class Learner:
         v = host.registry.publish(write, meta, make_current=False)
         t_pub = time.perf_counter()
         host.serve_version(v.version, micro_decay=0.5)
+        if gate:
+            report["micro"] = self._bound_micro(heldout, probe)
         self.save()
         report.update(
             version=v.version,
@@ -530,6 +536,59 @@ class Learner:
             self.host.tokenizer,
             seed=self.seed + self.cycles,
         )
+
+    def _bound_micro(self, heldout: list, probe: bool) -> dict:
+        """Scale the served MicroLoRA back inside the drift budget, measured with the
+        weights that serve now (``micro_bound``); returns what was tried. A failure is
+        logged and reported, never raised: the cycle's version is already served."""
+        from ..training import ModelView, PromotionGate
+        from .micro_bound import MICRO_SCALES, head_width, micro_view
+
+        host = self.host
+        micro = host.engine.micro_lora
+        A, B, s = micro.A.copy(), micro.B.copy(), float(micro.scale)
+        out: dict[str, Any] = {"delta_norm": micro.delta_norm(A, B), "scale": 1.0}
+        if out["delta_norm"] == 0.0:
+            return out
+        peft = self.trainer.peft_model
+        if head_width(peft) != A.shape[1]:
+            out["skipped"] = f"the LM head's input is not {A.shape[1]} wide"
+            return out
+        gate = PromotionGate(max_kl_per_answer=host.engine.config.gate_max_kl_per_answer)
+        base = ModelView.base(peft)
+        tried: list[dict] = []
+        try:
+            scale = 0.0
+            for f in MICRO_SCALES:
+                g = gate.evaluate(
+                    micro_view(peft, "default", (A * np.float32(f)).astype(np.float32), B, s),
+                    base,
+                    heldout,
+                    None,
+                    host.tokenizer,
+                    embedder=host.embed if probe else None,
+                    probe_prompts=PROBE_PROMPTS if probe else None,
+                    reference=base,
+                    reference_cache=self._base_answers,
+                    drift_only=True,
+                )
+                tried.append({"scale": f, "reasons": g.reasons, "metrics": g.metrics})
+                if g.passed:
+                    scale = f
+                    break
+            if scale != 1.0:
+                host.shrink_micro(scale)
+                logger.info(
+                    "MicroLoRA scaled by %s to stay inside the drift budget: %s",
+                    scale,
+                    "; ".join(tried[0]["reasons"]),
+                )
+        except Exception as e:  # the version is served: report, keep the MicroLoRA
+            logger.error("MicroLoRA drift check failed: %s", e)
+            out.update(error=str(e), tried=tried)
+            return out
+        out.update(scale=scale, tried=tried)
+        return out
 
     def _gate(self, start: dict, heldout: list, probe: bool) -> tuple[bool, dict, dict | None]:
         """Gate the trained candidate; refused, try it projected back inside the budget

@@ -41,6 +41,10 @@ class Host(Protocol):
         when the engine does not serve its weights. ``micro_decay`` < 1 shrinks the
         MicroLoRA (a new version has absorbed the instant lesson)."""
 
+    def shrink_micro(self, factor: float) -> None:
+        """Scale the served MicroLoRA's delta (``s·B·A``) by ``factor`` in [0, 1] (every
+        replica alike); ``engine.micro_lora`` holds the served MicroLoRA's weights."""
+
     def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Answers sampled from the served model (ids, stop token included); raises
         NotImplementedError where the host cannot generate for the learner."""

@@ -383,6 +383,7 @@ class PromotionGate:
         probe_prompts: Sequence[str] | None = None,
         reference: Any = None,
         reference_cache: dict | None = None,
+        drift_only: bool = False,
     ) -> GateResult:
         """Run the checks (see the module docstring) and return the verdict.
 
@@ -400,6 +401,8 @@ class PromotionGate:
             reference_cache: a dict kept by the caller across calls with the same
                 ``reference``: its anchor NLL and answers are computed once. Only for a
                 reference whose weights do not change.
+            drift_only: skip check 1 (the held-out records still give checks 3 and 4
+                their prompts): the drift budget alone.
         """
         cand, cur = _view(candidate), _view(current)
         texts = list(ANCHOR_TEXTS if anchor_texts is None else anchor_texts)
@@ -409,7 +412,7 @@ class PromotionGate:
         failed: list[str] = []
         samples: dict[str, list[str]] = {}
 
-        if heldout:
+        if heldout and not drift_only:
             with cand.use() as m:
                 hc, lc = heldout_scores(m, heldout, self.batch_size)
             with cur.use() as m:

@@ -185,6 +185,9 @@ class TinyHost:
         self.registry.set_current(version)  # the host's job, once it serves the version
         self.swaps.append((version, micro_decay))
 
+    def shrink_micro(self, factor: float) -> None:
+        self.engine.micro_lora.shrink(factor)
+
     def sample_answers(self, prompt_ids, max_new_tokens):
         raise NotImplementedError("no generation in this test host")
 
@@ -413,3 +416,30 @@ def test_a_failed_cycle_leaves_its_records_to_the_next(tmp_path, tiny_model_dir)
     assert learner.detector.seen == 0 and learner.trainer is None
     rep = learner.run(gate=False)  # a fresh trainer, the same records
     assert rep["new_records"] == 20 and rep["published"]
+
+
+def test_the_micro_lora_is_scaled_back_inside_the_drift_budget(tmp_path, tiny_model_dir):
+    rng = np.random.default_rng(7)
+    host = TinyHost(tmp_path, tiny_model_dir)
+    learner = Learner(host, epochs=1)
+    micro = host.engine.micro_lora
+    A = rng.standard_normal((micro.rank, 32)).astype(np.float32)
+    micro.set_params(A * 1e-3, micro.B)  # a small instant lesson: served as it is
+    feed(host, 0, 30, rng)
+    rep = learner.run()
+    small = rep["micro"]
+    assert small["scale"] == 1.0 and len(small["tried"]) == 1, small
+    assert small["tried"][0]["metrics"]["anchor_nll_ratio"] < 1.05
+    np.testing.assert_array_equal(micro.A, A * 1e-3)
+
+    micro.set_params(A * 30, micro.B)  # one that wrecks the served logits
+    before = micro.delta_norm()
+    feed(host, 30, 30, rng)
+    rep = learner.run()
+    big = rep["micro"]
+    assert big["scale"] < 1.0, big
+    assert big["tried"][0]["metrics"]["anchor_nll_ratio"] > 1.05
+    assert "anchor-text NLL rose" in big["tried"][0]["reasons"][0]
+    assert micro.delta_norm() == pytest.approx(before * big["scale"], rel=1e-5)
+    if big["scale"] > 0:  # the scale kept is the first that passed
+        assert not big["tried"][-1]["reasons"]
