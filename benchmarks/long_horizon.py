@@ -3,7 +3,8 @@ rollback; what the served model does at every checkpoint.
 
     python benchmarks/long_horizon.py [--phases 400 400 400] [--tastes warm plain]
         [--per-round 50] [--restart-at 600] [--rollback-at 1000] [--seed 0]
-        [--rerank K] [--out results/long_horizon.json] [--plot docs/long_horizon.png]
+        [--rerank K] [--sona-config JSON] [--out results/long_horizon.json]
+        [--plot docs/long_horizon.png]
 
 Phases: taste A alone, then taste B alone (no ``mark_task_boundary``: the learner must
 notice the shift itself), then A and B both liked (an answer is liked when either taste
@@ -18,7 +19,9 @@ At every round, on the 32 held-out prompts (never fed back) and on 32 stream pro
 that were trained on: each taste's liked-rate for greedy answers and for sampled answers
 (temperature 1, top-p 0.95, what users get); the on-topic ratio (prompt-answer cosine of
 all-MiniLM-L6-v2, greedy held-out answers, against the base model's; also measured just
-before each cycle, where the MicroLoRA has drifted longest); the anchor-text NLL
+before each cycle, where the MicroLoRA has drifted longest: its checks between cycles,
+every ``gate_micro_check_every`` feedbacks, are run by hand here and skipped right before
+a cycle); the anchor-text NLL
 against the base model's; the served version's per-answer KL to the base model (the
 learner's Monte Carlo estimate at publish) and the efficiency ``d(p‖p0) / KL`` for the
 phase's taste (``p``: sampled held-out liked-rate, ``p0``: the base model's); versions
@@ -56,10 +59,11 @@ MAX_NEW = 40
 EVAL_PROMPTS = 32
 
 
-def new_pipe(state_dir: Path, seed: int, rerank: int = 1):
+def new_pipe(state_dir: Path, seed: int, rerank: int = 1, extra: dict | None = None):
     from sona_plugin.integrations.transformers import pipeline
 
-    pipe = pipeline(state_dir=state_dir, sona_config={"seed": seed, "rerank_candidates": rerank})
+    config = {**(extra or {}), "seed": seed, "rerank_candidates": rerank}
+    pipe = pipeline(state_dir=state_dir, sona_config=config)
     pipe.learner.seed = seed  # the trainer's LoRA initialisation and batch order
     return pipe
 
@@ -156,6 +160,13 @@ def main() -> None:
         metavar="K",
         help="serve the best of K sampled answers by the reward model (rerank_candidates)",
     )
+    ap.add_argument(
+        "--sona-config",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help="more SonaConfig fields, e.g. '{\"gate_max_kl_per_answer\": 3}'",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/long_horizon.json")
     ap.add_argument("--plot", default="docs/long_horizon.png")
@@ -184,7 +195,7 @@ def main() -> None:
     random.Random(args.seed).shuffle(stream)
     held = HELDOUT_PROMPTS[: args.eval_prompts]
     state = Path(tempfile.mkdtemp(prefix="sona-long-"))
-    pipe = new_pipe(state, args.seed, args.rerank)
+    pipe = new_pipe(state, args.seed, args.rerank, args.sona_config)
     trained = trained_prompts(pipe, stream, args.eval_prompts)
     t0 = time.time()
     base = evaluate(pipe, rules, held, trained, args.seed, None)
@@ -202,10 +213,17 @@ def main() -> None:
                 pipe, prompts, sample=True, max_new_tokens=MAX_NEW, seed=args.seed * 100_003 + k
             )
             liked = 0
-            for o in outs:
+            checks = []
+            every = pipe.engine.config.gate_micro_check_every
+            for i, o in enumerate(outs):
                 like = rule.check(o["text"])
                 liked += like
                 pipe.feedback(o["response_id"], liked=like)
+                # what the background thread does between cycles (this run's cycles are
+                # called by hand); none right before the cycle, so that the on-topic
+                # measured before it is the MicroLoRA's longest drift
+                if i < len(outs) - 1 and pipe.learner.micro_check_due(every):
+                    checks.append(pipe.learner.check_micro().get("scale"))
             n += len(outs)
             k += 1
             before = drift_now(pipe, held, base)
@@ -234,6 +252,7 @@ def main() -> None:
                 "boundaries": rep.get("boundaries"),
                 "before_cycle": before,
                 "micro_scale": micro.get("scale"),
+                "micro_checks": checks,
                 "micro_reasons": (micro.get("tried") or [{}])[0].get("reasons"),
                 "train_kl": (rep.get("train") or {}).get("kl"),
                 "rerank": (pipe.stats().get("rerank") or {}),
@@ -250,6 +269,7 @@ def main() -> None:
                 )
                 + f" | on-topic x{before['on_topic_ratio']:.2f} -> x{ev['on_topic_ratio']:.2f}"
                 f" NLL x{ev['anchor_nll_ratio']:.3f} | MicroLoRA x{row['micro_scale']}"
+                f" (checks {checks})"
                 f" | v{row['version']} {'published' if row['published'] else 'refused'}"
                 f" KL {kl} eff {row['efficiency']} | boundaries {row['boundaries']}"
                 f" | {row['seconds']:.0f} s",
@@ -260,7 +280,7 @@ def main() -> None:
             if args.restart_at and n == args.restart_at:
                 used = pipe.learner.last_id
                 pipe.close()
-                pipe = new_pipe(state, args.seed, args.rerank)
+                pipe = new_pipe(state, args.seed, args.rerank, args.sona_config)
                 result["events"].append(
                     {
                         "feedback": n,
@@ -315,6 +335,9 @@ def table(result: dict, names: list[str]) -> str:
             cycle += f"; shift detected ({r['boundaries'][0]['direction']})"
         if r.get("micro_scale") is not None and r["micro_scale"] != 1.0:
             cycle += f"; MicroLoRA × {r['micro_scale']}"
+        shrunk = [x for x in r.get("micro_checks") or [] if x != 1.0]
+        if shrunk:
+            cycle += f"; checks between cycles scaled it {shrunk}"
         on_topic = f"{r.get('on_topic_ratio', 1.0):.2f}"
         if r.get("before_cycle"):
             on_topic = f"{r['before_cycle']['on_topic_ratio']:.2f} → {on_topic}"

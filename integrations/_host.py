@@ -470,6 +470,8 @@ class LearningHost:
         if self._coordinator is None:
             c = self.engine.config
             pending, run_background, run_deep = self.learner.pending, self.learn, self.deep_cycle
+            every = c.gate_micro_check_every
+            check_due, run_check = (lambda: self.learner.micro_check_due(every)), self._check_micro
             if self._trainer_lease is None:
                 self._trainer_lease = _trainer_lease(self.store, self.lease_name)
             if self._trainer_lease is not None:
@@ -480,6 +482,7 @@ class LearningHost:
                 pending = only_while_leading(lease, pending, otherwise=0)
                 run_background = only_while_leading(lease, run_background)
                 run_deep = only_while_leading(lease, run_deep)
+                run_check = only_while_leading(lease, run_check)
             self._coordinator = LoopCoordinator(
                 pending=pending,
                 run_background=run_background,
@@ -488,9 +491,18 @@ class LearningHost:
                 interval_s=c.background_interval_ms / 1000.0,
                 deep_every=c.consolidation_interval,
                 poll_s=poll_s,
+                check_due=check_due,
+                run_check=run_check,
             )
         self._coordinator.poll_s = poll_s
         self._coordinator.start()
+
+    def _check_micro(self) -> dict:
+        """The MicroLoRA's drift check between cycles (``Learner.check_micro``), saved."""
+        report = self.learner.check_micro()
+        if report.get("scale", 1.0) != 1.0:
+            self.save_state()
+        return report
 
     def stop_background(self) -> None:
         """Stop the background thread and give the trainer lease up (hosts' ``close()``
@@ -525,6 +537,10 @@ class LearningHost:
             "leaning_shift_detector": lr.leaning_detector.state_dict(),
             "dreams": len(lr.dreams),
             "heldout_prompt_groups": lr.split.groups,
+            "micro_checks": lr.micro_checks,
+            "micro_last_check": {
+                k: v for k, v in (lr.last_micro or {}).items() if k in ("scale", "delta_norm")
+            },
         }
 
     def _with_learner(self, s: dict) -> dict:

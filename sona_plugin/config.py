@@ -483,6 +483,19 @@ class GateConfig(_Section):
         None,
         flat="gate_max_kl_per_answer",
     )
+    micro_check_every: int = _opt(
+        10,
+        "Between background cycles, the drift checks run on "
+        "the served version with the MicroLoRA every this "
+        "many feedbacks, and scale the MicroLoRA back when "
+        "they fail (0: only at cycles). With best of 8 on "
+        "'warm' the MicroLoRA took the served answers from "
+        "0.93 to 0.85 x the base model's on-topic score over "
+        "the 50 feedbacks between two cycles.",
+        0,
+        None,
+        flat="gate_micro_check_every",
+    )
 
 
 @dataclass

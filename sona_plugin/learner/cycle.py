@@ -132,6 +132,9 @@ class Learner:
         self.boundaries: list[dict] = []
         self._trainer_state: dict | None = None  # applied when the trainer is built
         self._base_answers: dict = {}  # the gate's cache of the base model
+        self.micro_checked_id = 0  # the newest record when the MicroLoRA was last checked
+        self.micro_checks = 0
+        self.last_micro: dict | None = None
         remove_stale_temps(host.state_dir)
         self._restore()
 
@@ -276,6 +279,28 @@ class Learner:
     def pending(self) -> int:
         """Stored records not used by any cycle yet."""
         return self.host.store.count(since_id=self.last_id)
+
+    def micro_check_due(self, every: int) -> bool:
+        """Whether ``every`` (> 0) records came in since the MicroLoRA was last checked
+        (by a cycle or by :meth:`check_micro`)."""
+        return (
+            every > 0
+            and self.host.store.count(since_id=max(self.micro_checked_id, self.last_id)) >= every
+        )
+
+    def check_micro(self, probe: bool = True) -> dict:
+        """Between cycles: the drift checks on the served version with the MicroLoRA as it
+        serves now, scaling it back when they fail (``micro_bound``). Returns the report
+        (``skipped`` when nothing serves a MicroLoRA to check yet)."""
+        with self.lock:
+            newest = self.host.store.records(since_id=max(self.micro_checked_id, self.last_id))
+            if newest:
+                self.micro_checked_id = max(r.id for r in newest)
+            heldout = self._heldout(self.host.store.records(since_id=0, limit=None))
+            self.ensure_trainer()  # holds the served weights between cycles
+            report = self._bound_micro(heldout, probe)
+            self.micro_checks += 1
+            return report
 
     def training_records(self) -> list[FeedbackRecord]:
         """Used records on the training side (never a held-out prompt)."""
@@ -548,6 +573,8 @@ class Learner:
         micro = host.engine.micro_lora
         A, B, s = micro.A.copy(), micro.B.copy(), float(micro.scale)
         out: dict[str, Any] = {"delta_norm": micro.delta_norm(A, B), "scale": 1.0}
+        self.micro_checked_id = max(self.micro_checked_id, self.last_id)
+        self.last_micro = out
         if out["delta_norm"] == 0.0:
             return out
         peft = self.trainer.peft_model

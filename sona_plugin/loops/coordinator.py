@@ -81,6 +81,9 @@ class LoopCoordinator:
             once, as before backoff existed).
         max_backoff_s: the longest wait between attempts (>= ``base_backoff_s``).
         clock: monotonic seconds for scheduling and backoff; injectable for tests.
+        check_due, run_check: a light check between background cycles (the MicroLoRA's
+            drift check): run when ``check_due()`` and no background cycle is due. A
+            failure is logged and counted (``check_failures``), never retried early.
     """
 
     def __init__(
@@ -95,6 +98,8 @@ class LoopCoordinator:
         base_backoff_s: float = 5.0,
         max_backoff_s: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
+        check_due: Callable[[], bool] | None = None,
+        run_check: Callable[[], object] | None = None,
     ):
         if not base_backoff_s >= 0:  # also refuses NaN
             raise ConfigError(f"base_backoff_s must be >= 0, got {base_backoff_s}")
@@ -103,6 +108,8 @@ class LoopCoordinator:
                 f"max_backoff_s must be >= base_backoff_s ({base_backoff_s}), got {max_backoff_s}"
             )
         self._pending, self._run_bg, self._run_deep = pending, run_background, run_deep
+        self._check_due, self._run_check = check_due, run_check
+        self.checks = self.check_failures = 0
         self.trigger_count, self.interval_s, self.deep_every = trigger_count, interval_s, deep_every
         self.poll_s = poll_s
         self._clock = clock
@@ -150,6 +157,15 @@ class LoopCoordinator:
             except Exception as e:
                 self._record_failure(self._bg, e)
                 raise
+            if not msgs and self._run_check is not None:
+                try:
+                    if self._check_due():
+                        self._run_check()
+                        self.checks += 1
+                        msgs.append("check done")
+                except Exception as e:  # the next due check tries again
+                    self.check_failures += 1
+                    logger.error("check between cycles failed: %s", e)
             with self._state_lock:
                 deep_waiting = self._deep.waiting(self._clock())
             if self.since_deep >= self.deep_every and not deep_waiting:
@@ -204,6 +220,8 @@ class LoopCoordinator:
                 "next_attempt_in_s": bg.next_attempt_in(now),
                 "running": self.running,
                 "last_success_at": bg.last_success_at,
+                "checks": self.checks,
+                "check_failures": self.check_failures,
                 "deep_ok": dp.ok,
                 "deep_failed": dp.failed,
                 "deep_consecutive_failures": dp.consecutive,

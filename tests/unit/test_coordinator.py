@@ -362,3 +362,21 @@ def test_tenants_take_training_turns_in_the_order_they_asked():
     for t in [first, *others]:
         t.join(5)
     assert order == ["first", "b", "c", "d"]
+
+
+def test_the_check_between_cycles_runs_when_due_and_a_failure_is_logged_not_raised(caplog):
+    bg, check = Cycle(), Cycle()
+    due = {"check": True}
+    co = make(bg, pending=lambda: 0, check_due=lambda: due["check"], run_check=check)
+    assert co.run_due() == "check done" and check.calls == 1 and bg.calls == 0
+    due["check"] = False
+    assert co.run_due() is None and check.calls == 1
+    co2 = make(bg, pending=5, check_due=lambda: True, run_check=check)
+    assert co2.run_due().startswith("background") and check.calls == 1  # a cycle checks too
+    check.fail = RuntimeError("trainer copy gone")
+    due["check"] = True
+    with caplog.at_level(logging.ERROR):
+        assert co.run_due() is None
+    assert "trainer copy gone" in caplog.text
+    s = co.stats()
+    assert (s["checks"], s["check_failures"], s["cycles_failed"]) == (1, 1, 0)

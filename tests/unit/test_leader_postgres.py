@@ -187,10 +187,13 @@ class Replica(LearningHost):
         self.store = store
         self.engine = SimpleNamespace(
             config=SimpleNamespace(
-                background_trigger_count=1, background_interval_ms=0, consolidation_interval=10**9
+                background_trigger_count=1,
+                background_interval_ms=0,
+                consolidation_interval=10**9,
+                gate_micro_check_every=0,
             )
         )
-        self.learner = SimpleNamespace(pending=lambda: 5)
+        self.learner = SimpleNamespace(pending=lambda: 5, micro_check_due=lambda every: False)
         self.cycles = 0
 
     def learn(self, **kwargs) -> dict:

@@ -443,3 +443,24 @@ def test_the_micro_lora_is_scaled_back_inside_the_drift_budget(tmp_path, tiny_mo
     assert micro.delta_norm() == pytest.approx(before * big["scale"], rel=1e-5)
     if big["scale"] > 0:  # the scale kept is the first that passed
         assert not big["tried"][-1]["reasons"]
+
+
+def test_between_cycles_the_micro_lora_is_checked_every_n_feedbacks(tmp_path, tiny_model_dir):
+    rng = np.random.default_rng(8)
+    host = TinyHost(tmp_path, tiny_model_dir)
+    learner = Learner(host, epochs=1)
+    feed(host, 0, 30, rng)
+    learner.run(gate=False)  # v1 serves; the cycle's records count as checked
+    assert not learner.micro_check_due(10)
+    micro = host.engine.micro_lora
+    micro.set_params(rng.standard_normal((micro.rank, 32)).astype(np.float32) * 30, micro.B)
+    feed(host, 30, 9, rng)
+    assert not learner.micro_check_due(10)
+    feed(host, 39, 1, rng)
+    assert learner.micro_check_due(10) and not learner.micro_check_due(0)
+    before = micro.delta_norm()
+    rep = learner.check_micro()
+    assert rep["scale"] < 1.0 and "anchor-text NLL rose" in rep["tried"][0]["reasons"][0]
+    assert micro.delta_norm() == pytest.approx(before * rep["scale"], rel=1e-5)
+    assert learner.micro_checks == 1 and not learner.micro_check_due(10)
+    assert learner.pending() == 10  # a check trains nothing and uses no record
