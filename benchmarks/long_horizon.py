@@ -223,7 +223,8 @@ def main() -> None:
                 # called by hand); none right before the cycle, so that the on-topic
                 # measured before it is the MicroLoRA's longest drift
                 if i < len(outs) - 1 and pipe.learner.micro_check_due(every):
-                    checks.append(pipe.learner.check_micro().get("scale"))
+                    c = pipe.learner.check_micro()
+                    checks.append([c.get("scale"), c.get("delta_norm"), c.get("norm_cap")])
             n += len(outs)
             k += 1
             before = drift_now(pipe, held, base)
@@ -250,8 +251,10 @@ def main() -> None:
                     {x: v for x, v in t.items() if x != "metrics"} for t in gate.get("tried", [])
                 ],
                 "boundaries": rep.get("boundaries"),
+                "liked_rate_rises": rep.get("liked_rate_rises"),
                 "before_cycle": before,
                 "micro_scale": micro.get("scale"),
+                "micro_norm": [micro.get("delta_norm"), micro.get("norm_cap")],
                 "micro_checks": checks,
                 "micro_reasons": (micro.get("tried") or [{}])[0].get("reasons"),
                 "train_kl": (rep.get("train") or {}).get("kl"),
@@ -269,7 +272,7 @@ def main() -> None:
                 )
                 + f" | on-topic x{before['on_topic_ratio']:.2f} -> x{ev['on_topic_ratio']:.2f}"
                 f" NLL x{ev['anchor_nll_ratio']:.3f} | MicroLoRA x{row['micro_scale']}"
-                f" (checks {checks})"
+                f" (checks {[c[0] for c in checks]})"
                 f" | v{row['version']} {'published' if row['published'] else 'refused'}"
                 f" KL {kl} eff {row['efficiency']} | boundaries {row['boundaries']}"
                 f" | {row['seconds']:.0f} s",
@@ -333,9 +336,12 @@ def table(result: dict, names: list[str]) -> str:
             cycle = f"refused ({'; '.join(r.get('gate_reasons') or [])[:80]})"
         if r.get("boundaries"):
             cycle += f"; shift detected ({r['boundaries'][0]['direction']})"
+        if r.get("liked_rate_rises"):
+            cycle += "; liked-rate rise, explained by learning"
         if r.get("micro_scale") is not None and r["micro_scale"] != 1.0:
             cycle += f"; MicroLoRA × {r['micro_scale']}"
-        shrunk = [x for x in r.get("micro_checks") or [] if x != 1.0]
+        shrunk = [c[0] if isinstance(c, list) else c for c in r.get("micro_checks") or []]
+        shrunk = [x for x in shrunk if x != 1.0]
         if shrunk:
             cycle += f"; checks between cycles scaled it {shrunk}"
         on_topic = f"{r.get('on_topic_ratio', 1.0):.2f}"

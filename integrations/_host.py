@@ -257,6 +257,11 @@ class LearningHost:
         if micro_decay != 1.0:
             self.shrink_micro(micro_decay)
 
+    def set_micro_norm_cap(self, cap: float) -> None:
+        """Bound the served MicroLoRA's ``||s·B·A||_F`` from its next update on (on this
+        host: replicas keep their own bound)."""
+        self.engine.micro_lora.norm_cap = float(cap)
+
     def shrink_micro(self, factor: float) -> None:
         """Scale the served MicroLoRA's delta by ``factor`` (every replica alike, in the
         instant log's order, when replicated)."""

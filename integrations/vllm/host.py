@@ -284,6 +284,10 @@ class VllmHost(LearningHost):
         self._rpc("sona_decay", factor)
         self.micro_lora()  # the mirror follows
 
+    def set_micro_norm_cap(self, cap: float) -> None:
+        self._rpc("sona_set_norm_cap", cap)
+        self.engine.micro_lora.norm_cap = float(cap)
+
     def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         if self._generate_ids is None:
             raise NotImplementedError("dreams need an offline engine (SonaLLM)")

@@ -442,6 +442,11 @@ class SonaWorkerExtension:
         """Shrink the MicroLoRA (after a BaseLoRA swap has taken over its lesson)."""
         self._sona().tenant_engine(tenant).micro_lora.shrink(float(factor))
 
+    def sona_set_norm_cap(self, cap: float, tenant: str = "") -> None:
+        """Bound the MicroLoRA's ``||s·B·A||_F`` from the next update on (the learner's
+        drift checks set it)."""
+        self._sona().tenant_engine(tenant).micro_lora.norm_cap = float(cap)
+
     def sona_set_micro(self, A: list, B: list, tenant: str = "") -> None:
         """Restore saved MicroLoRA weights (a restarted server keeps what it learned)."""
         m = self._sona().tenant_engine(tenant).micro_lora

@@ -11,7 +11,10 @@ cycles, deep cycles, rollbacks and boundaries never overlap):
    answers still lean toward what it learned (``log π_served − log π_base``,
    :class:`~.shift.LeaningShiftDetector`); at an alarm of either a new EWC++ task starts
    from the **served** weights (their Fisher, their θ*), and the boundary is reported in
-   stats.
+   stats. A *rise* of the liked-rate counts only when the leaning test corroborates it
+   (``RISE_CONFIRM_Z``): learning itself raises the liked-rate (measured: 32 % → 90 % over
+   200 feedbacks with best of 8, an "up" alarm while liked answers leaned as before), and
+   is reported as ``liked_rate_rises``, not as a boundary.
 3. the new training-side records go into the ReasoningBank (plain mean quality per
    pattern, ``k ≈ √(n/2)`` clusters per cycle); the training set is those records plus
    replay of older training-side records (and kept dreams), drawn balanced across
@@ -80,6 +83,10 @@ PROBE_PROMPTS = [
     "What does a thermometer measure?",
 ]
 HELDOUT_MAX = 40
+# a rise of the liked-rate (the CUSUM's "up" alarm) is a taste shift only when liked
+# answers also lean less toward what the served version learned: z of the leaning test
+# above this (one-sided 5 %); otherwise learning explains it and no EWC++ task starts
+RISE_CONFIRM_Z = 1.645
 KL_PROMPTS = 16
 _SERVED = "served"
 # points the gate tries: (step scale from the served weights, then shrink toward the base)
@@ -135,6 +142,7 @@ class Learner:
         self.micro_checked_id = 0  # the newest record when the MicroLoRA was last checked
         self.micro_checks = 0
         self.last_micro: dict | None = None
+        self.micro_cap: float | None = None  # the MicroLoRA's norm bound (None: the config's)
         remove_stale_temps(host.state_dir)
         self._restore()
 
@@ -161,6 +169,7 @@ class Learner:
             "detector": self.detector.state_dict(),
             "leaning_detector": self.leaning_detector.state_dict(),
             "boundaries": self.boundaries,
+            "micro_cap": self.micro_cap,
             "trainer": self.trainer.state_dict()
             if self.trainer is not None
             else self._trainer_state,
@@ -228,6 +237,9 @@ class Learner:
         self.detector = ShiftDetector.from_state(meta["detector"])
         self.leaning_detector = LeaningShiftDetector.from_state(meta.get("leaning_detector", {}))
         self.boundaries = list(meta["boundaries"])
+        self.micro_cap = meta.get("micro_cap")
+        if self.micro_cap is not None:
+            self.host.set_micro_norm_cap(self.micro_cap)
         self.split = PromptSplit.from_state(arrays, meta["split"])
         self.host.engine.reasoning_bank.load_state_dict(
             {k[5:]: v for k, v in arrays.items() if k.startswith("bank.")}, meta["bank"]
@@ -415,27 +427,36 @@ class Learner:
         heldout = self._heldout(everything)
         report.update(heldout=len(heldout), heldout_new=len(new) - len(train_new))
 
-        alarms = []
+        z, z_now = None, None
+        if host.adapter_version is not None:
+            scorable = [r for r in new if r.prompt_ids and r.response_ids]
+            tests = self.leaning_detector.tests
+            z = self.leaning_detector.update(self._leaning(scorable), [r.reward for r in scorable])
+            report["leaning_auc"] = self.leaning_detector.last_auc
+            if self.leaning_detector.tests > tests:
+                z_now = self.leaning_detector.last_z
+        alarms, rises = [], []
         for r in new:
             side = self.detector.update(r.reward)
-            if side is not None:
+            if side == "up" and (z_now is None or z_now <= RISE_CONFIRM_Z):
+                # liked answers still lean toward what was learned: learning explains it
+                rises.append({"record_id": r.id, "leaning_z": z_now})
+            elif side is not None:
                 alarms.append({"record_id": r.id, "direction": side})
+        if rises:
+            report["liked_rate_rises"] = rises
         reason = None
         if alarms:
             reason = (
                 f"liked-rate shift ({alarms[0]['direction']}) "
                 f"detected at record {alarms[0]['record_id']}"
             )
-        if host.adapter_version is not None:
-            scorable = [r for r in new if r.prompt_ids and r.response_ids]
-            z = self.leaning_detector.update(self._leaning(scorable), [r.reward for r in scorable])
-            report["leaning_auc"] = self.leaning_detector.last_auc
-            if z is not None:
-                alarms.append({"record_id": new[-1].id, "direction": "leaning", "z": z})
-                reason = reason or (
-                    f"taste shift (liked answers no longer lean toward what the served "
-                    f"version learned, z = {z:.1f}) detected by record {new[-1].id}"
-                )
+        if z is not None:
+            alarms.append({"record_id": new[-1].id, "direction": "leaning", "z": z})
+            reason = reason or (
+                f"taste shift (liked answers no longer lean toward what the served "
+                f"version learned, z = {z:.1f}) detected by record {new[-1].id}"
+            )
         if reason is not None:
             self.mark_task_boundary(reason=reason)
             report["boundaries"] = alarms
@@ -567,7 +588,7 @@ class Learner:
         weights that serve now (``micro_bound``); returns what was tried. A failure is
         logged and reported, never raised: the cycle's version is already served."""
         from ..training import ModelView, PromotionGate
-        from .micro_bound import MICRO_SCALES, head_width, micro_view
+        from .micro_bound import MICRO_SCALES, head_width, micro_view, next_cap
 
         host = self.host
         micro = host.engine.micro_lora
@@ -610,11 +631,15 @@ class Learner:
                     scale,
                     "; ".join(tried[0]["reasons"]),
                 )
+            self.micro_cap = next_cap(
+                self.micro_cap, out["delta_norm"], scale, host.engine.config.micro_lora_norm_cap
+            )
+            host.set_micro_norm_cap(self.micro_cap)
         except Exception as e:  # the version is served: report, keep the MicroLoRA
             logger.error("MicroLoRA drift check failed: %s", e)
             out.update(error=str(e), tried=tried)
             return out
-        out.update(scale=scale, tried=tried)
+        out.update(scale=scale, tried=tried, norm_cap=self.micro_cap)
         return out
 
     def _gate(self, start: dict, heldout: list, probe: bool) -> tuple[bool, dict, dict | None]:

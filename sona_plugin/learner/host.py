@@ -45,6 +45,9 @@ class Host(Protocol):
         """Scale the served MicroLoRA's delta (``s·B·A``) by ``factor`` in [0, 1] (every
         replica alike); ``engine.micro_lora`` holds the served MicroLoRA's weights."""
 
+    def set_micro_norm_cap(self, cap: float) -> None:
+        """Bound the served MicroLoRA's ``||s·B·A||_F`` from its next update on."""
+
     def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Answers sampled from the served model (ids, stop token included); raises
         NotImplementedError where the host cannot generate for the learner."""

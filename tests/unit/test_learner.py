@@ -164,12 +164,14 @@ def test_dream_reward_depends_on_the_dreamed_answer():
 class TinyHost:
     """A Host from real parts: a tiny Llama checkpoint on disk, SQLite, an AdapterRegistry."""
 
-    def __init__(self, root: Path, model_dir: Path):
+    def __init__(self, root: Path, model_dir: Path, **config):
         self.state_dir = root
         self.model_source = model_dir
         self.lora_targets = None
         self.tokenizer = CharTokenizer()
-        self.engine = SonaEngine(SonaConfig(hidden_dim=32, embedding_dim=E, base_lora_rank=4))
+        self.engine = SonaEngine(
+            SonaConfig(hidden_dim=32, embedding_dim=E, base_lora_rank=4, **config)
+        )
         self.store = open_store(root / "sona.db")
         self.registry = AdapterRegistry(root / "adapters")
         cur = self.registry.current()
@@ -187,6 +189,9 @@ class TinyHost:
 
     def shrink_micro(self, factor: float) -> None:
         self.engine.micro_lora.shrink(factor)
+
+    def set_micro_norm_cap(self, cap: float) -> None:
+        self.engine.micro_lora.norm_cap = cap
 
     def sample_answers(self, prompt_ids, max_new_tokens):
         raise NotImplementedError("no generation in this test host")
@@ -420,7 +425,7 @@ def test_a_failed_cycle_leaves_its_records_to_the_next(tmp_path, tiny_model_dir)
 
 def test_the_micro_lora_is_scaled_back_inside_the_drift_budget(tmp_path, tiny_model_dir):
     rng = np.random.default_rng(7)
-    host = TinyHost(tmp_path, tiny_model_dir)
+    host = TinyHost(tmp_path, tiny_model_dir, micro_lora_norm_cap=100.0)
     learner = Learner(host, epochs=1)
     micro = host.engine.micro_lora
     A = rng.standard_normal((micro.rank, 32)).astype(np.float32)
@@ -443,11 +448,14 @@ def test_the_micro_lora_is_scaled_back_inside_the_drift_budget(tmp_path, tiny_mo
     assert micro.delta_norm() == pytest.approx(before * big["scale"], rel=1e-5)
     if big["scale"] > 0:  # the scale kept is the first that passed
         assert not big["tried"][-1]["reasons"]
+    # the instant loop may not regrow it past the norm that passed
+    assert micro.norm_cap == big["norm_cap"] == pytest.approx(max(micro.delta_norm(), 100 / 16))
+    assert small["norm_cap"] == 100.0  # a passing check leaves the config's bound
 
 
 def test_between_cycles_the_micro_lora_is_checked_every_n_feedbacks(tmp_path, tiny_model_dir):
     rng = np.random.default_rng(8)
-    host = TinyHost(tmp_path, tiny_model_dir)
+    host = TinyHost(tmp_path, tiny_model_dir, micro_lora_norm_cap=100.0)
     learner = Learner(host, epochs=1)
     feed(host, 0, 30, rng)
     learner.run(gate=False)  # v1 serves; the cycle's records count as checked
@@ -464,3 +472,50 @@ def test_between_cycles_the_micro_lora_is_checked_every_n_feedbacks(tmp_path, ti
     assert micro.delta_norm() == pytest.approx(before * rep["scale"], rel=1e-5)
     assert learner.micro_checks == 1 and not learner.micro_check_due(10)
     assert learner.pending() == 10  # a check trains nothing and uses no record
+    cap = micro.norm_cap
+    assert cap < 100.0 and cap == rep["norm_cap"]
+    learner.save()
+    host2 = TinyHost(tmp_path, tiny_model_dir, micro_lora_norm_cap=100.0)  # a restart
+    Learner(host2, epochs=1)
+    assert host2.engine.micro_lora.norm_cap == cap
+
+
+def test_a_rise_that_learning_explains_is_no_boundary_a_reversed_taste_is(tmp_path, tiny_model_dir):
+    """The liked-rate rises with the taste unchanged (liked answers lean as before): the
+    CUSUM's "up" alarm is reported as a rise, no EWC++ task starts. A rise where the other
+    answers are now liked is a boundary."""
+    rng = np.random.default_rng(10)
+    host = TinyHost(tmp_path, tiny_model_dir)
+    learner = Learner(host, epochs=1)
+    n = 0
+
+    def round_of(liked_token: int, count: int, every: int) -> dict:
+        nonlocal n
+        for i in range(count):
+            liked = i % every != 0  # every `every`-th answer disliked
+            if every == 2:
+                liked = not liked
+            token = liked_token if liked else 16 - liked_token
+            host.store.add(
+                FeedbackRecord(
+                    response_id=f"s{n}",
+                    prompt=f"q{n}",
+                    prompt_ids=rng.integers(10, V, 6).tolist(),
+                    response_ids=[token] * 3,
+                    response_text="",
+                    reward=1.0 if liked else -1.0,
+                    embedding=rng.standard_normal(E).astype(np.float32),
+                )
+            )
+            n += 1
+        return learner.run(gate=False)
+
+    for _ in range(3):  # 50 % liked; v1..v3 learn that 7 7 7 is liked
+        assert "boundaries" not in round_of(7, 40, 2)
+    rep = round_of(7, 60, 8)  # 7 of 8 liked: the rise learning would bring
+    assert rep["liked_rate_rises"] and rep["liked_rate_rises"][0]["leaning_z"] < 1.645, rep
+    assert "boundaries" not in rep and learner.ewc.task_count == 0, rep
+    assert learner.detector.alarms == 1
+    rep = round_of(9, 60, 8)  # as many likes, for the answers the versions unlearned
+    assert "leaning" in [b["direction"] for b in rep["boundaries"]], rep
+    assert learner.ewc.task_count == 1
