@@ -455,7 +455,12 @@ class SonaWorkerExtension:
 
     def sona_micro_state(self, tenant: str = "") -> dict:
         m = self._sona().tenant_engine(tenant).micro_lora
-        return {"A": m.A.tolist(), "B": m.B.tolist(), "scale": float(m.scale)}
+        return {
+            "A": m.A.tolist(),
+            "B": m.B.tolist(),
+            "scale": float(m.scale),
+            "norm_cap": float(m.norm_cap),
+        }
 
     def sona_set_enabled(self, enabled: bool, tenant: str | None = None) -> None:
         """Switch the MicroLoRA on or off for ``tenant`` (None: every tenant)."""

@@ -222,3 +222,20 @@ def test_best_of_k_returns_one_candidate_and_only_it_takes_feedback(llm, monkeyp
     assert len(llm.host.ranker) == 1
     (greedy_out,) = llm.chat([chat("Name a city.")], greedy(max_tokens=8))
     assert [c.index for c in greedy_out.outputs] == [0]  # greedy: served as it is
+
+
+def test_a_lowered_norm_bound_reaches_the_workers(llm):
+    """The learner's drift check lowers the MicroLoRA's norm bound on the host; the
+    workers, where the instant updates run, must hold to it."""
+    config_cap = llm.host.engine.config.micro_lora_norm_cap
+    cap = config_cap / 4
+    llm.host.set_micro_norm_cap(cap)
+    try:
+        assert llm.host._rpc("sona_micro_state")["norm_cap"] == pytest.approx(cap)
+        outs = llm.chat([chat("Name a fruit."), chat("Name a tree.")], greedy(max_tokens=8))
+        for o in outs:
+            assert llm.feedback(o.response_id, reward=1.0)["instant"]["accepted"]
+        assert llm.micro_lora().delta_norm() <= cap * (1 + 1e-4)
+    finally:
+        llm.host.set_micro_norm_cap(config_cap)
+    assert llm.host._rpc("sona_micro_state")["norm_cap"] == pytest.approx(config_cap)
