@@ -302,8 +302,10 @@ class Learner:
 
     def check_micro(self, probe: bool = True) -> dict:
         """Between cycles: the drift checks on the served version with the MicroLoRA as it
-        serves now, scaling it back when they fail (``micro_bound``). Returns the report
-        (``skipped`` when nothing serves a MicroLoRA to check yet)."""
+        serves now, scaling it back and lowering its norm bound when they fail
+        (``micro_bound``). Returns the report: ``scale`` kept, ``delta_norm`` measured,
+        ``norm_cap`` and what was ``tried`` (neither of the last two for a zero
+        MicroLoRA, which is not checked)."""
         with self.lock:
             newest = self.host.store.records(since_id=max(self.micro_checked_id, self.last_id))
             if newest:
