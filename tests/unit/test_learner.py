@@ -237,6 +237,26 @@ def feed(host: TinyHost, start: int, n: int, rng) -> None:
         )
 
 
+def add_judged(host: TinyHost, rng, n: int, liked: list[bool], liked_token: int) -> int:
+    """Store one judged answer per flag: ``liked_token`` three times when liked, the other
+    of 7/9 when not; records are numbered from ``n``. Returns the next number."""
+    for like in liked:
+        token = liked_token if like else 16 - liked_token  # 7 <-> 9
+        host.store.add(
+            FeedbackRecord(
+                response_id=f"s{n}",
+                prompt=f"q{n}",
+                prompt_ids=rng.integers(10, V, 6).tolist(),
+                response_ids=[token] * 3,
+                response_text="",
+                reward=1.0 if like else -1.0,
+                embedding=rng.standard_normal(E).astype(np.float32),
+            )
+        )
+        n += 1
+    return n
+
+
 def test_restart_trains_nothing_twice_and_restores_the_whole_state(tmp_path, tiny_model_dir):
     rng = np.random.default_rng(3)
     host = TinyHost(tmp_path, tiny_model_dir)
@@ -352,21 +372,7 @@ def test_a_shift_at_the_same_liked_rate_is_found_by_what_the_model_learned(
 
     def round_of(liked_token: int) -> dict:
         nonlocal n
-        for _i in range(40):
-            liked = n % 2 == 0
-            token = liked_token if liked else 16 - liked_token  # 7 <-> 9
-            host.store.add(
-                FeedbackRecord(
-                    response_id=f"s{n}",
-                    prompt=f"q{n}",
-                    prompt_ids=rng.integers(10, V, 6).tolist(),
-                    response_ids=[token] * 3,
-                    response_text="",
-                    reward=1.0 if liked else -1.0,
-                    embedding=rng.standard_normal(E).astype(np.float32),
-                )
-            )
-            n += 1
+        n = add_judged(host, rng, n, [i % 2 == 0 for i in range(40)], liked_token)
         return learner.run(gate=False)
 
     assert "boundaries" not in round_of(7)  # v1: the base served these answers
@@ -491,23 +497,9 @@ def test_a_rise_that_learning_explains_is_no_boundary_a_reversed_taste_is(tmp_pa
 
     def round_of(liked_token: int, count: int, every: int) -> dict:
         nonlocal n
-        for i in range(count):
-            liked = i % every != 0  # every `every`-th answer disliked
-            if every == 2:
-                liked = not liked
-            token = liked_token if liked else 16 - liked_token
-            host.store.add(
-                FeedbackRecord(
-                    response_id=f"s{n}",
-                    prompt=f"q{n}",
-                    prompt_ids=rng.integers(10, V, 6).tolist(),
-                    response_ids=[token] * 3,
-                    response_text="",
-                    reward=1.0 if liked else -1.0,
-                    embedding=rng.standard_normal(E).astype(np.float32),
-                )
-            )
-            n += 1
+        # every `every`-th answer disliked (every other one, from the first, for 2)
+        liked = [i % 2 == 0 if every == 2 else i % every != 0 for i in range(count)]
+        n = add_judged(host, rng, n, liked, liked_token)
         return learner.run(gate=False)
 
     for _ in range(3):  # 50 % liked; v1..v3 learn that 7 7 7 is liked
