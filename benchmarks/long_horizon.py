@@ -247,6 +247,10 @@ def main() -> None:
                     kl_floor(p, p0[target]) / kl if target and kl and p > p0[target] else None
                 ),
                 "gate_reasons": gate.get("reasons"),
+                "gate_on_topic": [
+                    (gate.get("metrics") or {}).get(x)
+                    for x in ("on_topic_ratio", "on_topic_ratio_lower")
+                ],
                 "gate_tried": [
                     {x: v for x, v in t.items() if x != "metrics"} for t in gate.get("tried", [])
                 ],

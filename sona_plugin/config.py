@@ -483,6 +483,19 @@ class GateConfig(_Section):
         None,
         flat="gate_max_kl_per_answer",
     )
+    on_topic_confidence: float = _opt(
+        0.95,
+        "The on-topic check (answers at least 0.9 x the base "
+        "model's prompt-answer similarity) passes only when "
+        "the one-sided lower confidence bound of the ratio "
+        "over its ~36 prompts is at least 0.9, so that the "
+        "floor holds on prompts it did not see (0.5: the "
+        "measured ratio alone; a version that measured 0.90 "
+        "there scored 0.89 on 32 other prompts).",
+        0.0,
+        0.999,
+        flat="gate_on_topic_confidence",
+    )
     micro_check_every: int = _opt(
         10,
         "Between background cycles, the drift checks run on "

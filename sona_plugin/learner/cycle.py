@@ -589,7 +589,7 @@ class Learner:
         """Scale the served MicroLoRA back inside the drift budget, measured with the
         weights that serve now (``micro_bound``); returns what was tried. A failure is
         logged and reported, never raised: the cycle's version is already served."""
-        from ..training import ModelView, PromotionGate
+        from ..training import ModelView
         from .micro_bound import MICRO_SCALES, head_width, micro_view, next_cap
 
         host = self.host
@@ -604,7 +604,7 @@ class Learner:
         if head_width(peft) != A.shape[1]:
             out["skipped"] = f"the LM head's input is not {A.shape[1]} wide"
             return out
-        gate = PromotionGate(max_kl_per_answer=host.engine.config.gate_max_kl_per_answer)
+        gate = _gate_for(host.engine.config)
         base = ModelView.base(peft)
         tried: list[dict] = []
         try:
@@ -649,12 +649,12 @@ class Learner:
         (``STEP_SCALES`` of its step from the served weights, then ``SHRINK_SCALES`` of
         it toward the base model). Returns (passed, gate report, the point that passed);
         the trainer then holds the weights that passed, or the served ones."""
-        from ..training import ModelView, PromotionGate
+        from ..training import ModelView
 
         host = self.host
         trainer = self.trainer
         peft = trainer.peft_model
-        gate = PromotionGate(max_kl_per_answer=host.engine.config.gate_max_kl_per_answer)
+        gate = _gate_for(host.engine.config)
         probes = PROBE_PROMPTS if probe else None
         embedder = host.embed if probe else None
         served = host.adapter_version
@@ -706,6 +706,16 @@ class Learner:
         out = g.to_dict()
         out["tried"] = tried
         return g.passed, out, ({kind: s} if g.passed else None)
+
+
+def _gate_for(config: Any):
+    """The promotion gate with the budget's settings from ``config``."""
+    from ..training import PromotionGate
+
+    return PromotionGate(
+        max_kl_per_answer=config.gate_max_kl_per_answer,
+        on_topic_confidence=config.gate_on_topic_confidence,
+    )
 
 
 def _fresh_base(host: Host):

@@ -17,9 +17,13 @@ checks 2 and 3, a fixed reference; see below):
    held-out feedback (the last ``on_topic_records``; real traffic, never trained on) are
    answered greedily (≤ 32 new tokens); the score is the mean cosine of prompt and
    answer embeddings (a record's prompt embedding is the one stored with it). Passes if
-   ``on_cand ≥ min_on_topic_ratio · on_ref``. DESIGN.md found that the strong settings
-   drift off the question while the anchor NLL barely moves, so perplexity alone does
-   not protect users.
+   the one-sided ``on_topic_confidence`` lower confidence bound of the ratio
+   ``on_cand / on_ref`` is at least ``min_on_topic_ratio`` (:func:`ratio_lower_bound`:
+   the prompts are a sample, and the floor is meant to hold on prompts the gate did not
+   see; with the plain ratio a version passed at 0.9 on the gate's 36 prompts and
+   measured 0.89 on 32 others). DESIGN.md found that the strong settings drift off the
+   question while the anchor NLL barely moves, so perplexity alone does not protect
+   users.
 4. **KL budget** (when ``max_kl_per_answer`` > 0): the candidate's ``KL(π‖π_ref)`` per
    answer sampled on the held-out prompts (``sona_plugin.learner.drift.answer_kl``) must
    not exceed it; the two checks above passed versions that spent 2.9 nats per answer.
@@ -42,6 +46,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -274,17 +279,36 @@ def _embed(embedder: Any, texts: list[str]) -> np.ndarray:
 
 def on_topic_score(prompts: Sequence[str], answers: Sequence[str], embedder: Any) -> float:
     """Mean cosine between each prompt's and its answer's embedding (empty answer: 0)."""
-    return _cosine_to(_embed(embedder, list(prompts)), answers, embedder)
+    return float(_cosines(_embed(embedder, list(prompts)), answers, embedder).mean())
 
 
-def _cosine_to(P: np.ndarray, answers: Sequence[str], embedder: Any) -> float:
-    """Mean cosine of unit prompt embeddings ``P`` and the answers' (empty answer: 0)."""
+def _cosines(P: np.ndarray, answers: Sequence[str], embedder: Any) -> np.ndarray:
+    """Cosine of each unit prompt embedding in ``P`` and its answer's (empty answer: 0)."""
     keep = [i for i, a in enumerate(answers) if a.strip()]
     cos = np.zeros(len(answers))
     if keep:
         A = _embed(embedder, [answers[i] for i in keep])
         cos[keep] = np.einsum("ij,ij->i", P[keep], A)
-    return float(cos.mean())
+    return cos
+
+
+def ratio_lower_bound(num: Sequence[float], den: Sequence[float], confidence: float) -> float:
+    """One-sided lower confidence bound of ``mean(num) / mean(den)`` over paired samples.
+
+    The ratio estimator's delta-method standard error, ``sd(num − R·den) / (√n ·
+    mean(den))``, times the normal quantile of ``confidence`` (0.5 or less: the ratio
+    itself). Answers identical to the reference's give the ratio 1 with no margin; the
+    more answers change, and the more their scores differ, the wider the margin.
+    """
+    c, u = np.asarray(num, np.float64), np.asarray(den, np.float64)
+    mu = float(u.mean()) if u.size else 0.0
+    if mu <= 0:
+        return float("nan")
+    ratio = float(c.mean()) / mu
+    if c.size < 2 or confidence <= 0.5:
+        return ratio
+    se = float(np.std(c - ratio * u, ddof=1)) / (math.sqrt(c.size) * mu)
+    return ratio - NormalDist().inv_cdf(confidence) * se
 
 
 def _on_topic_items(
@@ -321,6 +345,8 @@ class PromotionGate:
         kl_prompts: how many of the latest held-out prompts check 4 samples answers to.
         min_on_topic_ratio: candidate on-topic score must be at least this fraction of
             the current (or reference) model's.
+        on_topic_confidence: ... with this one-sided confidence over the sampled prompts
+            (:func:`ratio_lower_bound`; 0.5 or less: the measured ratio alone).
         on_topic_records: how many of the latest held-out records the on-topic check
             also answers (0: the probe prompts only).
         max_new_tokens: length of the greedy probe answers.
@@ -338,6 +364,7 @@ class PromotionGate:
         tolerance_liked: float = 0.05,
         max_kl_per_answer: float = 0.0,
         kl_prompts: int = 16,
+        on_topic_confidence: float = 0.95,
     ):
         for name, v in (
             ("tolerance_nll", tolerance_nll),
@@ -348,6 +375,13 @@ class PromotionGate:
         ):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise InvalidValue(f"{name} must be a finite number >= 0, got {v!r}")
+        if not (
+            isinstance(on_topic_confidence, (int, float)) and 0 <= on_topic_confidence < 1
+        ):
+            raise InvalidValue(
+                f"on_topic_confidence must be a number in [0, 1), got {on_topic_confidence!r}"
+            )
+        self.on_topic_confidence = float(on_topic_confidence)
         if (
             isinstance(max_new_tokens, bool)
             or not isinstance(max_new_tokens, int)
@@ -470,7 +504,8 @@ class PromotionGate:
                     for i, a in zip(todo, got):
                         cache[("answer", keys[i])] = a
                 au = [cache[("answer", k)] for k in keys]
-                oc, ou = _cosine_to(P, ac, embedder), _cosine_to(P, au, embedder)
+                cc, cu = _cosines(P, ac, embedder), _cosines(P, au, embedder)
+                oc, ou = float(cc.mean()), float(cu.mean())
                 metrics.update(
                     {
                         "on_topic_candidate": oc,
@@ -478,14 +513,17 @@ class PromotionGate:
                         "on_topic_prompts": float(len(keys)),
                     }
                 )
+                low = ratio_lower_bound(cc, cu, self.on_topic_confidence)
                 if ou > 0:
                     metrics["on_topic_ratio"] = oc / ou
+                    metrics["on_topic_ratio_lower"] = low
                 samples = {"candidate": ac, ref_name: au}
-                if oc < self.min_on_topic_ratio * ou:
+                if oc < self.min_on_topic_ratio * ou or (ou > 0 and low < self.min_on_topic_ratio):
                     failed.append("on_topic")
                     reasons.append(
-                        f"answers drift off the question: on-topic {oc:.4f} < "
-                        f"{self.min_on_topic_ratio} x {ref_name} {ou:.4f}"
+                        f"answers drift off the question: on-topic {oc:.4f} vs {ref_name} "
+                        f"{ou:.4f}, ratio {oc / ou if ou > 0 else 0.0:.3f} (lower "
+                        f"{self.on_topic_confidence:g} bound {low:.3f}) < {self.min_on_topic_ratio}"
                     )
         if self.max_kl_per_answer > 0 and heldout:
             from ..learner.drift import answer_kl
@@ -514,4 +552,5 @@ __all__ = [
     "heldout_score",
     "heldout_scores",
     "on_topic_score",
+    "ratio_lower_bound",
 ]

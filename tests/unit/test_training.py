@@ -21,6 +21,7 @@ from sona_plugin.training.gate import (  # noqa: E402
     ModelView,
     PromotionGate,
     on_topic_score,
+    ratio_lower_bound,
 )
 from sona_plugin.training.objective import (  # noqa: E402
     mean_response_logprob,
@@ -471,6 +472,21 @@ def test_gate_on_topic_check_rejects_drift(fluent_tiny):
     )
     assert drift.metrics["on_topic_candidate"] < 0.9 * drift.metrics["on_topic_current"]
     assert not drift.passed and any("off the question" in r for r in drift.reasons)
+    assert same.metrics["on_topic_ratio_lower"] == pytest.approx(1.0)  # nothing changed
+
+    # the floor is checked with a margin for the prompts sampled: a bar at the measured
+    # ratio itself passes on the ratio alone and fails on its lower confidence bound
+    ratio, low = drift.metrics["on_topic_ratio"], drift.metrics["on_topic_ratio_lower"]
+    assert low < ratio
+    at_ratio = dict(tolerance_nll=1e6, max_new_tokens=16, min_on_topic_ratio=ratio - 1e-9)
+    args = (tr.model, ModelView.base(tr.model), [], None, tok)
+    kw = dict(embedder=bag_of_chars, probe_prompts=probes)
+    assert PromotionGate(on_topic_confidence=0.5, **at_ratio).evaluate(*args, **kw).passed
+    bounded = PromotionGate(**at_ratio).evaluate(*args, **kw)
+    assert not bounded.passed and bounded.failed == ["on_topic"]
+    assert "lower 0.95 bound" in bounded.reasons[0]
+    with pytest.raises(InvalidValue, match="on_topic_confidence"):
+        PromotionGate(on_topic_confidence=1.0)
 
     # a drifted model serving now does not lower the bar: against the base model as a
     # fixed reference the same drift fails, although it equals the current model's
@@ -496,6 +512,28 @@ def test_gate_on_topic_check_rejects_drift(fluent_tiny):
         )
         assert fixed.samples["reference"] == same.samples["current"]
     assert len(cache) == 1 + len(probes)  # anchor NLL + one answer per probe
+
+
+def test_ratio_lower_bound_covers_the_true_ratio_at_its_confidence():
+    """Drawn 36 prompts at a time from a population whose on-topic ratio is exactly
+    0.9, the 95 % lower bound lies above 0.9 in about 5 % of the draws; the measured
+    ratio alone does so in about half of them."""
+    rng = np.random.default_rng(0)
+    den = rng.uniform(0.2, 0.8, 20_000)
+    changed = rng.random(den.size) < 0.5
+    num = np.where(changed, den + rng.normal(0, 0.15, den.size), den)
+    num *= 0.9 * den.mean() / num.mean()  # the population's ratio: 0.9
+    above_bound = above_ratio = 0
+    draws = 2_000
+    for _ in range(draws):
+        i = rng.integers(0, den.size, 36)
+        above_bound += ratio_lower_bound(num[i], den[i], 0.95) > 0.9
+        above_ratio += num[i].mean() / den[i].mean() > 0.9
+    assert 0.03 < above_bound / draws < 0.08
+    assert 0.4 < above_ratio / draws < 0.6
+    assert ratio_lower_bound([0.5, 0.4], [0.5, 0.4], 0.95) == pytest.approx(1.0)
+    assert ratio_lower_bound([0.3, 0.5], [0.5, 0.5], 0.5) == pytest.approx(0.8)
+    assert ratio_lower_bound([0.3], [0.5], 0.95) == pytest.approx(0.6)  # one prompt: no sd
 
 
 def test_gate_on_topic_check_answers_heldout_prompts(fluent_tiny):
