@@ -375,9 +375,7 @@ class PromotionGate:
         ):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise InvalidValue(f"{name} must be a finite number >= 0, got {v!r}")
-        if not (
-            isinstance(on_topic_confidence, (int, float)) and 0 <= on_topic_confidence < 1
-        ):
+        if not (isinstance(on_topic_confidence, (int, float)) and 0 <= on_topic_confidence < 1):
             raise InvalidValue(
                 f"on_topic_confidence must be a number in [0, 1), got {on_topic_confidence!r}"
             )
