@@ -170,6 +170,7 @@ class Learner:
             "leaning_detector": self.leaning_detector.state_dict(),
             "boundaries": self.boundaries,
             "micro_cap": self.micro_cap,
+            "micro_checked_id": self.micro_checked_id,
             "trainer": self.trainer.state_dict()
             if self.trainer is not None
             else self._trainer_state,
@@ -238,6 +239,7 @@ class Learner:
         self.leaning_detector = LeaningShiftDetector.from_state(meta.get("leaning_detector", {}))
         self.boundaries = list(meta["boundaries"])
         self.micro_cap = meta.get("micro_cap")
+        self.micro_checked_id = int(meta.get("micro_checked_id", self.last_id))
         if self.micro_cap is not None:
             self.host.set_micro_norm_cap(self.micro_cap)
         self.split = PromptSplit.from_state(arrays, meta["split"])

@@ -482,8 +482,11 @@ def test_between_cycles_the_micro_lora_is_checked_every_n_feedbacks(tmp_path, ti
     assert cap < 100.0 and cap == rep["norm_cap"]
     learner.save()
     host2 = TinyHost(tmp_path, tiny_model_dir, micro_lora_norm_cap=100.0)  # a restart
-    Learner(host2, epochs=1)
+    restored = Learner(host2, epochs=1)
     assert host2.engine.micro_lora.norm_cap == cap
+    assert not restored.micro_check_due(10)  # the records checked stay checked
+    feed(host2, 40, 10, rng)
+    assert restored.micro_check_due(10)
 
 
 def test_a_rise_that_learning_explains_is_no_boundary_a_reversed_taste_is(tmp_path, tiny_model_dir):
