@@ -154,15 +154,11 @@ def test_gate_on_real_model(run):
     assert m["anchor_nll_ratio"] < 1.05 and res.passed, res.reasons
 
 
-PROBES = [
-    "How do plants make their food?",
-    "What is the capital of France?",
-    "Give me a tip for sleeping better.",
-    "Why is the sky blue?",
-]
-
-
 def test_gate_on_topic_check_on_real_model(run):
+    """The gate's probe questions, as the learner asks them: the 16-record adapter stays
+    on topic, and passes on the ratio's lower 95 % bound (4 questions were too few for
+    the bound to clear 0.9 at a measured 0.95)."""
+    from sona_plugin.learner.cycle import PROBE_PROMPTS as PROBES
     from sona_plugin.models import embed
 
     embed(["warm-up"])
@@ -181,4 +177,5 @@ def test_gate_on_topic_check_on_real_model(run):
     assert len(res.samples["candidate"]) == len(PROBES)
     assert all(a for a in res.samples["current"])
     assert m["on_topic_current"] > 0.3  # the base model answers these questions
-    assert m["on_topic_ratio"] >= 0.9 and res.passed, res.reasons
+    assert m["on_topic_ratio_lower"] < m["on_topic_ratio"]
+    assert m["on_topic_ratio_lower"] >= 0.9 and res.passed, res.reasons
