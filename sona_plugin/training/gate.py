@@ -345,8 +345,9 @@ class PromotionGate:
         kl_prompts: how many of the latest held-out prompts check 4 samples answers to.
         min_on_topic_ratio: candidate on-topic score must be at least this fraction of
             the current (or reference) model's.
-        on_topic_confidence: ... with this one-sided confidence over the sampled prompts
-            (:func:`ratio_lower_bound`; 0.5 or less: the measured ratio alone).
+        on_topic_confidence: one-sided confidence, over the sampled prompts, with which
+            that fraction must be shown (:func:`ratio_lower_bound`; 0.5 or less: the
+            measured ratio alone).
         on_topic_records: how many of the latest held-out records the on-topic check
             also answers (0: the probe prompts only).
         max_new_tokens: length of the greedy probe answers.
