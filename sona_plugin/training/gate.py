@@ -298,7 +298,8 @@ def ratio_lower_bound(num: Sequence[float], den: Sequence[float], confidence: fl
     The ratio estimator's delta-method standard error, ``sd(num − R·den) / (√n ·
     mean(den))``, times the normal quantile of ``confidence`` (0.5 or less: the ratio
     itself). Answers identical to the reference's give the ratio 1 with no margin; the
-    more answers change, and the more their scores differ, the wider the margin.
+    more answers change, and the more their scores differ, the wider the margin. NaN
+    when ``mean(den)`` is not positive (no ratio to bound).
     """
     c, u = np.asarray(num, np.float64), np.asarray(den, np.float64)
     mu = float(u.mean()) if u.size else 0.0
