@@ -24,11 +24,13 @@ cycles, deep cycles, rollbacks and boundaries never overlap):
 5. the gate (``PromotionGate``) compares the candidate with the served adapter on
    held-out feedback (reward-centred) and with the *base model* on anchor NLL and
    on-topic answers (a fixed drift budget). Refused, the candidate is *projected back*
-   toward the served weights (½, ¼ of its step); still refused, toward the base model
-   (every ``ΔW = B·A`` of the candidate times ¾: a newer taste may displace part of an
-   older one inside the budget, the EWC++ penalty having already weighed what the older
-   one is worth; that is the trade). The largest passing
-   point is published; if none passes, the trainer returns to the served weights.
+   toward the served weights (½, ¼ of its step); still refused, the ¼ step is shrunk
+   toward the base model (every ``ΔW = B·A`` times ¾, or, when the KL budget refused it,
+   times the factor fitted to the KL it measured: ``shrink_to_budget``). That point is the
+   trade: it gives up a share of everything served, older tastes included, to make room
+   for a step of the newer one inside the budget; the EWC++ penalty has already weighed
+   what the older one is worth. The first passing point is published; if none passes,
+   the trainer returns to the served weights.
 6. the MicroLoRA is measured on top of the weights that now serve, against the same
    drift budget, and scaled back (½, ¼, zero) until it fits (``micro_bound``): the budget
    holds for what users get, not for the BaseLoRA alone.
@@ -89,9 +91,17 @@ HELDOUT_MAX = 40
 RISE_CONFIRM_Z = 1.645
 KL_PROMPTS = 16
 _SERVED = "served"
-# points the gate tries: (step scale from the served weights, then shrink toward the base)
+# points the gate tries: steps from the served weights, then the smallest step shrunk
+# toward the base model (every ΔW times ``SHRINK``; with a KL budget, the factor that
+# ``shrink_to_budget`` fits, at most ``SHRINK_TRIES`` times)
 STEP_SCALES = (1.0, 0.5, 0.25)
-SHRINK_SCALES = (0.75,)
+SHRINK = 0.75
+SHRINK_TRIES = 2
+# KL to the base model against the shrink factor c, fitted as KL ∝ c^1.5 (measured on
+# SmolLM2 in phase B of the shift run: the full candidate at 9.88 nats per answer, ¾ of
+# it at 6.31; c² would predict 5.56), aimed at this share of the budget
+KL_SHRINK_EXPONENT = 1.5
+BUDGET_AIM = 0.9
 
 
 def clusters_for(n: int, cap: int) -> int:
@@ -647,10 +657,12 @@ class Learner:
         return out
 
     def _gate(self, start: dict, heldout: list, probe: bool) -> tuple[bool, dict, dict | None]:
-        """Gate the trained candidate; refused, try it projected back inside the budget
-        (``STEP_SCALES`` of its step from the served weights, then ``SHRINK_SCALES`` of
-        it toward the base model). Returns (passed, gate report, the point that passed);
-        the trainer then holds the weights that passed, or the served ones."""
+        """Gate the trained candidate; refused, try it projected back inside the budget:
+        ``STEP_SCALES`` of its step from the served weights, then (with a served version)
+        the smallest step shrunk toward the base model, by ``SHRINK`` or, when the drift
+        budget is what refused it, by the factor ``shrink_to_budget`` fits to the KL just
+        measured (up to ``SHRINK_TRIES`` points). Returns (passed, gate report, the point
+        that passed); the trainer then holds the weights that passed, or the served ones."""
         from ..training import ModelView
 
         host = self.host
@@ -669,36 +681,53 @@ class Learner:
         else:
             current = ModelView.base(peft)
         cand = self._lora()
-        points = [("step", s) for s in STEP_SCALES]
-        if served is not None:
-            points += [("shrink", s) for s in SHRINK_SCALES]
-        tried = []
+        small = min(STEP_SCALES)
+        tried: list[dict] = []
         g = None
+
+        def evaluate(point: dict) -> Any:
+            _set_lora(trainer, start, cand, point["step"], point.get("shrink", 1.0))
+            g = gate.evaluate(
+                ModelView.adapter(peft, "default"),
+                current,
+                heldout,
+                None,
+                host.tokenizer,
+                embedder=embedder,
+                probe_prompts=probes,
+                reference=ModelView.base(peft),
+                reference_cache=self._base_answers,
+            )
+            tried.append(
+                {
+                    **point,
+                    "passed": g.passed,
+                    "reasons": g.reasons,
+                    "failed": g.failed,
+                    "metrics": g.metrics,
+                }
+            )
+            return g
+
         try:
-            for kind, s in points:
-                _set_lora(trainer, start if kind == "step" else None, cand, s)
-                g = gate.evaluate(
-                    ModelView.adapter(peft, "default"),
-                    current,
-                    heldout,
-                    None,
-                    host.tokenizer,
-                    embedder=embedder,
-                    probe_prompts=probes,
-                    reference=ModelView.base(peft),
-                    reference_cache=self._base_answers,
-                )
-                tried.append(
-                    {
-                        kind: s,
-                        "passed": g.passed,
-                        "reasons": g.reasons,
-                        "failed": g.failed,
-                        "metrics": g.metrics,
-                    }
-                )
+            point: dict | None = None
+            for s in STEP_SCALES:
+                point = {"step": s}
+                g = evaluate(point)
                 if g.passed:
                     break
+            shrinks = 0
+            while served is not None and not g.passed and shrinks < SHRINK_TRIES:
+                last = tried[-1]
+                c = last.get("shrink", 1.0) * shrink_to_budget(
+                    last["metrics"].get("kl_per_answer"),
+                    gate.max_kl_per_answer if "kl_budget" in last["failed"] else 0.0,
+                )
+                if shrinks and "kl_budget" not in last["failed"]:
+                    break  # a fitted shrink failed on something else: no better guess
+                point = {"step": small, "shrink": round(c, 4)}
+                g = evaluate(point)
+                shrinks += 1
             if not g.passed:  # back to the served weights, where the next cycle starts
                 _set_lora(trainer, start, cand, 0.0)
         finally:
@@ -707,7 +736,18 @@ class Learner:
                 peft.set_adapter("default")
         out = g.to_dict()
         out["tried"] = tried
-        return g.passed, out, ({kind: s} if g.passed else None)
+        return g.passed, out, (point if g.passed else None)
+
+
+def shrink_to_budget(kl: float | None, budget: float) -> float:
+    """The factor that shrinks every ``ΔW`` of a point whose KL to the base model is ``kl``
+    nats per answer to ``BUDGET_AIM`` of ``budget`` (KL ∝ c^``KL_SHRINK_EXPONENT``),
+    within [¼, 0.95]; ``SHRINK`` when there is no budget, no measurement, or the KL
+    already fits (the point failed another check: shrink to drift less)."""
+    if budget <= 0 or kl is None or not math.isfinite(kl) or kl <= budget:
+        return SHRINK
+    c = (BUDGET_AIM * budget / kl) ** (1.0 / KL_SHRINK_EXPONENT)
+    return min(0.95, max(0.25, c))
 
 
 def _gate_for(config: Any):
@@ -735,14 +775,14 @@ def _fresh_base(host: Host):
     )
 
 
-def _set_lora(trainer: BaseLoRATrainer, start: dict | None, end: dict, scale: float) -> None:
-    """LoRA tensors ← start + scale·(end − start); with ``start`` None, ``B ← scale·B_end``
-    (and ``A ← A_end``), so every ``ΔW = B·A`` shrinks by ``scale`` toward the base."""
+def _set_lora(
+    trainer: BaseLoRATrainer, start: dict, end: dict, step: float, shrink: float = 1.0
+) -> None:
+    """LoRA tensors ← start + step·(end − start), then ``B ← shrink·B`` (``A`` kept), so
+    every ``ΔW = B·A`` of that point shrinks by ``shrink`` toward the base model."""
     import torch
 
     with torch.no_grad():
         for n, p in trainer.named_lora_params().items():
-            if start is not None:
-                p.copy_(start[n] + scale * (end[n] - start[n]))
-            else:
-                p.copy_(end[n] * scale if "lora_B" in n else end[n])
+            x = start[n] + step * (end[n] - start[n])
+            p.copy_(x * shrink if "lora_B" in n else x)

@@ -323,8 +323,9 @@ def test_feedback_acknowledged_before_kill_9_is_in_the_store(tmp_path):
 
 def test_refused_candidate_is_projected_back_inside_the_budget_then_dropped(pipe, monkeypatch):
     """The learner's projection: a candidate the gate refuses at its full step is served at
-    the largest of ½, ¼ of its step that passes, then at ¾ of its ΔW toward the base model;
-    one refused everywhere leaves the trainer on the served weights."""
+    the largest of ½, ¼ of its step that passes, then at ¼ of its step with every ΔW times
+    ¾ toward the base model; one refused everywhere leaves the trainer on the served
+    weights."""
     from sona_plugin.learner import cycle
     from sona_plugin.training.gate import GateResult, PromotionGate
 
@@ -344,7 +345,7 @@ def test_refused_candidate_is_projected_back_inside_the_budget_then_dropped(pipe
         monkeypatch.setattr(
             PromotionGate, "evaluate", lambda self, *a, **k: GateResult(next(calls), {}, [])
         )
-        cycle._set_lora(trainer, start, cand, 1.0)
+        cycle._set_lora(trainer, start, cand, 1.0)  # the trainer's candidate
         return learner._gate(start, [], probe=False)
 
     passed, rep, point = run([False, True])
@@ -353,9 +354,10 @@ def test_refused_candidate_is_projected_back_inside_the_budget_then_dropped(pipe
     for n, p in params.items():
         torch.testing.assert_close(p.detach(), start[n] + 0.5 * (cand[n] - start[n]))
     passed, rep, point = run([False, False, False, True])
-    assert passed and point == {"shrink": 0.75}
+    assert passed and point == {"step": 0.25, "shrink": 0.75}
     for n, p in params.items():
-        torch.testing.assert_close(p.detach(), cand[n] * (0.75 if "lora_B" in n else 1.0))
+        quarter = start[n] + 0.25 * (cand[n] - start[n])
+        torch.testing.assert_close(p.detach(), quarter * (0.75 if "lora_B" in n else 1.0))
     passed, rep, point = run([False, False, False, False])
     assert not passed and point is None and len(rep["tried"]) == 4
     for n, p in params.items():

@@ -514,3 +514,63 @@ def test_a_rise_that_learning_explains_is_no_boundary_a_reversed_taste_is(tmp_pa
     rep = round_of(9, 60, 8)  # as many likes, for the answers the versions unlearned
     assert "leaning" in [b["direction"] for b in rep["boundaries"]], rep
     assert learner.ewc.task_count == 1
+
+
+def test_a_candidate_over_the_kl_budget_is_shrunk_to_fit_from_its_smallest_step(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Refused at every step for its KL, the ¼ step is shrunk toward the base model by the
+    factor fitted to the KL it measured, then refitted once from the shrunk point's KL;
+    the point that passes is what the trainer holds. A point refused for something else
+    is shrunk by ¾ once, and a refusal there returns the trainer to the served weights."""
+    from sona_plugin.learner import cycle
+    from sona_plugin.training.gate import GateResult, PromotionGate
+
+    rng = np.random.default_rng(11)
+    host = TinyHost(tmp_path, tiny_model_dir, gate_max_kl_per_answer=3.0)
+    learner = Learner(host, epochs=1)
+    feed(host, 0, 30, rng)
+    assert learner.run(gate=False)["version"] == 1  # a served version to shrink toward
+    trainer = learner.trainer
+    params = trainer.named_lora_params()
+    start = {n: p.detach().clone() for n, p in params.items()}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-2)
+    cand = {n: p.detach().clone() for n, p in params.items()}
+
+    def run(verdicts):
+        calls = iter(verdicts)
+
+        def evaluate(self, *a, **k):
+            passed, failed, kl = next(calls)
+            return GateResult(
+                passed, {"kl_per_answer": kl}, [f"{f} failed" for f in failed], {}, failed
+            )
+
+        monkeypatch.setattr(PromotionGate, "evaluate", evaluate)
+        cycle._set_lora(trainer, start, cand, 1.0)
+        return learner._gate(start, [], probe=False)
+
+    over = (False, ["kl_budget"], 6.0)
+    passed, rep, point = run(
+        [over, over, (False, ["kl_budget"], 4.0), (False, ["kl_budget"], 3.4), (True, [], 2.9)]
+    )
+    c1 = (0.9 * 3.0 / 4.0) ** (1 / 1.5)  # fitted to the ¼ step's KL
+    c2 = c1 * (0.9 * 3.0 / 3.4) ** (1 / 1.5)  # refitted to the shrunk point's KL
+    assert passed and point == {"step": 0.25, "shrink": round(c2, 4)}
+    assert [t.get("shrink") for t in rep["tried"]] == [None, None, None, round(c1, 4), round(c2, 4)]
+    for n, p in params.items():
+        quarter = start[n] + 0.25 * (cand[n] - start[n])
+        want = quarter * round(c2, 4) if "lora_B" in n else quarter
+        torch.testing.assert_close(p.detach(), want)
+
+    off = (False, ["on_topic"], 2.0)
+    passed, rep, point = run([off, off, off, off])
+    assert not passed and point is None
+    assert [t.get("shrink") for t in rep["tried"]] == [None, None, None, 0.75]
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), start[n])
+    assert cycle.shrink_to_budget(6.0, 0.0) == 0.75  # no budget: the plain shrink
+    assert cycle.shrink_to_budget(100.0, 3.0) == 0.25  # never below a quarter
