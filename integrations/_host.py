@@ -257,9 +257,16 @@ class LearningHost:
         if micro_decay != 1.0:
             self.shrink_micro(micro_decay)
 
-    def set_micro_norm_cap(self, cap: float) -> None:
-        """Bound the served MicroLoRA's ``||s·B·A||_F`` from its next update on (on this
-        host: replicas keep their own bound)."""
+    def set_micro_norm_cap(self, cap: float, as_of: int = 0) -> None:
+        """Bound the served MicroLoRA's ``||s·B·A||_F`` from its next update on: on every
+        replica when replicated, unless the deployment's bound is newer than ``as_of``."""
+        if self._replica is not None:
+            self._replica.set_norm_cap(cap, as_of)
+        else:
+            self._apply_norm_cap(cap)
+
+    def _apply_norm_cap(self, cap: float) -> None:
+        """Bound this host's MicroLoRA updates by ``cap``."""
         self.engine.micro_lora.norm_cap = float(cap)
 
     def shrink_micro(self, factor: float) -> None:

@@ -11,6 +11,9 @@ instant log, it takes feedback forwarded to it, and it follows the published ver
   other replica's: once all have read the same ``seq`` their weights are bit-identical.
 - A decay after a new BaseLoRA version is logged as a ``scale`` by the trainer; replicas
   that follow the version apply it from the log (not on their own).
+- The MicroLoRA's norm bound, which the trainer's drift check sets, is the store's
+  (``sona_micro_bound``): every replica reads it before an instant update and on every
+  wake-up, so no replica grows the shared MicroLoRA past it.
 - A thread wakes on ``NOTIFY`` (or every ``poll_s``), follows the registry's CURRENT,
   reads new log entries, and takes the forwarded feedback whose response it holds.
 - A replica that starts (or restarts) begins at the newest snapshot in the log and
@@ -74,6 +77,7 @@ class ReplicaSync:
         self.applied = 0  # the last seq read
         self._last_snapshot = 0
         self._A, self._B = host._micro_arrays()
+        self.norm_cap: float | None = None  # the deployment's bound, once one is set
         self.forwards_taken = 0
         self.forwards_sent = 0
         self.last_error: str | None = None
@@ -85,6 +89,7 @@ class ReplicaSync:
             snap = self.log.latest_snapshot()
             self.applied = (snap or 1) - 1
             self._drain_locked()
+            self._follow_cap_locked()
 
     # -- the log ----------------------------------------------------------------------------
     def _drain_locked(self) -> int:
@@ -120,14 +125,30 @@ class ReplicaSync:
         return n
 
     def drain(self) -> int:
-        """Read the log to its end (the thread does this on every wake-up)."""
+        """Read the log to its end, and the norm bound (the thread does this on every
+        wake-up)."""
         with self.lock:
+            self._follow_cap_locked()
             return self._drain_locked()
+
+    def _follow_cap_locked(self) -> None:
+        cap = self.log.norm_cap()
+        if cap is not None and cap != self.norm_cap:
+            self.host._apply_norm_cap(cap)
+            self.norm_cap = cap
+
+    def set_norm_cap(self, cap: float, as_of: int) -> None:
+        """Bound every replica's MicroLoRA by ``cap`` (through the store; ignored when the
+        store's bound was set as of a later record)."""
+        with self.lock:
+            self.log.set_norm_cap(cap, as_of)
+            self._follow_cap_locked()
 
     def instant(self, response_id: str, update: Callable[[], T]) -> T:
         """Run ``update`` (the host's instant update of one feedback, in place), log the
         change it made, and serve the log's state with it applied."""
         with self.lock:
+            self._follow_cap_locked()  # the update is bounded as every replica's is
             self._drain_locked()  # the update sees the newest weights the log has
             try:
                 out = update()
@@ -252,6 +273,7 @@ class ReplicaSync:
                 "applied_seq": self.applied,
                 "last_snapshot_seq": self._last_snapshot,
                 "micro_lora_sha256": micro_digest(self._A, self._B),
+                "micro_lora_norm_cap": self.norm_cap,
                 "forwards_taken": self.forwards_taken,
                 "forwards_sent": self.forwards_sent,
                 "running": self._thread is not None and self._thread.is_alive(),

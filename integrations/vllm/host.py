@@ -284,7 +284,7 @@ class VllmHost(LearningHost):
         self._rpc("sona_decay", factor)
         self.micro_lora()  # the mirror follows
 
-    def set_micro_norm_cap(self, cap: float) -> None:
+    def _apply_norm_cap(self, cap: float) -> None:
         self._rpc("sona_set_norm_cap", cap)
         self.engine.micro_lora.norm_cap = float(cap)
 

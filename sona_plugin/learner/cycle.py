@@ -251,7 +251,7 @@ class Learner:
         self.micro_cap = meta.get("micro_cap")
         self.micro_checked_id = int(meta.get("micro_checked_id", self.last_id))
         if self.micro_cap is not None:
-            self.host.set_micro_norm_cap(self.micro_cap)
+            self.host.set_micro_norm_cap(self.micro_cap, as_of=self.micro_checked_id)
         self.split = PromptSplit.from_state(arrays, meta["split"])
         self.host.engine.reasoning_bank.load_state_dict(
             {k[5:]: v for k, v in arrays.items() if k.startswith("bank.")}, meta["bank"]
@@ -648,7 +648,7 @@ class Learner:
             self.micro_cap = next_cap(
                 self.micro_cap, out["delta_norm"], scale, host.engine.config.micro_lora_norm_cap
             )
-            host.set_micro_norm_cap(self.micro_cap)
+            host.set_micro_norm_cap(self.micro_cap, as_of=self.micro_checked_id)
         except Exception as e:  # the version is served: report, keep the MicroLoRA
             logger.error("MicroLoRA drift check failed: %s", e)
             out.update(error=str(e), tried=tried)

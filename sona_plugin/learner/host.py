@@ -45,8 +45,10 @@ class Host(Protocol):
         """Scale the served MicroLoRA's delta (``s·B·A``) by ``factor`` in [0, 1] (every
         replica alike); ``engine.micro_lora`` holds the served MicroLoRA's weights."""
 
-    def set_micro_norm_cap(self, cap: float) -> None:
-        """Bound the served MicroLoRA's ``||s·B·A||_F`` from its next update on."""
+    def set_micro_norm_cap(self, cap: float, as_of: int = 0) -> None:
+        """Bound the served MicroLoRA's ``||s·B·A||_F`` from its next update on (every
+        replica alike; ``as_of``: the last record the drift check that chose it covered, so
+        a replica restoring an older state leaves a newer bound in place)."""
 
     def sample_answers(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Answers sampled from the served model (ids, stop token included); raises

@@ -17,6 +17,14 @@ sit beside its ``feedback`` table (created on first use, ``IF NOT EXISTS``):
     Each append sends ``NOTIFY sona_instant``; a trainer that moves the registry's CURRENT
     sends ``NOTIFY sona_registry``.
 
+``sona_micro_bound``
+    One row: the MicroLoRA's norm bound (``||s·B·A||_F``) that the trainer's drift check
+    last set, with ``as_of``, the last feedback record that check covered. Every replica
+    bounds its instant updates by it (a ``delta`` is computed by the replica that took the
+    feedback, under its own bound, and applied everywhere). A write with an older
+    ``as_of`` than the row's (a replica restoring an older version's state) changes
+    nothing.
+
 ``sona_forward``
     A feedback posted to a replica that did not generate the response. The replica that
     received it inserts a ``pending`` row and sends ``NOTIFY sona_forward``; the replica
@@ -94,6 +102,15 @@ _SCHEMA = (
         result       TEXT,
         requested_at DOUBLE PRECISION NOT NULL,
         finished_at  DOUBLE PRECISION
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS sona_micro_bound (
+        one_row  BOOLEAN          PRIMARY KEY DEFAULT TRUE CHECK (one_row),
+        norm_cap DOUBLE PRECISION NOT NULL,
+        as_of    BIGINT           NOT NULL,
+        set_by   TEXT             NOT NULL,
+        set_at   DOUBLE PRECISION NOT NULL
     )
     """,
     "CREATE INDEX IF NOT EXISTS sona_forward_pending ON sona_forward (id) WHERE state = 'pending'",
@@ -281,6 +298,31 @@ class ReplicaLog:
         with self.store._connection() as conn:
             cur = conn.execute("DELETE FROM sona_instant_log WHERE seq < %s", (before_seq,))
             return cur.rowcount
+
+    # -- the MicroLoRA's norm bound ------------------------------------------------------------
+    def set_norm_cap(self, cap: float, as_of: int) -> float:
+        """Make ``cap`` every replica's MicroLoRA norm bound, unless the bound in the store
+        was set as of a later record than ``as_of``; returns the bound in force."""
+        c = float(cap)
+        if not (np.isfinite(c) and c > 0):
+            raise InvalidValue(f"norm_cap must be a positive number, got {cap!r}")
+        with self.store._connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO sona_micro_bound (norm_cap, as_of, set_by, set_at) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (one_row) DO UPDATE SET "
+                "norm_cap = EXCLUDED.norm_cap, as_of = EXCLUDED.as_of, "
+                "set_by = EXCLUDED.set_by, set_at = EXCLUDED.set_at "
+                "WHERE sona_micro_bound.as_of <= EXCLUDED.as_of",
+                (c, int(as_of), self.name, time.time()),
+            )
+            conn.execute("SELECT pg_notify(%s, %s)", (INSTANT_CHANNEL, "bound"))
+            return float(conn.execute("SELECT norm_cap FROM sona_micro_bound").fetchone()[0])
+
+    def norm_cap(self) -> float | None:
+        """The deployment's MicroLoRA norm bound (None: no drift check has set one)."""
+        with self.store._connection() as conn:
+            row = conn.execute("SELECT norm_cap FROM sona_micro_bound").fetchone()
+        return None if row is None else float(row[0])
 
     def notify_published(self, version: int) -> None:
         """Tell the replicas that the registry's CURRENT now names ``version``."""

@@ -190,7 +190,7 @@ class TinyHost:
     def shrink_micro(self, factor: float) -> None:
         self.engine.micro_lora.shrink(factor)
 
-    def set_micro_norm_cap(self, cap: float) -> None:
+    def set_micro_norm_cap(self, cap: float, as_of: int = 0) -> None:
         self.engine.micro_lora.norm_cap = cap
 
     def sample_answers(self, prompt_ids, max_new_tokens):

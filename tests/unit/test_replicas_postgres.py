@@ -136,6 +136,28 @@ def test_a_late_replica_and_a_decay_follow_the_log(replicas, monkeypatch):
     assert late.learner_stats() is not None and "replica" in late.stats()
 
 
+def test_the_drift_checks_norm_bound_holds_on_every_replica(replicas):
+    """The trainer's drift check lowers the MicroLoRA's norm bound: a feedback taken at
+    another replica is bounded by it too (its delta is applied everywhere), and a replica
+    restoring an older state's bound (an older ``as_of``) does not raise it again."""
+    a, b = replicas("a"), replicas("b")
+    a.set_micro_norm_cap(1e-3, as_of=10)  # what Learner._bound_micro does on the trainer
+    assert wait_for(lambda: b.engine.micro_lora.norm_cap == 1e-3)
+    for w in ("abc", "hello", "xyz"):
+        b.feedback(generate(b, w), liked=True)
+    assert wait_for(lambda: digest(a) == digest(b))
+    for p in (a, b):
+        m = p.engine.micro_lora
+        assert 0 < m.delta_norm() <= 1e-3 * (1 + 1e-4)
+    b.set_micro_norm_cap(0.5, as_of=5)  # an older version's saved bound
+    assert a._replica.log.norm_cap() == 1e-3
+    assert (
+        b.engine.micro_lora.norm_cap == 1e-3 and b.stats()["replica"]["micro_lora_norm_cap"] == 1e-3
+    )
+    late = replicas("late")  # joins under the deployment's bound, not its config's
+    assert late.engine.micro_lora.norm_cap == 1e-3
+
+
 def test_the_log_orders_snapshots_and_refuses_a_stale_one(url):
     store = open_store(url)
     try:
