@@ -4,7 +4,7 @@ rollback; what the served model does at every checkpoint.
     python benchmarks/long_horizon.py [--phases 400 400 400] [--tastes warm plain]
         [--per-round 50] [--restart-at 600] [--rollback-at 1000] [--seed 0]
         [--rerank K] [--sona-config JSON] [--out results/long_horizon.json]
-        [--plot docs/long_horizon.png]
+        [--plot docs/long_horizon.png] [--state-dir DIR [--resume]]
 
 Phases: taste A alone, then taste B alone (no ``mark_task_boundary``: the learner must
 notice the shift itself), then A and B both liked (an answer is liked when either taste
@@ -32,6 +32,12 @@ prompt stream, the sampling and the trainer (LoRA initialisation, batch order).
 trained versions: the stream's feedback is on the served (reranked) answers, and the
 sampled liked-rates above are those of served best-of-K answers; greedy answers are not
 reranked.
+
+A run longer than one sitting: ``--state-dir DIR`` keeps the deployment (store, versions,
+learner state) in ``DIR``, and ``--resume`` continues the run saved in ``--out`` from its
+last checkpoint with that deployment, as a process restart would (the run's own settings
+come from ``--out``). Feedback a killed run stored after its last checkpoint stays in the
+store, is trained on by the next cycle, and is counted in the ``resume`` event.
 """
 
 from __future__ import annotations
@@ -57,6 +63,18 @@ from sona_plugin.training.gate import ANCHOR_TEXTS, anchor_nll, on_topic_score  
 
 MAX_NEW = 40
 EVAL_PROMPTS = 32
+# what a resumed run takes from the run it continues
+RUN_SETTINGS = (
+    "phases",
+    "tastes",
+    "per_round",
+    "restart_at",
+    "rollback_at",
+    "seed",
+    "eval_prompts",
+    "rerank",
+    "sona_config",
+)
 
 
 def new_pipe(state_dir: Path, seed: int, rerank: int = 1, extra: dict | None = None):
@@ -171,6 +189,15 @@ def main() -> None:
     ap.add_argument("--out", default="results/long_horizon.json")
     ap.add_argument("--plot", default="docs/long_horizon.png")
     ap.add_argument(
+        "--state-dir",
+        help="keep the deployment here (default: a temporary directory, removed at the end)",
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --out with the deployment in --state-dir",
+    )
+    ap.add_argument(
         "--table",
         metavar="JSON",
         help="print a saved run as a Markdown table (and plot it with --plot), then exit",
@@ -183,6 +210,13 @@ def main() -> None:
         if args.plot:
             plot(result, dict.fromkeys(names), Path(args.plot))
         return
+    result = None
+    if args.resume:
+        if not args.state_dir:
+            ap.error("--resume needs --state-dir (where the run keeps its deployment)")
+        result = json.loads(Path(args.out).read_text())
+        for key in RUN_SETTINGS:
+            setattr(args, key, result["args"][key])
     torch.set_num_threads(args.threads)
     a, b = taste_rule(args.tastes[0]), taste_rule(args.tastes[1])
     rules = {a.name: a, b.name: b}
@@ -194,19 +228,38 @@ def main() -> None:
     stream = STREAM_PROMPTS[:]
     random.Random(args.seed).shuffle(stream)
     held = HELDOUT_PROMPTS[: args.eval_prompts]
-    state = Path(tempfile.mkdtemp(prefix="sona-long-"))
+    if args.state_dir:
+        state = Path(args.state_dir)
+        state.mkdir(parents=True, exist_ok=True)
+    else:
+        state = Path(tempfile.mkdtemp(prefix="sona-long-"))
     pipe = new_pipe(state, args.seed, args.rerank, args.sona_config)
     trained = trained_prompts(pipe, stream, args.eval_prompts)
-    t0 = time.time()
-    base = evaluate(pipe, rules, held, trained, args.seed, None)
+    if result is None:
+        t0 = time.time()
+        base = evaluate(pipe, rules, held, trained, args.seed, None)
+        rows = [{"feedback": 0, "phase": "base", **base}]
+        print(f"base: {json.dumps({k: v for k, v in base.items() if k != 'samples'})}", flush=True)
+        result = {"args": vars(args), "base": base, "rows": rows, "events": []}
+    else:  # a restart from the last checkpoint
+        base, rows = result["base"], result["rows"]
+        t0 = time.time() - rows[-1].get("seconds", 0.0)
+        result["events"].append(
+            {
+                "feedback": rows[-1]["feedback"],
+                "event": "resume",
+                "records_used": pipe.learner.last_id,
+                "stored": pipe.store.count(),
+                "pending": pipe.learner.pending(),
+            }
+        )
+        print(f"        resume: {result['events'][-1]}", flush=True)
     p0 = {n: base[n]["heldout_sampled"] for n in rules}
     p0["A+B"] = None
-    rows = [{"feedback": 0, "phase": "base", **base}]
-    print(f"base: {json.dumps({k: v for k, v in base.items() if k != 'samples'})}", flush=True)
-    n, k = 0, 0
-    result = {"args": vars(args), "base": base, "rows": rows, "events": []}
+    n, k = rows[-1]["feedback"], len(rows) - 1
+    end = 0
     for phase, rule, count in phases:
-        end = n + count
+        end += count
         while n < end:
             prompts = [stream[(n + i) % len(stream)] for i in range(args.per_round)]
             outs = answers(
@@ -309,7 +362,8 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     pipe.close()
-    shutil.rmtree(state, ignore_errors=True)
+    if not args.state_dir:
+        shutil.rmtree(state, ignore_errors=True)
     if args.plot:
         plot(result, rules, Path(args.plot))
 
