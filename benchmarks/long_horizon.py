@@ -305,7 +305,11 @@ def main() -> None:
                     for x in ("on_topic_ratio", "on_topic_ratio_lower")
                 ],
                 "gate_tried": [
-                    {x: v for x, v in t.items() if x != "metrics"} for t in gate.get("tried", [])
+                    {
+                        **{x: v for x, v in t.items() if x != "metrics"},
+                        "kl": (t.get("metrics") or {}).get("kl_per_answer"),
+                    }
+                    for t in gate.get("tried", [])
                 ],
                 "boundaries": rep.get("boundaries"),
                 "liked_rate_rises": rep.get("liked_rate_rises"),
