@@ -719,12 +719,13 @@ class Learner:
             shrinks = 0
             while served is not None and not g.passed and shrinks < SHRINK_TRIES:
                 last = tried[-1]
+                over = "kl_budget" in last["failed"]
+                if shrinks and not over:
+                    break  # a shrunk point failed on something else: no better guess
                 c = last.get("shrink", 1.0) * shrink_to_budget(
                     last["metrics"].get("kl_per_answer"),
-                    gate.max_kl_per_answer if "kl_budget" in last["failed"] else 0.0,
+                    gate.max_kl_per_answer if over else 0.0,
                 )
-                if shrinks and "kl_budget" not in last["failed"]:
-                    break  # a fitted shrink failed on something else: no better guess
                 point = {"step": small, "shrink": round(c, 4)}
                 g = evaluate(point)
                 shrinks += 1
