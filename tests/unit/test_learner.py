@@ -39,30 +39,36 @@ def bernoulli(rng, p, n):
 # ----------------------------------------------------------------------- shift detection
 def test_shift_detector_false_alarm_rate_and_delay():
     rng = np.random.default_rng(0)
-    for p in (0.1, 0.4, 0.9):  # stationary: the stated ~0.13 per 1,000, whatever the rate
+    for p in (0.1, 0.4, 0.9):  # stationary: the stated 0.05-0.85 per 1,000
         det = ShiftDetector()
         alarms = sum(det.update(r) is not None for r in bernoulli(rng, p, 20_000))
-        assert alarms <= 12, (p, alarms)
-    delays = {"down": [], "up": []}
+        assert alarms <= 30, (p, alarms)
+    delays = {(0.7, 0.2): [], (0.84, 0.56): [], (0.3, 0.75): []}
     for _trial in range(40):
-        for side, (a, b) in (("down", (0.7, 0.2)), ("up", (0.3, 0.75))):
+        for a, b in delays:
+            side = "down" if b < a else "up"
             det = ShiftDetector()
             for r in bernoulli(rng, a, 300):
                 det.update(r)
             got = [i for i, r in enumerate(bernoulli(rng, b, 200)) if det.update(r) == side]
-            delays[side].append(got[0] if got else 999)
-    assert np.median(delays["down"]) <= 30 and np.percentile(delays["down"], 90) <= 60, delays
-    assert np.median(delays["up"]) <= 40, delays
+            delays[a, b].append(got[0] if got else 999)
+    assert np.median(delays[0.7, 0.2]) <= 30 and np.percentile(delays[0.7, 0.2], 90) <= 60
+    # a drop of 28 points, the long run's warm -> plain: the reference does not follow it
+    assert np.median(delays[0.84, 0.56]) <= 45 and np.mean(np.less(delays[0.84, 0.56], 100)) >= 0.85
+    assert np.median(delays[0.3, 0.75]) <= 40, delays
 
 
-def test_shift_detector_ignores_the_rise_that_learning_causes_and_round_trips():
+def test_shift_detector_learning_raises_no_drop_alarm_and_round_trips():
     rng = np.random.default_rng(1)
-    alarms = 0
-    for _ in range(30):  # 0.3 -> 0.6 over 200 feedbacks: a deployment learning
+    downs = ups = 0
+    for _ in range(30):  # 0.3 -> 0.9 over 200 feedbacks: a deployment learning
         det = ShiftDetector()
-        p = np.r_[np.linspace(0.3, 0.6, 200), np.full(100, 0.6)]
-        alarms += sum(det.update(r) is not None for r in np.where(rng.random(300) < p, 1.0, -1.0))
-    assert alarms <= 4, alarms
+        p = np.r_[np.linspace(0.3, 0.9, 200), np.full(100, 0.9)]
+        sides = [det.update(r) for r in np.where(rng.random(300) < p, 1.0, -1.0)]
+        downs += sides.count("down")
+        ups += sides.count("up")
+    # the rise is "up" alarms (the learner explains them by the leaning test), not drops
+    assert downs <= 3 and ups >= 30, (downs, ups)
     det = ShiftDetector()
     stream = bernoulli(rng, 0.5, 100)
     for r in stream[:60]:
@@ -70,6 +76,9 @@ def test_shift_detector_ignores_the_rise_that_learning_causes_and_round_trips():
     back = ShiftDetector.from_state(det.state_dict())
     assert [det.update(r) for r in stream[60:]] == [back.update(r) for r in stream[60:]]
     assert det.state_dict() == back.state_dict()
+    # an older release's saved settings do not come back with its state
+    old = {**det.state_dict(), "delta": 0.25, "warmup": 20, "horizon": 25.0}
+    assert ShiftDetector.from_state(old).delta == ShiftDetector().delta
 
 
 def test_auc_counts_ties_as_half():
