@@ -11,7 +11,7 @@ raise an alarm when either exceeds ``h``; both are then reset and the warm-up st
 
 The reference does not follow the stream. It used to (an exponential average with a
 25-feedback horizon, so that the rise learning causes was not an alarm), and a real shift
-was followed too: warm → plain took the stream's liked-rate from 84 % to 56 % and the
+was followed too: warm → plain took the stream's liked-rate from 78 % to 56 % and the
 followed reference came down before either CUSUM crossed. Learning's rise is now told
 apart by the learner instead (an "up" alarm is a boundary only when the leaning test
 corroborates it, ``cycle.RISE_CONFIRM_Z``), so here an "up" alarm while the model learns
