@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import StateError
 from .micro_lora import MicroLoRA
+from .store.base import FeedbackRecord
 
 
 def write_peft_export(
@@ -109,6 +111,15 @@ def export_patterns(state_dir: Path, out: Path) -> int:
     return len(pats)
 
 
+def _all_records(store: Any, page: int = 1000) -> Iterator[FeedbackRecord]:
+    """Every live record, oldest first, read a page at a time (a long deployment's store
+    does not fit in memory at once)."""
+    since = 0
+    while batch := store.records(since_id=since, limit=page):
+        yield from batch
+        since = batch[-1].id
+
+
 def export_preferences(state_dir: Path, out: Path) -> int:
     """Stored feedback as prompt/completion/label rows (TRL's KTO format); neutral rewards
     (0) are left out."""
@@ -118,7 +129,7 @@ def export_preferences(state_dir: Path, out: Path) -> int:
     n = 0
     try:
         with open(out, "w") as f:
-            for r in store.records():
+            for r in _all_records(store):
                 if r.reward == 0:
                     continue
                 f.write(

@@ -18,7 +18,9 @@ cycles, deep cycles, rollbacks and boundaries never overlap):
 3. the new training-side records go into the ReasoningBank (plain mean quality per
    pattern, ``k ≈ √(n/2)`` clusters per cycle); the training set is those records plus
    replay of older training-side records (and kept dreams), drawn balanced across
-   patterns (``select_training_set``).
+   patterns (``select_training_set``). A cycle reads only the records it uses: the new
+   ones, the newest held-out ones, and the training side up to ``REPLAY_POOL_MAX`` (a
+   uniform draw past that), so its cost does not grow with weeks of stored feedback.
 4. the trainer (a private copy of the base model with a PEFT LoRA, continuing from the
    served version) takes REINFORCE + KL-to-base + EWC++ steps.
 5. the gate (``PromotionGate``) compares the candidate with the served adapter on
@@ -85,6 +87,9 @@ PROBE_PROMPTS = [
     "What does a thermometer measure?",
 ]
 HELDOUT_MAX = 40
+# training-side records a cycle reads for replay and dreams: all of them up to this many,
+# past it a uniform draw (a cycle's reads do not grow with the store)
+REPLAY_POOL_MAX = 4096
 # a rise of the liked-rate (the CUSUM's "up" alarm) is a taste shift only when liked
 # answers also lean less toward what the served version learned: z of the leaning test
 # above this (one-sided 5 %); otherwise learning explains it and no EWC++ task starts
@@ -322,20 +327,35 @@ class Learner:
             newest = self.host.store.records(since_id=max(self.micro_checked_id, self.last_id))
             if newest:
                 self.micro_checked_id = max(r.id for r in newest)
-            heldout = self._heldout(self.host.store.records(since_id=0, limit=None))
+                self.split.assign(newest)
+            heldout = self._heldout()
             self.ensure_trainer()  # holds the served weights between cycles
             report = self._bound_micro(heldout, probe)
             self.micro_checks += 1
             return report
 
-    def training_records(self) -> list[FeedbackRecord]:
-        """Used records on the training side (never a held-out prompt)."""
-        recs = self.host.store.records(since_id=0, limit=None)
-        recs = [r for r in recs if r.id is not None and r.id <= self.last_id]
-        return [r for r, held in zip(recs, self.split.assign(recs)) if not held]
+    def training_records(self, newest: int | None = None) -> list[FeedbackRecord]:
+        """Used records on the training side (never a held-out prompt), oldest first: the
+        ``newest`` of them, or all of them up to ``REPLAY_POOL_MAX``, past which that many
+        are drawn uniformly (seeded by the cycle). Only the records wanted are read."""
+        ids = sorted(i for i, held in self.split.sides.items() if not held and i <= self.last_id)
+        if newest is not None:
+            ids = ids[-newest:] if newest > 0 else []
+        elif len(ids) > REPLAY_POOL_MAX:
+            rng = np.random.default_rng([self.seed, self.cycles, 0x9E1])
+            ids = sorted(int(i) for i in rng.choice(ids, REPLAY_POOL_MAX, replace=False))
+        return self.host.store.records_with_ids(ids)
 
-    def _heldout(self, records: list[FeedbackRecord]) -> list[FeedbackRecord]:
-        return [r for r, held in zip(records, self.split.assign(records)) if held][-HELDOUT_MAX:]
+    def _heldout(self) -> list[FeedbackRecord]:
+        """The newest ``HELDOUT_MAX`` live held-out records, oldest first (the gate's
+        evidence); read newest first, past any quarantined or deleted ones."""
+        ids = sorted(i for i, held in self.split.sides.items() if held)
+        out: list[FeedbackRecord] = []
+        while ids and len(out) < HELDOUT_MAX:
+            take = HELDOUT_MAX - len(out)
+            batch, ids = ids[-take:], ids[:-take]
+            out = self.host.store.records_with_ids(batch) + out
+        return out
 
     # -- boundaries -------------------------------------------------------------------------
     def mark_task_boundary(self, reason: str = "marked") -> bool:
@@ -345,7 +365,7 @@ class Learner:
             params = {n: p.detach().cpu().numpy() for n, p in trainer.named_lora_params().items()}
             if self.ewc.fisher_updates == 0:
                 # no Fisher yet at these weights: estimate it on recent training answers
-                trainer.update_fisher(self.training_records()[-64:])
+                trainer.update_fisher(self.training_records(newest=64))
             started = bool(self.ewc.start_new_task(params))
             self.boundaries.append(
                 {
@@ -435,10 +455,9 @@ class Learner:
                 skipped="no new feedback since the last cycle", seconds=time.perf_counter() - t0
             )
             return report
-        everything = store.records(since_id=0, limit=None)
         sides = self.split.assign(new)
         train_new = [r for r, held in zip(new, sides) if not held]
-        heldout = self._heldout(everything)
+        heldout = self._heldout()
         report.update(heldout=len(heldout), heldout_new=len(new) - len(train_new))
 
         z, z_now = None, None
@@ -487,11 +506,7 @@ class Learner:
                     k=clusters_for(len(train_new), host.engine.config.pattern_clusters)
                 )
             )
-        replay = [
-            r
-            for r, held in zip(everything, self.split.assign(everything))
-            if not held and r.id <= self.last_id
-        ] + self.dreams
+        replay = self.training_records() + self.dreams
         selected = select_training_set(
             train_new,
             bank=bank if self.replay == "balanced" else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -50,6 +51,11 @@ class TrajectoryStore(Protocol):
 
     def records(self, since_id: int = 0, limit: int | None = None) -> list[FeedbackRecord]:
         """Live (not quarantined) records with row id > since_id, oldest first."""
+
+    def records_with_ids(self, ids: Sequence[int]) -> list[FeedbackRecord]:
+        """The live records among row ids ``ids``, oldest first (unknown, deleted and
+        quarantined ids are left out): what a learner reads when it knows which records it
+        wants, so that a cycle's reads do not grow with the store."""
 
     def count(self, since_id: int = 0) -> int:
         """How many live records have a row id above ``since_id``; cheap enough to poll."""

@@ -32,7 +32,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from urllib.parse import urlsplit, urlunsplit
 
@@ -322,6 +322,20 @@ class PostgresStore:
                 f"SELECT {_COLUMNS} FROM feedback WHERE id > %s AND quarantined_at IS NULL "
                 f"ORDER BY id LIMIT %s",
                 (int(since_id), None if limit is None else int(limit)),
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    def records_with_ids(self, ids: Sequence[int]) -> list[FeedbackRecord]:
+        """The live records among row ids ``ids``, oldest first (unknown, deleted and
+        quarantined ids are left out)."""
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            return []
+        with self._connection() as conn:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM feedback WHERE id = ANY(%s) AND quarantined_at IS NULL "
+                f"ORDER BY id",
+                (wanted,),
             ).fetchall()
         return [_record(r) for r in rows]
 

@@ -34,6 +34,7 @@ import numbers
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,9 @@ LIST_LIMIT_MAX = 1000
 
 PRUNE_BATCH = 1000
 """Rows ``prune`` deletes per transaction, so it never holds the write lock for long."""
+
+IDS_PER_QUERY = 500
+"""Row ids per query in ``records_with_ids`` (SQLite caps a statement's parameters)."""
 
 
 def _token_ids(name: str, ids: object) -> list[int]:
@@ -413,6 +417,22 @@ class SqliteStore:
                 )
                 .fetchall()
             )
+        return [_record(r) for r in rows]
+
+    def records_with_ids(self, ids: Sequence[int]) -> list[FeedbackRecord]:
+        """The live records among row ids ``ids``, oldest first (unknown, deleted and
+        quarantined ids are left out); read in chunks of ``IDS_PER_QUERY``."""
+        wanted = sorted({int(i) for i in ids})
+        rows: list[tuple] = []
+        with self._lock:
+            conn = self._connection()
+            for s in range(0, len(wanted), IDS_PER_QUERY):
+                chunk = wanted[s : s + IDS_PER_QUERY]
+                rows += conn.execute(
+                    f"SELECT {_COLUMNS} FROM feedback WHERE quarantined_at IS NULL AND id IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY id",
+                    chunk,
+                ).fetchall()
         return [_record(r) for r in rows]
 
     def count(self, since_id: int = 0) -> int:

@@ -49,6 +49,19 @@ def test_preferences_are_kto_rows_without_neutral_feedback(state, tmp_path, caps
     assert "3 preference rows" in capsys.readouterr().out
 
 
+def test_preferences_read_the_store_a_page_at_a_time(state):
+    from sona_plugin.export import _all_records
+
+    store = open_store(state / "sona.db")
+    store.quarantine("r1")
+    pages: list[int] = []
+    real = store.records
+    store.records = lambda **k: pages.append(len(got := real(**k))) or got
+    assert [r.response_id for r in _all_records(store, page=2)] == ["r0", "r2", "r3"]
+    assert pages == [2, 1, 0]  # never more than a page in memory
+    store.close()
+
+
 def test_patterns_export_one_json_line_per_pattern(state, tmp_path):
     out = tmp_path / "patterns.jsonl"
     assert main(["export", "--state-dir", str(state), "--patterns", str(out)]) == 0

@@ -325,6 +325,47 @@ def test_rollback_trains_from_the_rolled_to_version(tmp_path, tiny_model_dir):
     assert host.registry.get(3).parent == 1  # derived from the version rolled back to
 
 
+def test_a_cycle_reads_the_records_it_uses_not_the_whole_store(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from sona_plugin.learner import cycle
+
+    rng = np.random.default_rng(11)
+    host = TinyHost(tmp_path, tiny_model_dir)
+    learner = Learner(host, epochs=1)
+    feed(host, 0, 600, rng)  # a long deployment's feedback, already trained on
+    used = host.store.records()
+    learner.split.assign(used)
+    learner.last_id = used[-1].id
+    held = [r.id for r in used if learner.split.sides[r.id]]
+    assert [r.id for r in learner._heldout()] == held[-cycle.HELDOUT_MAX :]
+    host.store.quarantine(f"resp{held[-1] - 1}")  # the newest held-out one leaves the window
+    assert [r.id for r in learner._heldout()] == held[-cycle.HELDOUT_MAX - 1 : -1]
+    train_side = [r.id for r in used if not learner.split.sides[r.id]]
+    monkeypatch.setattr(cycle, "REPLAY_POOL_MAX", 10_000)
+    assert [r.id for r in learner.training_records()] == train_side  # all, below the cap
+    monkeypatch.setattr(cycle, "REPLAY_POOL_MAX", 64)
+    pool = learner.training_records()
+    assert len(pool) == 64 and not any(learner.split.sides[r.id] for r in pool)
+    assert pool[0].id < used[300].id < pool[-1].id  # drawn over the whole history
+    assert [r.id for r in learner.training_records(newest=3)] == train_side[-3:]
+
+    read: list[int] = []
+    for name in ("records", "records_with_ids"):
+        real = getattr(host.store, name)
+        monkeypatch.setattr(
+            host.store,
+            name,
+            lambda *a, _real=real, **k: read.append(len(out := _real(*a, **k))) or out,
+        )
+    feed(host, 600, 20, rng)
+    rep = learner.run(gate=False)
+    assert rep["published"] and rep["new_records"] == 20, rep
+    # 20 new, 40 held out, 64 replay candidates: not the 620 stored, twice
+    assert sum(read) <= 20 + cycle.HELDOUT_MAX + 64, read
+    assert rep["trained_on"] > 20 - rep["heldout_new"]  # replay came along
+
+
 def test_unhinted_shift_starts_a_new_ewc_task_from_the_served_weights(tmp_path, tiny_model_dir):
     rng = np.random.default_rng(5)
     host = TinyHost(tmp_path, tiny_model_dir)

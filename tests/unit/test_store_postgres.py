@@ -290,6 +290,19 @@ def test_quarantined_record_is_never_trained_on_and_still_blocks_new_feedback(ur
         assert s.get("resp-1").quarantine_reason == "prompt injection"
 
 
+def test_records_with_ids_returns_the_live_ones_oldest_first(url):
+    with open_store(url) as s:
+        ids = [s.add(make(i)) for i in range(1203)]  # more than one SQLite query's worth
+        s.quarantine("resp-5")
+        s.delete("resp-7")
+        wanted = [ids[9], ids[5], ids[7], ids[0], ids[9], 10**9, *ids[600:1203]]
+        got = s.records_with_ids(wanted)
+        want = [ids[0], ids[9], *ids[600:1203]]  # the quarantined, deleted, unknown left out
+        assert [r.id for r in got] == want
+        assert_same(got[1], s.get("resp-9"))
+        assert s.records_with_ids([]) == []
+
+
 def test_delete_removes_the_record_for_good_and_ids_are_not_reused(url):
     with open_store(url) as s:
         ids = [s.add(make(i)) for i in range(3)]
