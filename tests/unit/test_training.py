@@ -584,6 +584,18 @@ def test_gate_heldout_check_rejects_reversed_preference():
     assert not res.passed and any("held-out" in r for r in res.reasons)
     assert res.metrics["heldout_candidate"] < res.metrics["heldout_current"]
     assert json.loads(json.dumps(res.to_dict()))["passed"] is False
+    # the paired standard error of that difference is reported (a noise scale for it)
+    assert res.metrics["heldout_diff_se"] > 0 and "standard error" in res.reasons[0]
+
+
+def test_paired_se_is_the_standard_error_of_the_per_record_difference():
+    from sona_plugin.training.gate import paired_se
+
+    recs = [SimpleNamespace(reward=r) for r in (1.0, -1.0, 1.0, -1.0)]
+    a, b = torch.tensor([-1.0, -2.0, -1.5, -2.5]), torch.tensor([-1.2, -1.8, -1.5, -2.0])
+    d = np.array([1.0, -1.0, 1.0, -1.0]) * (a - b).numpy()  # rewards are centred already
+    assert paired_se(a, b, recs) == pytest.approx(d.std(ddof=1) / 2.0)
+    assert paired_se(a, a, recs) == 0.0 and paired_se(a[:1], b[:1], recs[:1]) == 0.0
 
 
 class _LoweredTokens(torch.nn.Module):
