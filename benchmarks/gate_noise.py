@@ -1,7 +1,7 @@
 """How large the gate's held-out score differences are against their noise: for every
 published version of a saved deployment, the reward-centred held-out score difference
-with the version before it (the base model for v1) on the gate's current window of 40
-held-out records, its paired standard error and their ratio.
+with the version before it (the base model for v1) on the gate's current window of
+held-out records (40 by default), its paired standard error and their ratio.
 
     python benchmarks/gate_noise.py STATE_DIR
 
@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sona_plugin.learner.cycle import HELDOUT_MAX  # noqa: E402
+from sona_plugin.config import SonaConfig  # noqa: E402
 from sona_plugin.learner.heldout import PromptSplit  # noqa: E402
 from sona_plugin.learner.state import STATE_FILE, load_state  # noqa: E402
 from sona_plugin.store import open_store  # noqa: E402
@@ -32,6 +32,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("state_dir", type=Path)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--records", type=int, default=SonaConfig().gate_heldout_records, help="window size"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from peft import PeftModel
@@ -42,7 +45,7 @@ def main() -> None:
     split = PromptSplit.from_state(arrays, meta["split"])
     with open_store(st / "sona.db") as store:
         held = store.records_with_ids(sorted(i for i, h in split.sides.items() if h))
-    held = held[-HELDOUT_MAX:]
+    held = held[-args.records :]
     source = json.loads((st / "pipeline.json").read_text())["model_source"]
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     versions = sorted(int(p.name[1:]) for p in (st / "adapters").glob("v0*"))

@@ -86,7 +86,6 @@ PROBE_PROMPTS = [
     "How do I write a good email subject line?",
     "What does a thermometer measure?",
 ]
-HELDOUT_MAX = 40
 # training-side records a cycle reads for replay and dreams: all of them up to this many,
 # past it a uniform draw (a cycle's reads do not grow with the store)
 REPLAY_POOL_MAX = 4096
@@ -347,12 +346,13 @@ class Learner:
         return self.host.store.records_with_ids(ids)
 
     def _heldout(self) -> list[FeedbackRecord]:
-        """The newest ``HELDOUT_MAX`` live held-out records, oldest first (the gate's
-        evidence); read newest first, past any quarantined or deleted ones."""
+        """The newest ``gate_heldout_records`` live held-out records, oldest first (the
+        gate's evidence); read newest first, past any quarantined or deleted ones."""
+        want = int(self.host.engine.config.gate_heldout_records)
         ids = sorted(i for i, held in self.split.sides.items() if held)
         out: list[FeedbackRecord] = []
-        while ids and len(out) < HELDOUT_MAX:
-            take = HELDOUT_MAX - len(out)
+        while ids and len(out) < want:
+            take = want - len(out)
             batch, ids = ids[-take:], ids[:-take]
             out = self.host.store.records_with_ids(batch) + out
         return out
@@ -773,6 +773,7 @@ def _gate_for(config: Any):
     return PromotionGate(
         max_kl_per_answer=config.gate_max_kl_per_answer,
         on_topic_confidence=config.gate_on_topic_confidence,
+        heldout_margin_se=config.gate_heldout_margin_se,
     )
 
 

@@ -355,6 +355,8 @@ class PromotionGate:
     Args:
         tolerance_nll: relative anchor-NLL increase allowed (0.05: 5 %).
         tolerance_heldout: absolute drop of the held-out feedback score allowed.
+        heldout_margin_se: further drop allowed, in paired standard errors of the score
+            difference (0: none; 1.645: refuse only a drop significant at one-sided 5 %).
         tolerance_liked: drop of the held-out liked answers' mean log-prob per token
             allowed (nats).
         max_kl_per_answer: check 4's budget in nats (0: check 4 off).
@@ -382,10 +384,12 @@ class PromotionGate:
         max_kl_per_answer: float = 0.0,
         kl_prompts: int = 16,
         on_topic_confidence: float = 0.95,
+        heldout_margin_se: float = 0.0,
     ):
         for name, v in (
             ("tolerance_nll", tolerance_nll),
             ("tolerance_heldout", tolerance_heldout),
+            ("heldout_margin_se", heldout_margin_se),
             ("min_on_topic_ratio", min_on_topic_ratio),
             ("tolerance_liked", tolerance_liked),
             ("max_kl_per_answer", max_kl_per_answer),
@@ -405,6 +409,7 @@ class PromotionGate:
             raise InvalidValue(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         self.tolerance_nll = float(tolerance_nll)
         self.tolerance_heldout = float(tolerance_heldout)
+        self.heldout_margin_se = float(heldout_margin_se)
         self.tolerance_liked = float(tolerance_liked)
         self.max_kl_per_answer = float(max_kl_per_answer)
         self.kl_prompts = int(kl_prompts)
@@ -469,11 +474,12 @@ class PromotionGate:
             (hc, lc), (hu, lu) = _scores(lp_c, heldout), _scores(lp_u, heldout)
             se = paired_se(lp_c, lp_u, heldout)
             metrics.update(heldout_candidate=hc, heldout_current=hu, heldout_diff_se=se)
-            if hc < hu - self.tolerance_heldout:
+            allowed = self.tolerance_heldout + self.heldout_margin_se * se
+            if hc < hu - allowed:
                 failed.append("heldout_score")
                 reasons.append(
-                    f"held-out feedback score fell: {hc:.4f} < {hu:.4f} - "
-                    f"{self.tolerance_heldout} (paired standard error {se:.4f})"
+                    f"held-out feedback score fell: {hc:.4f} < {hu:.4f} - {allowed:.4f} "
+                    f"(paired standard error {se:.4f})"
                 )
             if lc is not None and lu is not None:
                 metrics.update(heldout_liked_logprob_candidate=lc, heldout_liked_logprob_current=lu)

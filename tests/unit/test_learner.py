@@ -338,9 +338,10 @@ def test_a_cycle_reads_the_records_it_uses_not_the_whole_store(
     learner.split.assign(used)
     learner.last_id = used[-1].id
     held = [r.id for r in used if learner.split.sides[r.id]]
-    assert [r.id for r in learner._heldout()] == held[-cycle.HELDOUT_MAX :]
+    window = host.engine.config.gate_heldout_records
+    assert [r.id for r in learner._heldout()] == held[-window:]
     host.store.quarantine(f"resp{held[-1] - 1}")  # the newest held-out one leaves the window
-    assert [r.id for r in learner._heldout()] == held[-cycle.HELDOUT_MAX - 1 : -1]
+    assert [r.id for r in learner._heldout()] == held[-window - 1 : -1]
     train_side = [r.id for r in used if not learner.split.sides[r.id]]
     monkeypatch.setattr(cycle, "REPLAY_POOL_MAX", 10_000)
     assert [r.id for r in learner.training_records()] == train_side  # all, below the cap
@@ -362,7 +363,7 @@ def test_a_cycle_reads_the_records_it_uses_not_the_whole_store(
     rep = learner.run(gate=False)
     assert rep["published"] and rep["new_records"] == 20, rep
     # 20 new, 40 held out, 64 replay candidates: not the 620 stored, twice
-    assert sum(read) <= 20 + cycle.HELDOUT_MAX + 64, read
+    assert sum(read) <= 20 + window + 64, read
     assert rep["trained_on"] > 20 - rep["heldout_new"]  # replay came along
 
 

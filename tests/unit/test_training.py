@@ -588,6 +588,26 @@ def test_gate_heldout_check_rejects_reversed_preference():
     assert res.metrics["heldout_diff_se"] > 0 and "standard error" in res.reasons[0]
 
 
+def test_gate_heldout_margin_is_counted_in_paired_standard_errors():
+    tr = BaseLoRATrainer(tiny_llama(), config())
+    tr.train(preference_records(8, seed=1, liked=DISLIKED, disliked=LIKED), epochs=4, lr=5e-3)
+    held = preference_records(4, seed=2)
+
+    def failed(margin):
+        res = PromotionGate(tolerance_nll=10.0, heldout_margin_se=margin).evaluate(
+            tr.model, ModelView.base(tr.model), held, None, CharTokenizer()
+        )
+        m = res.metrics
+        return res.failed, (m["heldout_current"] - m["heldout_candidate"]) / m["heldout_diff_se"]
+
+    got, drop_in_se = failed(0.0)
+    assert "heldout_score" in got and drop_in_se > 0
+    assert "heldout_score" in failed(drop_in_se - 0.05)[0]
+    assert "heldout_score" not in failed(drop_in_se + 0.05)[0]
+    with pytest.raises(InvalidValue, match="heldout_margin_se"):
+        PromotionGate(heldout_margin_se=-1.0)
+
+
 def test_paired_se_is_the_standard_error_of_the_per_record_difference():
     from sona_plugin.training.gate import paired_se
 
