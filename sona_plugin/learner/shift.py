@@ -12,10 +12,9 @@ raise an alarm when either exceeds ``h``; both are then reset and the warm-up st
 The reference does not follow the stream. It used to (an exponential average with a
 25-feedback horizon, so that the rise learning causes was not an alarm), and a real shift
 was followed too: warm → plain took the stream's liked-rate from 78 % to 56 % and the
-followed reference came down before either CUSUM crossed. Learning's rise is now told
-apart by the learner instead (an "up" alarm is a boundary only when the leaning test
-corroborates it, ``cycle.RISE_CONFIRM_Z``), so here an "up" alarm while the model learns
-just re-estimates the reference.
+followed reference came down before either CUSUM crossed. Learning's rise is now the
+learner's to tell apart (an "up" alarm is reported as a rise, never a boundary by
+itself), so here an "up" alarm while the model learns just re-estimates the reference.
 
 Measured by simulation (``python benchmarks/shift_detector.py``, 100 runs a case, seed 0;
 ``tests/unit/test_learner.py`` checks the same on smaller runs), with the defaults
