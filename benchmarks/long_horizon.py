@@ -395,7 +395,7 @@ def table(result: dict, names: list[str]) -> str:
         elif r.get("published"):
             cycle = f"v{r['version']} published at {r.get('step')}"
         else:
-            cycle = f"refused ({'; '.join(r.get('gate_reasons') or [])[:80]})"
+            cycle = f"refused ({'; '.join(r.get('gate_reasons') or [])[:120]})"
         if r.get("boundaries"):
             cycle += f"; shift detected ({r['boundaries'][0]['direction']})"
         if r.get("liked_rate_rises"):
