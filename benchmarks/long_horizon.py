@@ -187,7 +187,12 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/long_horizon.json")
-    ap.add_argument("--plot", default="docs/long_horizon.png")
+    ap.add_argument(
+        "--plot",
+        default=None,
+        help="where the plot goes (a run's default: docs/long_horizon.png; "
+        "--table plots only when this is given)",
+    )
     ap.add_argument(
         "--state-dir",
         help="keep the deployment here (default: a temporary directory, removed at the end)",
@@ -203,6 +208,8 @@ def main() -> None:
         help="print a saved run as a Markdown table (and plot it with --plot), then exit",
     )
     args = ap.parse_args()
+    if args.plot is None and not args.table:
+        args.plot = "docs/long_horizon.png"
     if args.table:
         result = json.loads(Path(args.table).read_text())
         names = result["args"]["tastes"]
