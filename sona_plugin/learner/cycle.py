@@ -28,11 +28,9 @@ cycles, deep cycles, rollbacks and boundaries never overlap):
 5. the gate (``PromotionGate``) compares the candidate with the served adapter on
    held-out feedback (reward-centred) and with the *base model* on anchor NLL and
    on-topic answers (a fixed drift budget). Refused, the candidate is *projected back*
-   toward the served weights (½, ¼ of its step); still refused, a step is shrunk toward
-   the base model (every ``ΔW = B·A`` times ¾, or, when the KL budget refused it, times
-   the factor fitted to the KL it measured: ``shrink_to_budget``): of the steps the drift
-   budget alone refused, the one that gained most on held-out feedback, else the ¼ step
-   (``shrink_origin``). That point is the
+   toward the served weights (½, ¼ of its step); still refused, the ¼ step is shrunk
+   toward the base model (every ``ΔW = B·A`` times ¾, or, when the KL budget refused it,
+   times the factor fitted to the KL it measured: ``shrink_to_budget``). That point is the
    trade: it gives up a share of everything served, older tastes included, to make room
    for a step of the newer one inside the budget; the EWC++ penalty has already weighed
    what the older one is worth. The first passing point is published; if none passes,
@@ -95,13 +93,10 @@ PROBE_PROMPTS = [
 REPLAY_POOL_MAX = 4096
 KL_PROMPTS = 16
 _SERVED = "served"
-# points the gate tries: steps from the served weights, then one step shrunk toward the
-# base model (``shrink_origin``) (every ΔW times ``SHRINK``; with a KL budget, the factor that
+# points the gate tries: steps from the served weights, then the smallest step shrunk
+# toward the base model (every ΔW times ``SHRINK``; with a KL budget, the factor that
 # ``shrink_to_budget`` fits, at most ``SHRINK_TRIES`` times)
 STEP_SCALES = (1.0, 0.5, 0.25)
-# the gate's checks against the base model (the drift budget): a step refused only by
-# these may be shrunk toward the base model (``shrink_origin``)
-DRIFT_CHECKS = frozenset({"anchor_nll", "on_topic", "kl_budget"})
 SHRINK = 0.75
 SHRINK_TRIES = 2
 # KL to the base model against the shrink factor c, fitted as KL ∝ c^1.5 (measured on
@@ -676,7 +671,7 @@ class Learner:
     def _gate(self, start: dict, heldout: list, probe: bool) -> tuple[bool, dict, dict | None]:
         """Gate the trained candidate; refused, try it projected back inside the budget:
         ``STEP_SCALES`` of its step from the served weights, then (with a served version)
-        one step (``shrink_origin``) shrunk toward the base model, by ``SHRINK`` or, when the drift
+        the smallest step shrunk toward the base model, by ``SHRINK`` or, when the drift
         budget is what refused it, by the factor ``shrink_to_budget`` fits to the KL just
         measured (up to ``SHRINK_TRIES`` points). Returns (passed, gate report, the point
         that passed); the trainer then holds the weights that passed, or the served ones."""
@@ -698,6 +693,7 @@ class Learner:
         else:
             current = ModelView.base(peft)
         cand = self._lora()
+        small = min(STEP_SCALES)
         tried: list[dict] = []
         g = None
 
@@ -733,8 +729,8 @@ class Learner:
                 if g.passed:
                     break
             shrinks = 0
-            last = shrink_origin(tried)
             while served is not None and not g.passed and shrinks < SHRINK_TRIES:
+                last = tried[-1]
                 over = "kl_budget" in last["failed"]
                 if shrinks and not over:
                     break  # a shrunk point failed on something else: no better guess
@@ -742,9 +738,8 @@ class Learner:
                     last["metrics"].get("kl_per_answer"),
                     gate.max_kl_per_answer if over else 0.0,
                 )
-                point = {"step": last["step"], "shrink": round(c, 4)}
+                point = {"step": small, "shrink": round(c, 4)}
                 g = evaluate(point)
-                last = tried[-1]
                 shrinks += 1
             if not g.passed:  # back to the served weights, where the next cycle starts
                 _set_lora(trainer, start, cand, 0.0)
@@ -755,24 +750,6 @@ class Learner:
         out = g.to_dict()
         out["tried"] = tried
         return g.passed, out, (point if g.passed else None)
-
-
-def shrink_origin(tried: list[dict]) -> dict:
-    """The step to shrink toward the base model: of the steps the drift budget alone
-    refused (``DRIFT_CHECKS``), the one that gained most over the served version on
-    held-out feedback (ties: the smaller step); without one, the smallest step. Measured
-    in the 1,000-event run: at the edge every step failed on-topic alone, and the
-    shrunk ¼ step then lost on held-out feedback (0.1–1.7 paired standard errors) where
-    the full step had beaten the served version."""
-    refused_for_drift = [t for t in tried if t["failed"] and set(t["failed"]) <= DRIFT_CHECKS]
-    if not refused_for_drift:
-        return min(tried, key=lambda t: t["step"])
-
-    def gain(t: dict) -> tuple[float, float]:
-        m = t["metrics"]
-        return (m.get("heldout_candidate", 0.0) - m.get("heldout_current", 0.0), -t["step"])
-
-    return max(refused_for_drift, key=gain)
 
 
 def shrink_to_budget(kl: float | None, budget: float) -> float:

@@ -567,15 +567,13 @@ def test_a_rise_that_learning_explains_is_no_boundary_a_reversed_taste_is(tmp_pa
     assert learner.ewc.task_count == 1
 
 
-def test_a_refused_candidate_is_shrunk_toward_the_base_from_the_step_that_serves_best(
+def test_a_candidate_over_the_kl_budget_is_shrunk_to_fit_from_its_smallest_step(
     tmp_path, tiny_model_dir, monkeypatch
 ):
     """Refused at every step for its KL, the ¼ step is shrunk toward the base model by the
     factor fitted to the KL it measured, then refitted once from the shrunk point's KL;
     the point that passes is what the trainer holds. A point refused for something else
-    is shrunk by ¾ once, and a refusal there returns the trainer to the served weights.
-    Where steps gained on held-out feedback and the drift budget alone refused them, the
-    one that gained most is shrunk instead."""
+    is shrunk by ¾ once, and a refusal there returns the trainer to the served weights."""
     from sona_plugin.learner import cycle
     from sona_plugin.training.gate import GateResult, PromotionGate
 
@@ -597,11 +595,10 @@ def test_a_refused_candidate_is_shrunk_toward_the_base_from_the_step_that_serves
         calls = iter(verdicts)
 
         def evaluate(self, *a, **k):
-            passed, failed, kl, *gain = next(calls)
-            metrics = {"kl_per_answer": kl}
-            if gain:
-                metrics.update(heldout_candidate=0.1 + gain[0], heldout_current=0.1)
-            return GateResult(passed, metrics, [f"{f} failed" for f in failed], {}, failed)
+            passed, failed, kl = next(calls)
+            return GateResult(
+                passed, {"kl_per_answer": kl}, [f"{f} failed" for f in failed], {}, failed
+            )
 
         monkeypatch.setattr(PromotionGate, "evaluate", evaluate)
         cycle._set_lora(trainer, start, cand, 1.0)
@@ -626,18 +623,5 @@ def test_a_refused_candidate_is_shrunk_toward_the_base_from_the_step_that_serves
     assert [t.get("shrink") for t in rep["tried"]] == [None, None, None, 0.75]
     for n, p in params.items():
         torch.testing.assert_close(p.detach(), start[n])
-    # the step the drift budget alone refused that gained most on held-out feedback is
-    # the one shrunk (the ½ step gained more but lost on liked answers)
-    passed, rep, point = run(
-        [
-            (False, ["on_topic"], 2.0, 0.02),
-            (False, ["liked_answers", "on_topic"], 2.0, 0.03),
-            (False, ["on_topic"], 2.0, 0.01),
-            (True, [], 1.5, 0.005),
-        ]
-    )
-    assert passed and point == {"step": 1.0, "shrink": 0.75}
-    for n, p in params.items():
-        torch.testing.assert_close(p.detach(), cand[n] * 0.75 if "lora_B" in n else cand[n])
     assert cycle.shrink_to_budget(6.0, 0.0) == 0.75  # no budget: the plain shrink
     assert cycle.shrink_to_budget(100.0, 3.0) == 0.25  # never below a quarter
