@@ -315,11 +315,16 @@ def main() -> None:
                     {
                         **{x: v for x, v in t.items() if x != "metrics"},
                         "kl": (t.get("metrics") or {}).get("kl_per_answer"),
+                        "heldout": [
+                            (t.get("metrics") or {}).get(x)
+                            for x in ("heldout_candidate", "heldout_current", "heldout_diff_se")
+                        ],
                     }
                     for t in gate.get("tried", [])
                 ],
                 "boundaries": rep.get("boundaries"),
                 "liked_rate_rises": rep.get("liked_rate_rises"),
+                "leaning": [rep.get("leaning_auc"), rep.get("leaning_z")],
                 "before_cycle": before,
                 "micro_scale": micro.get("scale"),
                 "micro_norm": [micro.get("delta_norm"), micro.get("norm_cap")],

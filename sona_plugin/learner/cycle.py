@@ -466,6 +466,7 @@ class Learner:
             report["leaning_auc"] = self.leaning_detector.last_auc
             if self.leaning_detector.tests > tests:
                 z_now = self.leaning_detector.last_z
+                report["leaning_z"] = z_now  # every test's z, alarm or not
         alarms, rises = [], []
         for r in new:
             side = self.detector.update(r.reward)
