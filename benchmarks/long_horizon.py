@@ -77,6 +77,17 @@ RUN_SETTINGS = (
 )
 
 
+def gate_point(tried: dict) -> dict:
+    """One point the gate tried, for a row: its step, verdict and reasons, its KL, and its
+    held-out scores (candidate, served, paired standard error) instead of all metrics."""
+    m = tried.get("metrics") or {}
+    return {
+        **{x: v for x, v in tried.items() if x != "metrics"},
+        "kl": m.get("kl_per_answer"),
+        "heldout": [m.get(x) for x in ("heldout_candidate", "heldout_current", "heldout_diff_se")],
+    }
+
+
 def new_pipe(state_dir: Path, seed: int, rerank: int = 1, extra: dict | None = None):
     from sona_plugin.integrations.transformers import pipeline
 
@@ -311,17 +322,7 @@ def main() -> None:
                     (gate.get("metrics") or {}).get(x)
                     for x in ("on_topic_ratio", "on_topic_ratio_lower")
                 ],
-                "gate_tried": [
-                    {
-                        **{x: v for x, v in t.items() if x != "metrics"},
-                        "kl": (t.get("metrics") or {}).get("kl_per_answer"),
-                        "heldout": [
-                            (t.get("metrics") or {}).get(x)
-                            for x in ("heldout_candidate", "heldout_current", "heldout_diff_se")
-                        ],
-                    }
-                    for t in gate.get("tried", [])
-                ],
+                "gate_tried": [gate_point(t) for t in gate.get("tried", [])],
                 "boundaries": rep.get("boundaries"),
                 "liked_rate_rises": rep.get("liked_rate_rises"),
                 "leaning": [rep.get("leaning_auc"), rep.get("leaning_z")],
