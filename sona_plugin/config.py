@@ -505,6 +505,17 @@ class GateConfig(_Section):
         0.999,
         flat="gate_on_topic_confidence",
     )
+    on_topic_probes: int = _opt(
+        12,
+        "How many of the learner's fixed probe questions the "
+        "on-topic check answers besides the newest held-out "
+        "prompts (24); more prompts, a "
+        "tighter confidence bound, and more answers to "
+        "generate per candidate.",
+        0,
+        48,
+        flat="gate_on_topic_probes",
+    )
     heldout_records: int = _opt(
         40,
         "The held-out feedback check scores the newest this "

@@ -88,7 +88,44 @@ PROBE_PROMPTS = [
     "What is the job of a referee?",
     "How do I write a good email subject line?",
     "What does a thermometer measure?",
+    "What is a lighthouse for?",
+    "How do I fold a fitted sheet?",
+    "Why do onions make us cry?",
+    "What is a lagoon?",
+    "How do I sharpen a pencil?",
+    "Why do birds sing in the morning?",
+    "What is a good houseplant for a dark room?",
+    "How do I remove a coffee stain?",
+    "What is a peninsula?",
+    "How do frogs catch flies?",
+    "Why does ice float?",
+    "What is a good gift for a teacher?",
+    "How do I plant a tree?",
+    "What is a library card for?",
+    "Why do our fingers wrinkle in water?",
+    "How do I tie my shoelaces tighter?",
+    "What is a bridge made of?",
+    "How does a compass work?",
+    "Why does the moon change shape?",
+    "What is a good breakfast for kids?",
+    "How do I keep milk fresh?",
+    "What is a harbor?",
+    "How do I clean my keyboard?",
+    "Why do apples turn brown?",
+    "What is a good song to sing at a party?",
+    "How do I pack a suitcase?",
+    "What is a swamp?",
+    "How do plants drink water?",
+    "Why do we get goosebumps?",
+    "What is a good way to relax after work?",
+    "How do I change a light bulb?",
+    "What is a post office for?",
+    "How do I make a paper airplane?",
+    "Why do cats sleep so much?",
+    "What is a good first instrument to learn?",
+    "How do I keep a room cool in summer?",
 ]
+"""The on-topic check's fixed questions; it answers the first ``gate_on_topic_probes``."""
 # training-side records a cycle reads for replay and dreams: all of them up to this many,
 # past it a uniform draw (a cycle's reads do not grow with the store)
 REPLAY_POOL_MAX = 4096
@@ -647,7 +684,7 @@ class Learner:
                     None,
                     host.tokenizer,
                     embedder=host.embed if probe else None,
-                    probe_prompts=PROBE_PROMPTS if probe else None,
+                    probe_prompts=self._probes() if probe else None,
                     reference=base,
                     reference_cache=self._base_answers,
                     drift_only=True,
@@ -674,6 +711,9 @@ class Learner:
         out.update(scale=scale, tried=tried, norm_cap=self.micro_cap)
         return out
 
+    def _probes(self) -> list[str]:
+        return PROBE_PROMPTS[: self.host.engine.config.gate_on_topic_probes]
+
     def _gate(self, start: dict, heldout: list, probe: bool) -> tuple[bool, dict, dict | None]:
         """Gate the trained candidate; refused, try it projected back inside the budget:
         ``STEP_SCALES`` of its step from the served weights, then (with a served version)
@@ -687,7 +727,7 @@ class Learner:
         trainer = self.trainer
         peft = trainer.peft_model
         gate = _gate_for(host.engine.config)
-        probes = PROBE_PROMPTS if probe else None
+        probes = self._probes() if probe else None
         embedder = host.embed if probe else None
         served = host.adapter_version
         if served is not None:

@@ -158,8 +158,11 @@ def test_gate_on_topic_check_on_real_model(run):
     """The gate's probe questions, as the learner asks them: the 16-record adapter stays
     on topic, and passes on the ratio's lower 95 % bound (4 questions were too few for
     the bound to clear 0.9 at a measured 0.95)."""
-    from sona_plugin.learner.cycle import PROBE_PROMPTS as PROBES
+    from sona_plugin.config import SonaConfig
+    from sona_plugin.learner.cycle import PROBE_PROMPTS
     from sona_plugin.models import embed
+
+    PROBES = PROBE_PROMPTS[: SonaConfig().gate_on_topic_probes]
 
     embed(["warm-up"])
     trainer, tok = run["trainer"], run["tok"]

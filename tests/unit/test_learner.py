@@ -704,3 +704,18 @@ def test_a_taste_that_only_off_topic_answers_meet_is_not_taught(tmp_path, tiny_m
     assert rep["topic_residual"]["applied"] and rep["topic_residual"]["slope"] < -1.0, rep
     assert gains[False] > 0.02, gains
     assert gains[True] < 0.5 * gains[False], gains
+
+
+def test_the_probe_questions_are_distinct_and_none_is_a_benchmark_prompt():
+    """Every probe the config allows exists, and none is a demo/benchmark prompt: the
+    benchmarks' held-out on-topic score stays on prompts the gate never asked."""
+    import dataclasses
+
+    from sona_plugin.config import GateConfig
+    from sona_plugin.demo import HELDOUT_PROMPTS, STREAM_PROMPTS
+    from sona_plugin.learner.cycle import PROBE_PROMPTS
+
+    field = next(f for f in dataclasses.fields(GateConfig) if f.name == "on_topic_probes")
+    assert field.metadata["hi"] == len(PROBE_PROMPTS) == len(set(PROBE_PROMPTS))
+    seen = {p.lower() for p in STREAM_PROMPTS + HELDOUT_PROMPTS}
+    assert not [p for p in PROBE_PROMPTS if p.lower() in seen]
