@@ -332,7 +332,6 @@ def main() -> None:
                 "micro_checks": checks,
                 "micro_reasons": (micro.get("tried") or [{}])[0].get("reasons"),
                 "train_kl": (rep.get("train") or {}).get("kl"),
-                "topic_residual": rep.get("topic_residual"),
                 "rerank": (pipe.stats().get("rerank") or {}),
                 "seconds": time.time() - t0,
                 **ev,

@@ -454,15 +454,6 @@ class BaseLoraConfig(_Section):
         None,
         flat="base_lora_kl_beta",
     )
-    topic_residual: bool = _opt(
-        False,
-        "Train on rewards with the part that the answer's on-topic "
-        "score predicts taken out, when liked answers sit further "
-        "off the question than disliked ones "
-        "(sona_plugin.learner.topic_residual). The gate still "
-        "measures the users' own rewards.",
-        flat="base_lora_topic_residual",
-    )
     num_layers: int = _opt(
         12,
         "Layers of the BaseLoRA container (API reference example).",

@@ -71,7 +71,6 @@ from .heldout import PromptSplit
 from .host import Host
 from .shift import LeaningShiftDetector, ShiftDetector
 from .state import STATE_FILE, load_state, remove_stale_temps, save_state
-from .topic_residual import answer_cosines, residualise
 
 logger = logging.getLogger(__name__)
 
@@ -559,10 +558,6 @@ class Learner:
                 skipped="every new record is on the held-out side", seconds=time.perf_counter() - t0
             )
             return report
-        if host.engine.config.base_lora_topic_residual:
-            selected, report["topic_residual"] = residualise(
-                selected, answer_cosines(selected, host.embed)
-            )
         trainer = self.ensure_trainer()
         start = self._lora()
         tr = trainer.train(selected, epochs=epochs or self.epochs, batch_size=batch_size)

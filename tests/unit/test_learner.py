@@ -25,10 +25,8 @@ from sona_plugin.learner import (
 from sona_plugin.learner.dreams import predicted_rewards
 from sona_plugin.learner.heldout import PromptSplit
 from sona_plugin.learner.shift import auc
-from sona_plugin.learner.topic_residual import MIN_RECORDS, answer_cosines, residualise
 from sona_plugin.store import open_store
 from sona_plugin.store.base import FeedbackRecord
-from sona_plugin.training.objective import mean_response_logprob
 
 torch.set_num_threads(1)
 V, E = 96, 8
@@ -169,41 +167,6 @@ def test_dream_reward_depends_on_the_dreamed_answer():
     dreams = np.stack([liked_a, disliked_a, (liked_a + disliked_a) / np.sqrt(2)])
     r = predicted_rewards(dreams, np.stack([prompt] * 3), known, known_emb)
     assert r[0] > 0.9 and r[1] < -0.9 and abs(r[2]) < 1e-6
-
-
-# ------------------------------------------------------------------ on-topic residual
-def test_the_reward_part_that_off_topic_answers_predict_is_taken_out():
-    rng = np.random.default_rng(5)
-    cos = rng.uniform(0.2, 0.9, 80)
-    liked = rng.random(80) < 0.9 - cos  # liked answers sit further off the question
-    recs = [record(i, "p", np.ones(E), 1.0 if x else -1.0) for i, x in enumerate(liked)]
-    cos[3] = np.nan  # no answer text: kept as it is
-    out, rep = residualise(recs, cos)
-    assert rep["applied"] and rep["slope"] < 0 and rep["records"] == 79
-    assert rep["liked_cos"] < rep["disliked_cos"]
-    r = np.array([x.reward for x in out])
-    ok = np.isfinite(cos)
-    assert abs(np.corrcoef(r[ok], cos[ok])[0, 1]) < 1e-9  # nothing left that c predicts
-    assert r[ok].mean() == pytest.approx(np.array([x.reward for x in recs])[ok].mean())
-    assert r[ok & liked].mean() > 0 > r[ok & ~liked].mean()  # the taste itself stays
-    assert out[3] is recs[3] and recs[0].reward in (1.0, -1.0)  # the inputs are untouched
-    # users who like on-topic answers teach that already: kept; too few records: kept
-    flipped = [record(i, "p", np.ones(E), -x.reward) for i, x in enumerate(recs)]
-    kept, rep = residualise(flipped, cos)
-    assert not rep["applied"] and rep["slope"] > 0 and kept == flipped
-    few, rep = residualise(recs[: MIN_RECORDS - 1], cos[: MIN_RECORDS - 1])
-    assert not rep["applied"] and "slope" not in rep and few == recs[: MIN_RECORDS - 1]
-
-
-def test_answer_cosines_use_the_stored_prompt_embedding():
-    on, off = np.eye(E)[0], np.eye(E)[1]
-    recs = [record(i, "p", on) for i in range(3)]
-    recs[0].response_text, recs[1].response_text = "on", "off"  # recs[2]: no answer text
-    vec = {"on": on * 3, "off": off}  # not unit: normalised
-    cos = answer_cosines(recs, lambda texts: np.stack([vec[t] for t in texts]))
-    assert cos[0] == pytest.approx(1.0) and cos[1] == pytest.approx(0.0) and np.isnan(cos[2])
-    other = answer_cosines(recs, lambda texts: np.ones((len(texts), E + 1)))
-    assert np.isnan(other).all()  # stored embeddings from another embedder: no fit
 
 
 # ------------------------------------------------------------ the learner on a tiny model
@@ -662,48 +625,6 @@ def test_a_candidate_over_the_kl_budget_is_shrunk_to_fit_from_its_smallest_step(
         torch.testing.assert_close(p.detach(), start[n])
     assert cycle.shrink_to_budget(6.0, 0.0) == 0.75  # no budget: the plain shrink
     assert cycle.shrink_to_budget(100.0, 3.0) == 0.25  # never below a quarter
-
-
-class TopicHost(TinyHost):
-    """Answer text "on" embeds along the prompts' direction (axis 0), "off" across it."""
-
-    def embed(self, texts):
-        return np.stack([np.eye(E)[0 if t == "on" else 1] for t in texts]).astype(np.float32)
-
-
-def test_a_taste_that_only_off_topic_answers_meet_is_not_taught(tmp_path, tiny_model_dir):
-    """Every liked answer (7 7 7) is off the question, every disliked one (9 9 9) on it.
-    Plain REINFORCE teaches 7 7 7; with the on-topic residual most of that is gone."""
-    probe = [
-        record(100, "p", np.ones(E), response=[7] * 3),
-        record(101, "p", np.ones(E), response=[9] * 3),
-    ]
-    gains = {}
-    for flag in (False, True):
-        rng = np.random.default_rng(11)
-        host = TopicHost(tmp_path / str(flag), tiny_model_dir, base_lora_topic_residual=flag)
-        for i in range(40):
-            like = i % 2 == 0
-            host.store.add(
-                FeedbackRecord(
-                    response_id=f"t{i}",
-                    prompt=f"q{i}",
-                    prompt_ids=rng.integers(10, V, 6).tolist(),
-                    response_ids=[7 if like else 9] * 3,
-                    response_text="off" if like else "on",
-                    reward=1.0 if like else -1.0,
-                    embedding=(np.eye(E)[0] + 0.3 * rng.standard_normal(E)).astype(np.float32),
-                )
-            )
-        learner = Learner(host, epochs=1)
-        before = mean_response_logprob(learner.ensure_trainer().peft_model, probe)
-        rep = learner.run(gate=False)
-        moved = mean_response_logprob(learner.trainer.peft_model, probe) - before
-        gains[flag] = float(moved[0] - moved[1])  # 7 7 7 gained over 9 9 9
-        assert ("topic_residual" in rep) == flag, rep
-    assert rep["topic_residual"]["applied"] and rep["topic_residual"]["slope"] < -1.0, rep
-    assert gains[False] > 0.02, gains
-    assert gains[True] < 0.5 * gains[False], gains
 
 
 def test_the_probe_questions_are_distinct_and_none_is_a_benchmark_prompt():
