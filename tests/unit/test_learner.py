@@ -627,9 +627,10 @@ def test_a_candidate_over_the_kl_budget_is_shrunk_to_fit_from_its_smallest_step(
     assert cycle.shrink_to_budget(100.0, 3.0) == 0.25  # never below a quarter
 
 
-def test_the_probe_questions_are_distinct_and_none_is_a_benchmark_prompt():
+def test_the_probe_questions_are_distinct_and_none_is_a_benchmark_prompt(tmp_path, tiny_model_dir):
     """Every probe the config allows exists, and none is a demo/benchmark prompt: the
-    benchmarks' held-out on-topic score stays on prompts the gate never asked."""
+    benchmarks' held-out on-topic score stays on prompts the gate never asked. The
+    learner's checks ask as many as the config says."""
     import dataclasses
 
     from sona_plugin.config import GateConfig
@@ -640,3 +641,7 @@ def test_the_probe_questions_are_distinct_and_none_is_a_benchmark_prompt():
     assert field.metadata["hi"] == len(PROBE_PROMPTS) == len(set(PROBE_PROMPTS))
     seen = {p.lower() for p in STREAM_PROMPTS + HELDOUT_PROMPTS}
     assert not [p for p in PROBE_PROMPTS if p.lower() in seen]
+    for n in (48, 5, 0):
+        host = TinyHost(tmp_path / str(n), tiny_model_dir, gate_on_topic_probes=n)
+        assert Learner(host)._probes() == PROBE_PROMPTS[:n]
+    assert SonaConfig().gate_on_topic_probes == 48
