@@ -1038,6 +1038,24 @@ _ALIASES = {
 }
 
 
+def known_fields(saved: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A saved configuration (the nested form of :meth:`SonaConfig.to_dict`) split into the
+    fields this version knows and the dotted names of the others, which a newer version
+    wrote: loading a state after a downgrade keeps the fields it can and names the rest."""
+    known: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, value in saved.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            names = _SECTIONS[key].__dataclass_fields__
+            known[key] = {k: v for k, v in value.items() if _snake(k) in names}
+            unknown += [f"{key}.{k}" for k in value if _snake(k) not in names]
+        elif key in _TOP_NAMES or key in _SECTIONS or key in _DEAD:
+            known[key] = value
+        else:
+            unknown.append(key)
+    return known, unknown
+
+
 def _refuse(key: str) -> None:
     if key == "admin_token" or key.endswith(".admin_token"):
         raise ConfigError(_ADMIN_TOKEN_REFUSED)

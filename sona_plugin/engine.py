@@ -19,7 +19,7 @@ from threadpoolctl import threadpool_limits
 
 from . import kernels
 from .base_lora import BaseLoRA
-from .config import SonaConfig
+from .config import SonaConfig, known_fields
 from .errors import InvalidValue, StateError, UnknownTrajectory
 from .ewc import EwcPlusPlus
 from .faults import failpoint
@@ -58,6 +58,17 @@ def _remove_stale_saves(path: Path) -> None:
     the only complete copy."""
     for p in path.parent.glob(f".{path.name}.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def _dotted(config: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict as ``{"section.field": value}`` (model-wide fields undotted)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
 
 
 class SonaEngine:
@@ -671,10 +682,19 @@ class SonaEngine:
             raise StateError(
                 f"state format {meta.get('format_version')!r} is not {_FORMAT_VERSION}"
             )
-        saved = SonaConfig.from_dict(meta["config"])
+        fields, unknown = known_fields(meta["config"])
+        if unknown:
+            logger.warning(
+                "%s was saved with config fields this version does not know (by a newer "
+                "sona_plugin?); they are ignored: %s",
+                path,
+                ", ".join(unknown),
+            )
+        saved = SonaConfig.from_dict(fields)
         if config is not None:
-            now = config.to_dict()
-            changed = {k: (v, now.get(k)) for k, v in saved.to_dict().items() if now.get(k) != v}
+            now = _dotted(config.to_dict())
+            changed = {k: (v, now.get(k)) for k, v in _dotted(saved.to_dict()).items()}
+            changed = {k: ab for k, ab in changed.items() if ab[0] != ab[1]}
             if changed:
                 logger.warning(
                     "the launch config differs from the one saved in %s; the launch "

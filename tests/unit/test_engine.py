@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -268,6 +269,36 @@ def test_save_load_round_trip_is_exact(tmp_path: Path):
     for e in (eng, back):
         e.flush()
         e.run_background_cycle()
+    np.testing.assert_array_equal(back.apply_lora(x), eng.apply_lora(x))
+
+
+def test_a_launch_config_that_differs_wins_and_the_difference_is_logged(tmp_path, caplog):
+    eng = SonaEngine(D)
+    _fill(eng)
+    eng.save(tmp_path / "a")
+    launch = SonaConfig(hidden_dim=D, micro_lora_lr=0.0005)
+    with caplog.at_level("WARNING", logger="sona_plugin.engine"):
+        back = SonaEngine.load(tmp_path / "a", launch)
+    assert back.config.micro_lora.lr == 0.0005
+    assert "launch config wins" in caplog.text
+    assert f"micro_lora.lr: {eng.config.micro_lora.lr!r} -> 0.0005" in caplog.text
+    assert "rank" not in caplog.text  # only the fields that differ
+
+
+def test_a_state_saved_by_a_newer_version_loads_and_names_the_fields_it_ignores(tmp_path, caplog):
+    """A downgrade after a new option: the saved config has fields this version lacks."""
+    eng = SonaEngine(D)
+    _fill(eng)
+    eng.save(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "state.json").read_text())
+    meta["config"]["gate"]["a_future_gate_option"] = 3
+    meta["config"]["a_future_section"] = {"x": 1}
+    (tmp_path / "a" / "state.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="sona_plugin.engine"):
+        back = SonaEngine.load(tmp_path / "a")
+    assert "gate.a_future_gate_option" in caplog.text and "a_future_section" in caplog.text
+    assert back.config == eng.config
+    x = clusters(9)[1](1)
     np.testing.assert_array_equal(back.apply_lora(x), eng.apply_lora(x))
 
 
