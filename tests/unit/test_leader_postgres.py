@@ -291,8 +291,10 @@ def test_a_version_the_trainer_publishes_serves_on_every_replica(url, tmp_path):
         assert wait_for(lambda: any(h.cycles and h.served == 1 for h in hosts))
         trainer, replica = sorted(hosts, key=lambda h: -h.cycles)
         assert trainer.served == 1 and trainer.followed == []  # its own publish: no follow
-        assert wait_for(lambda: replica.served == 1)  # within a NOTIFY plus the swap
-        assert replica.followed == [1] and replica.cycles == 0
+        # within a NOTIFY plus the swap; follow_registry serves first and tells the learner
+        # after, so wait for the last step (waiting for `served` raced it)
+        assert wait_for(lambda: replica.followed == [1])
+        assert replica.served == 1 and replica.cycles == 0
         assert replica.registry.current_version() == 1
     finally:
         for h in hosts:
