@@ -44,7 +44,7 @@ def main() -> None:
     arrays, meta = load_state(st / STATE_FILE)
     split = PromptSplit.from_state(arrays, meta["split"])
     with open_store(st / "sona.db") as store:
-        held = store.records_with_ids(sorted(i for i, h in split.sides.items() if h))
+        held = store.records_with_ids(split.ids(held=True).tolist())
     held = held[-args.records :]
     source = json.loads((st / "pipeline.json").read_text())["model_source"]
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)

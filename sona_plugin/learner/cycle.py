@@ -372,7 +372,7 @@ class Learner:
         """Used records on the training side (never a held-out prompt), oldest first: the
         ``newest`` of them, or all of them up to ``REPLAY_POOL_MAX``, past which that many
         are drawn uniformly (seeded by the cycle). Only the records wanted are read."""
-        ids = sorted(i for i, held in self.split.sides.items() if not held and i <= self.last_id)
+        ids = self.split.ids(held=False, upto=self.last_id).tolist()
         if newest is not None:
             ids = ids[-newest:] if newest > 0 else []
         elif len(ids) > REPLAY_POOL_MAX:
@@ -384,7 +384,7 @@ class Learner:
         """The newest ``gate_heldout_records`` live held-out records, oldest first (the
         gate's evidence); read newest first, past any quarantined or deleted ones."""
         want = int(self.host.engine.config.gate_heldout_records)
-        ids = sorted(i for i, held in self.split.sides.items() if held)
+        ids = self.split.ids(held=True).tolist()
         out: list[FeedbackRecord] = []
         while ids and len(out) < want:
             take = want - len(out)

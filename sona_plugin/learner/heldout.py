@@ -35,20 +35,56 @@ class PromptSplit:
         self._reps = np.zeros((0, 0), np.float32)  # unit prompt embeddings, one per group
         self._held = np.zeros(0, bool)  # the group's side
         self.groups = 0
-        self.sides: dict[int, bool] = {}  # record id -> held out
+        # the side of every record assigned, by id: two sorted arrays (9 bytes a record;
+        # a dict took about 100), grown by doubling
+        self._ids = np.zeros(0, np.int64)
+        self._sides = np.zeros(0, bool)
+        self.records = 0
 
     def assign(self, records: Sequence[FeedbackRecord]) -> list[bool]:
         """The side of each record (True: held out), assigning new ones in order."""
         out = []
         for r in records:
-            if r.id is not None and r.id in self.sides:
-                out.append(self.sides[r.id])
-                continue
+            if r.id is not None:
+                known = self.side_of(r.id)
+                if known is not None:
+                    out.append(known)
+                    continue
             side = self._side(r)
             if r.id is not None:
-                self.sides[r.id] = side
+                self._remember(int(r.id), side)
             out.append(side)
         return out
+
+    def side_of(self, record_id: int) -> bool | None:
+        """The side ``record_id`` was assigned (True: held out); None if never assigned."""
+        n = self.records
+        i = int(np.searchsorted(self._ids[:n], record_id))
+        return bool(self._sides[i]) if i < n and self._ids[i] == record_id else None
+
+    def ids(self, held: bool, upto: int | None = None) -> np.ndarray:
+        """The ids assigned to one side, ascending (at most ``upto``, when given)."""
+        n = self.records
+        ids = self._ids[:n][self._sides[:n] == held]
+        return ids if upto is None else ids[ids <= upto]
+
+    def _remember(self, record_id: int, side: bool) -> None:
+        n = self.records
+        if n == self._ids.shape[0]:
+            cap = max(1024, 2 * n)
+            self._ids = np.resize(self._ids, cap)
+            self._sides = np.resize(self._sides, cap)
+        i = (
+            n
+            if n == 0 or record_id > self._ids[n - 1]
+            else int(np.searchsorted(self._ids[:n], record_id))
+        )
+        if i < n:  # an id older than the newest (records arrive in id order, nearly always)
+            self._ids[i + 1 : n + 1] = self._ids[i:n].copy()
+            self._sides[i + 1 : n + 1] = self._sides[i:n].copy()
+        self._ids[i] = record_id
+        self._sides[i] = side
+        self.records = n + 1
 
     def _side(self, r: FeedbackRecord) -> bool:
         e = np.asarray(r.embedding, np.float32).ravel()
@@ -75,15 +111,13 @@ class PromptSplit:
         return held
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
-        ids = np.fromiter(self.sides.keys(), np.int64, len(self.sides))
-        sides = np.fromiter(self.sides.values(), bool, len(self.sides))
-        n = self.groups
+        n, m = self.groups, self.records
         return (
             {
                 "split.reps": self._reps[:n],
                 "split.held": self._held[:n].astype(np.uint8),
-                "split.ids": ids,
-                "split.sides": sides.astype(np.uint8),
+                "split.ids": self._ids[:m].copy(),
+                "split.sides": self._sides[:m].astype(np.uint8),
             },
             {"every": self.every, "same_prompt": self.same_prompt, "max_groups": self.max_groups},
         )
@@ -94,5 +128,9 @@ class PromptSplit:
         s._reps = np.array(arrays["split.reps"], np.float32)
         s._held = np.asarray(arrays["split.held"]).astype(bool)
         s.groups = s._reps.shape[0]
-        s.sides = {int(i): bool(v) for i, v in zip(arrays["split.ids"], arrays["split.sides"])}
+        ids = np.asarray(arrays["split.ids"], np.int64)
+        order = np.argsort(ids, kind="stable")  # older saves kept them in assignment order
+        s._ids = ids[order]
+        s._sides = np.asarray(arrays["split.sides"]).astype(bool)[order]
+        s.records = int(ids.shape[0])
         return s

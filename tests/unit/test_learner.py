@@ -148,6 +148,30 @@ def test_prompt_split_keeps_near_duplicates_together_and_is_stable():
     back = PromptSplit.from_state(*split.state())
     assert back.assign(recs + again) == sides + sides
     assert PromptSplit().assign(recs) == sides
+    # the record index: every id's side, each side's ids ascending, an id never seen None
+    assert [split.side_of(r.id) for r in recs + again] == sides + sides
+    assert split.side_of(999) is None
+    held = split.ids(held=True)
+    assert held.tolist() == sorted(r.id for r, h in zip(recs + again, sides + sides) if h)
+    assert split.ids(held=False, upto=300).tolist() == [r.id for r, h in zip(recs, sides) if not h]
+    assert _same_split(back, split)
+
+
+def test_prompt_split_takes_an_older_record_late_and_keeps_ids_sorted():
+    rng = np.random.default_rng(3)
+    recs = [record(i, f"prompt {i}", rng.standard_normal(64)) for i in (5, 9, 2, 7, 1)]
+    split = PromptSplit(every=2)
+    sides = split.assign(recs)
+    assert split.records == 5 and [split.side_of(r.id) for r in recs] == sides
+    both = np.concatenate([split.ids(held=True), split.ids(held=False)])
+    assert sorted(both.tolist()) == [1, 2, 5, 7, 9]
+    assert split.ids(held=True).tolist() == sorted(r.id for r, h in zip(recs, sides) if h)
+    back = PromptSplit.from_state(*split.state())
+    assert _same_split(back, split) and back.assign(recs) == sides
+
+
+def _same_split(a: PromptSplit, b: PromptSplit) -> bool:
+    return all(np.array_equal(a.ids(held=h), b.ids(held=h)) for h in (True, False))
 
 
 # --------------------------------------------------------------------------- drift floor
@@ -283,7 +307,7 @@ def test_restart_trains_nothing_twice_and_restores_the_whole_state(tmp_path, tin
     again = Learner(host2, epochs=1)
     assert host2.served == 1 and host2.swaps == []
     assert again.last_id == learner.last_id == 40 and again.pending() == 0
-    assert again.cycles == 1 and again.split.sides == learner.split.sides
+    assert again.cycles == 1 and _same_split(again.split, learner.split)
     assert host2.engine.reasoning_bank.pattern_count == host.engine.reasoning_bank.pattern_count
     a_arrays, a_meta = again._state()
     for k, v in saved[0].items():
@@ -337,17 +361,17 @@ def test_a_cycle_reads_the_records_it_uses_not_the_whole_store(
     used = host.store.records()
     learner.split.assign(used)
     learner.last_id = used[-1].id
-    held = [r.id for r in used if learner.split.sides[r.id]]
+    held = [r.id for r in used if learner.split.side_of(r.id)]
     window = host.engine.config.gate_heldout_records
     assert [r.id for r in learner._heldout()] == held[-window:]
     host.store.quarantine(f"resp{held[-1] - 1}")  # the newest held-out one leaves the window
     assert [r.id for r in learner._heldout()] == held[-window - 1 : -1]
-    train_side = [r.id for r in used if not learner.split.sides[r.id]]
+    train_side = [r.id for r in used if not learner.split.side_of(r.id)]
     monkeypatch.setattr(cycle, "REPLAY_POOL_MAX", 10_000)
     assert [r.id for r in learner.training_records()] == train_side  # all, below the cap
     monkeypatch.setattr(cycle, "REPLAY_POOL_MAX", 64)
     pool = learner.training_records()
-    assert len(pool) == 64 and not any(learner.split.sides[r.id] for r in pool)
+    assert len(pool) == 64 and not any(learner.split.side_of(r.id) for r in pool)
     assert pool[0].id < used[300].id < pool[-1].id  # drawn over the whole history
     assert [r.id for r in learner.training_records(newest=3)] == train_side[-3:]
 
@@ -450,7 +474,7 @@ def test_a_replica_follows_the_trainers_version_and_continues_from_its_state(
     replica.serve_version(1)
     follower.follow(1)
     assert follower.last_id == trainer.last_id == 40 and follower.pending() == 0
-    assert follower.split.sides == trainer.split.sides and follower.cycles == trainer.cycles
+    assert _same_split(follower.split, trainer.split) and follower.cycles == trainer.cycles
     theirs, mine = trainer._state()[0], follower._state()[0]
     for k, v in theirs.items():
         np.testing.assert_array_equal(mine[k], v, err_msg=k)
