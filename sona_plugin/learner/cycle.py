@@ -26,8 +26,7 @@ cycles, deep cycles, rollbacks and boundaries never overlap):
 4. the trainer (a private copy of the base model with a PEFT LoRA, continuing from the
    served version) takes REINFORCE + KL-to-base + EWC++ steps.
 5. the gate (``PromotionGate``) compares the candidate with the served adapter on
-   held-out feedback (reward-centred; after a task boundary only the feedback given
-   since it, :meth:`Learner.judged`) and with the *base model* on anchor NLL and
+   held-out feedback (reward-centred) and with the *base model* on anchor NLL and
    on-topic answers (a fixed drift budget). Refused, the candidate is *projected back*
    toward the served weights (½, ¼ of its step); still refused, the ¼ step is shrunk
    toward the base model (every ``ΔW = B·A`` times ¾, or, when the KL budget refused it,
@@ -393,17 +392,6 @@ class Learner:
             out = self.host.store.records_with_ids(batch) + out
         return out
 
-    def judged(self, heldout: list[FeedbackRecord]) -> list[FeedbackRecord]:
-        """The held-out records whose rewards the gate scores: after a task boundary only
-        those given since it, once there is one. The feedback before it judged a taste the
-        user has left, and the gate's 40 held-out records span about 200 feedbacks: in the
-        reverse-order long run the whole window held the new taste's candidates back.
-        The on-topic and KL checks keep every held-out prompt (they do not read rewards)."""
-        if not self.boundaries:
-            return heldout
-        cut = self.boundaries[-1]["record_id"]
-        return [r for r in heldout if r.id is not None and r.id > cut] or heldout
-
     # -- boundaries -------------------------------------------------------------------------
     def mark_task_boundary(self, reason: str = "marked") -> bool:
         """Start a new EWC++ task from the served weights (their Fisher and θ*)."""
@@ -762,7 +750,6 @@ class Learner:
                 probe_prompts=probes,
                 reference=ModelView.base(peft),
                 reference_cache=self._base_answers,
-                feedback=self.judged(heldout),
             )
             tried.append(
                 {

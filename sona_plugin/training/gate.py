@@ -438,7 +438,6 @@ class PromotionGate:
         reference: Any = None,
         reference_cache: dict | None = None,
         drift_only: bool = False,
-        feedback: Sequence[FeedbackRecord] | None = None,
     ) -> GateResult:
         """Run the checks (see the module docstring) and return the verdict.
 
@@ -458,26 +457,22 @@ class PromotionGate:
                 reference whose weights do not change.
             drift_only: skip check 1 (the held-out records still give checks 3 and 4
                 their prompts): the drift budget alone.
-            feedback: the held-out records check 1 scores, when not all of ``heldout``
-                (the learner passes those given since a task boundary); checks 3 and 4
-                take their prompts from ``heldout`` either way.
         """
         cand, cur = _view(candidate), _view(current)
         texts = list(ANCHOR_TEXTS if anchor_texts is None else anchor_texts)
         heldout = list(heldout)
-        scored = heldout if feedback is None else list(feedback)
-        metrics: dict[str, float] = {"heldout_records": float(len(scored))}
+        metrics: dict[str, float] = {"heldout_records": float(len(heldout))}
         reasons: list[str] = []
         failed: list[str] = []
         samples: dict[str, list[str]] = {}
 
-        if scored and not drift_only:
+        if heldout and not drift_only:
             with cand.use() as m:
-                lp_c = mean_response_logprob(m, scored, self.batch_size, _device(m))
+                lp_c = mean_response_logprob(m, heldout, self.batch_size, _device(m))
             with cur.use() as m:
-                lp_u = mean_response_logprob(m, scored, self.batch_size, _device(m))
-            (hc, lc), (hu, lu) = _scores(lp_c, scored), _scores(lp_u, scored)
-            se = paired_se(lp_c, lp_u, scored)
+                lp_u = mean_response_logprob(m, heldout, self.batch_size, _device(m))
+            (hc, lc), (hu, lu) = _scores(lp_c, heldout), _scores(lp_u, heldout)
+            se = paired_se(lp_c, lp_u, heldout)
             metrics.update(heldout_candidate=hc, heldout_current=hu, heldout_diff_se=se)
             allowed = self.tolerance_heldout + self.heldout_margin_se * se
             if hc < hu - allowed:

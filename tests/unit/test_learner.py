@@ -591,42 +591,6 @@ def test_a_rise_that_learning_explains_is_no_boundary_a_reversed_taste_is(tmp_pa
     assert learner.ewc.task_count == 1
 
 
-def test_after_a_boundary_the_gate_scores_only_the_feedback_given_since(
-    tmp_path, tiny_model_dir, monkeypatch
-):
-    """The held-out feedback before a boundary judged the taste the user left: the gate's
-    feedback check scores the records after it (once there is one); its on-topic and KL
-    checks keep the whole window of held-out prompts."""
-    from sona_plugin.training.gate import GateResult, PromotionGate
-
-    rng = np.random.default_rng(12)
-    host = TinyHost(tmp_path, tiny_model_dir)
-    learner = Learner(host, epochs=1)
-    feed(host, 0, 200, rng)
-    learner.run(gate=False)
-    heldout = learner._heldout()
-    assert learner.judged(heldout) == heldout  # no boundary yet: all of them
-    cut = heldout[len(heldout) // 2].id
-    learner.last_id = cut
-    learner.mark_task_boundary("a test")  # at the cycle's first new record, as an alarm is
-    after = [r for r in heldout if r.id > cut]
-    assert 0 < len(after) < len(heldout)
-    assert learner.judged(heldout) == after
-    before = [r for r in heldout if r.id <= cut]
-    assert learner.judged(before) == before  # none after it yet: all of them
-
-    seen = []
-
-    def evaluate(self, candidate, current, held, *a, **k):
-        seen.append((list(held), k["feedback"]))
-        return GateResult(True, {}, [], {}, [])
-
-    monkeypatch.setattr(PromotionGate, "evaluate", evaluate)
-    start = {n: p.detach().clone() for n, p in learner.ensure_trainer().named_lora_params().items()}
-    learner._gate(start, heldout, probe=False)
-    assert seen == [(heldout, after)]
-
-
 def test_a_candidate_over_the_kl_budget_is_shrunk_to_fit_from_its_smallest_step(
     tmp_path, tiny_model_dir, monkeypatch
 ):

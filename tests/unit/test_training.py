@@ -556,18 +556,6 @@ def test_gate_on_topic_check_answers_heldout_prompts(fluent_tiny):
     )
     assert res.metrics["on_topic_prompts"] == 1 + len(held)
     assert len(res.samples["candidate"]) == 1 + len(held)
-    # scoring fewer records' feedback leaves the prompts asked alone
-    res = gate.evaluate(
-        tr.model,
-        ModelView.base(tr.model),
-        held,
-        None,
-        tok,
-        embedder=bag_of_chars,
-        probe_prompts=["abc"],
-        feedback=held[:1],
-    )
-    assert res.metrics["on_topic_prompts"] == 1 + len(held) and res.metrics["heldout_records"] == 1
     assert (
         PromotionGate(on_topic_records=0, tolerance_nll=1e6, tolerance_heldout=1e6)
         .evaluate(
@@ -598,22 +586,6 @@ def test_gate_heldout_check_rejects_reversed_preference():
     assert json.loads(json.dumps(res.to_dict()))["passed"] is False
     # the paired standard error of that difference is reported (a noise scale for it)
     assert res.metrics["heldout_diff_se"] > 0 and "standard error" in res.reasons[0]
-
-
-def test_gate_scores_the_feedback_it_is_given_and_nothing_else():
-    """``feedback``: the held-out records check 1 scores (the learner passes those after a
-    task boundary). A candidate of the new taste is refused on the old taste's feedback
-    and passes on the new taste's, with the old records still in ``heldout``."""
-    tr = BaseLoRATrainer(tiny_llama(), config())
-    tr.train(preference_records(8, seed=1, liked=DISLIKED, disliked=LIKED), epochs=4, lr=5e-3)
-    old = preference_records(4, seed=2)
-    new = preference_records(4, seed=3, liked=DISLIKED, disliked=LIKED)
-    gate = PromotionGate(tolerance_nll=10.0)
-    args = (tr.model, ModelView.base(tr.model), old + new, None, CharTokenizer())
-    assert "heldout_score" in gate.evaluate(*args, feedback=old).failed
-    res = gate.evaluate(*args, feedback=new)
-    assert res.passed and res.metrics["heldout_records"] == len(new), res.reasons
-    assert res.metrics["heldout_candidate"] > res.metrics["heldout_current"]
 
 
 def test_gate_heldout_margin_is_counted_in_paired_standard_errors():
