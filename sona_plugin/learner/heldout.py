@@ -39,7 +39,7 @@ class PromptSplit:
         # a dict took about 100), grown by doubling
         self._ids = np.zeros(0, np.int64)
         self._sides = np.zeros(0, bool)
-        self.records = 0
+        self.assigned = 0
 
     def assign(self, records: Sequence[FeedbackRecord]) -> list[bool]:
         """The side of each record (True: held out), assigning new ones in order."""
@@ -58,18 +58,18 @@ class PromptSplit:
 
     def side_of(self, record_id: int) -> bool | None:
         """The side ``record_id`` was assigned (True: held out); None if never assigned."""
-        n = self.records
+        n = self.assigned
         i = int(np.searchsorted(self._ids[:n], record_id))
         return bool(self._sides[i]) if i < n and self._ids[i] == record_id else None
 
     def ids(self, held: bool, upto: int | None = None) -> np.ndarray:
         """The ids assigned to one side, ascending (at most ``upto``, when given)."""
-        n = self.records
+        n = self.assigned
         ids = self._ids[:n][self._sides[:n] == held]
         return ids if upto is None else ids[ids <= upto]
 
     def _remember(self, record_id: int, side: bool) -> None:
-        n = self.records
+        n = self.assigned
         if n == self._ids.shape[0]:
             cap = max(1024, 2 * n)
             self._ids = np.resize(self._ids, cap)
@@ -84,7 +84,7 @@ class PromptSplit:
             self._sides[i + 1 : n + 1] = self._sides[i:n].copy()
         self._ids[i] = record_id
         self._sides[i] = side
-        self.records = n + 1
+        self.assigned = n + 1
 
     def _side(self, r: FeedbackRecord) -> bool:
         e = np.asarray(r.embedding, np.float32).ravel()
@@ -111,7 +111,7 @@ class PromptSplit:
         return held
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
-        n, m = self.groups, self.records
+        n, m = self.groups, self.assigned
         return (
             {
                 "split.reps": self._reps[:n],
@@ -132,5 +132,5 @@ class PromptSplit:
         order = np.argsort(ids, kind="stable")  # older saves kept them in assignment order
         s._ids = ids[order]
         s._sides = np.asarray(arrays["split.sides"]).astype(bool)[order]
-        s.records = int(ids.shape[0])
+        s.assigned = int(ids.shape[0])
         return s

@@ -162,7 +162,7 @@ def test_prompt_split_takes_an_older_record_late_and_keeps_ids_sorted():
     recs = [record(i, f"prompt {i}", rng.standard_normal(64)) for i in (5, 9, 2, 7, 1)]
     split = PromptSplit(every=2)
     sides = split.assign(recs)
-    assert split.records == 5 and [split.side_of(r.id) for r in recs] == sides
+    assert split.assigned == 5 and [split.side_of(r.id) for r in recs] == sides
     both = np.concatenate([split.ids(held=True), split.ids(held=False)])
     assert sorted(both.tolist()) == [1, 2, 5, 7, 9]
     assert split.ids(held=True).tolist() == sorted(r.id for r, h in zip(recs, sides) if h)
