@@ -201,8 +201,8 @@ def main() -> None:
     ap.add_argument(
         "--plot",
         default=None,
-        help="where the plot goes (a run's default: docs/long_horizon.png; "
-        "--table plots only when this is given)",
+        help="where the plot goes (a run's default: docs/long_horizon.png; --resume: "
+        "the resumed run's; --table plots only when this is given)",
     )
     ap.add_argument(
         "--state-dir",
@@ -219,8 +219,6 @@ def main() -> None:
         help="print a saved run as a Markdown table (and plot it with --plot), then exit",
     )
     args = ap.parse_args()
-    if args.plot is None and not args.table:
-        args.plot = "docs/long_horizon.png"
     if args.table:
         result = json.loads(Path(args.table).read_text())
         names = result["args"]["tastes"]
@@ -235,6 +233,10 @@ def main() -> None:
         result = json.loads(Path(args.out).read_text())
         for key in RUN_SETTINGS:
             setattr(args, key, result["args"][key])
+        if args.plot is None:  # the run's own plot, not the docs' default
+            args.plot = result["args"].get("plot")
+    if args.plot is None:
+        args.plot = "docs/long_horizon.png"
     torch.set_num_threads(args.threads)
     a, b = taste_rule(args.tastes[0]), taste_rule(args.tastes[1])
     rules = {a.name: a, b.name: b}

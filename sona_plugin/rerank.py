@@ -71,6 +71,20 @@ def recorded_hidden(model: Any, prompt_ids: list[int], response_ids: list[int]) 
     return out.hidden_states[-1][0, P - 1 : P + T - 1].detach().to(torch.float32).cpu().numpy()
 
 
+def reward_model(folds: int) -> Any:
+    """The reward model's estimator, unfitted: L2-regularised logistic regression on
+    standardised features, its strength chosen by ``folds``-fold cross-validation on the
+    log-loss."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(
+        StandardScaler(),
+        LogisticRegressionCV(Cs=np.logspace(-4, 1, 11), cv=folds, scoring="neg_log_loss"),
+    )
+
+
 class AnswerRanker:
     """The reward model of best-of-k serving: judged answers in, scores out.
 
@@ -184,21 +198,13 @@ class AnswerRanker:
 
     def fit(self) -> None:
         """Refit to the judgements held (no model while a label has too few)."""
-        from sklearn.linear_model import LogisticRegressionCV
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         with self._lock:
             self._since_fit = 0
             if not self._ready():
                 self._model = None
                 return
             X, y = np.stack(self._X), np.asarray(self._y)
-        folds = min(5, int(y.sum()), int((1 - y).sum()))
-        model = make_pipeline(
-            StandardScaler(),
-            LogisticRegressionCV(Cs=np.logspace(-4, 1, 11), cv=folds, scoring="neg_log_loss"),
-        )
+        model = reward_model(folds=min(5, int(y.sum()), int((1 - y).sum())))
         with warnings.catch_warnings():  # scikit-learn 1.9 warns of its own coming change
             warnings.simplefilter("ignore", FutureWarning)
             model.fit(X, y)

@@ -356,7 +356,8 @@ class PromotionGate:
         tolerance_nll: relative anchor-NLL increase allowed (0.05: 5 %).
         tolerance_heldout: absolute drop of the held-out feedback score allowed.
         heldout_margin_se: further drop allowed, in paired standard errors of the score
-            difference (0: none; 1.645: refuse only a drop significant at one-sided 5 %).
+            difference (0: none; 1: the default, a drop within the score's noise passes;
+            1.645: refuse only a drop significant at one-sided 5 %).
         tolerance_liked: drop of the held-out liked answers' mean log-prob per token
             allowed (nats).
         max_kl_per_answer: check 4's budget in nats (0: check 4 off).
@@ -384,7 +385,7 @@ class PromotionGate:
         max_kl_per_answer: float = 0.0,
         kl_prompts: int = 16,
         on_topic_confidence: float = 0.95,
-        heldout_margin_se: float = 0.0,
+        heldout_margin_se: float = 1.0,
     ):
         for name, v in (
             ("tolerance_nll", tolerance_nll),

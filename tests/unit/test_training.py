@@ -676,11 +676,12 @@ def test_inverted_feedback_flood_cannot_get_a_candidate_served():
     assert len(flood) == 500
     tr.train(flood, epochs=1, batch_size=25, lr=5e-3)
     held = preference_records(6, seed=12)
-    res = PromotionGate(tolerance_nll=1e6).evaluate(
-        tr.model, ModelView.base(tr.model), held, None, CharTokenizer()
-    )
-    assert not res.passed
-    assert res.metrics["heldout_candidate"] < res.metrics["heldout_current"]
+    gate = PromotionGate(tolerance_nll=1e6)
+    assert gate.heldout_margin_se == 1.0  # the default: a drop within 1 SE would pass
+    res = gate.evaluate(tr.model, ModelView.base(tr.model), held, None, CharTokenizer())
+    assert not res.passed and "heldout_score" in res.failed, res.reasons
+    m = res.metrics
+    assert (m["heldout_current"] - m["heldout_candidate"]) / m["heldout_diff_se"] > 1.0
 
 
 def test_gate_kl_budget_refuses_a_candidate_that_spends_too_much_drift():
