@@ -6,14 +6,15 @@ checks 2 and 3, a fixed reference; see below):
 1. **Held-out feedback**, over feedback on prompts the trainer never saw:
    the reward-centred score ``mean_i (r_i − r̄) · (1/T_i) Σ_t log π(y_{i,t})`` (higher is
    better: liked answers more likely *relative to* disliked ones) must not fall by more
-   than ``tolerance_heldout``, and the liked answers' mean log-prob per token must not
-   fall by more than ``tolerance_liked``. Centring makes the score blind to a change
+   than ``tolerance_heldout`` plus ``heldout_margin_se`` paired standard errors (one by
+   default), and the liked answers' mean log-prob per token must not fall by more than
+   ``tolerance_liked``. Centring makes the score blind to a change
    that moves every answer alike: uncentred, with mostly negative rewards, a candidate
    that made *every* held-out answer less likely scored higher and was served. The
    second condition refuses exactly that candidate (it lowers the liked answers too).
    The metrics carry the paired standard error of the score difference over the records
    (``heldout_diff_se``): on 40 held-out records a published step's gain measured 1.5–1.9
-   of it (``benchmarks/gate_noise.py``), so a refusal by less than one is noise.
+   of it (``benchmarks/gate_noise.py``), so a drop by less than one is noise, and passes.
 2. **Anchor text**: mean NLL per token of fixed neutral text (:data:`ANCHOR_TEXTS`).
    Passes if ``nll_cand ≤ nll_ref · (1 + tolerance_nll)``.
 3. **On topic** (when an embedder is given): the probe prompts and the prompts of the
