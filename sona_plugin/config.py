@@ -528,7 +528,8 @@ class GateConfig(_Section):
         "one-sided 5 %). At 1 (the default) the reverse-order "
         "long run published 7 versions instead of 4 after its "
         "shift, with the same served liked-rates and less KL "
-        "per answer (docs/benchmarks.md).",
+        "per answer (docs/benchmarks.md). Points shrunk toward "
+        "the base model get no margin.",
         0.0,
         None,
         flat="gate_heldout_margin_se",

@@ -33,8 +33,10 @@ cycles, deep cycles, rollbacks and boundaries never overlap):
    times the factor fitted to the KL it measured: ``shrink_to_budget``). That point is the
    trade: it gives up a share of everything served, older tastes included, to make room
    for a step of the newer one inside the budget; the EWC++ penalty has already weighed
-   what the older one is worth. The first passing point is published; if none passes,
-   the trainer returns to the served weights.
+   what the older one is worth. The steps may score up to ``gate_heldout_margin_se``
+   paired standard errors below the served version on held-out feedback; a shrunk point
+   may not score below it at all (it retreats from what serves). The first passing point
+   is published; if none passes, the trainer returns to the served weights.
 6. the MicroLoRA is measured on top of the weights that now serve, against the same
    drift budget, and scaled back (½, ¼, zero) until it fits (``micro_bound``): the budget
    holds for what users get, not for the BaseLoRA alone.
@@ -722,6 +724,9 @@ class Learner:
         trainer = self.trainer
         peft = trainer.peft_model
         gate = _gate_for(host.engine.config)
+        # a point shrunk toward the base model gives up part of what serves, so it may not
+        # score below the served version at all: the margin is for steps toward the feedback
+        retreat = _gate_for(host.engine.config, heldout_margin_se=0.0)
         probes = self._probes() if probe else None
         embedder = host.embed if probe else None
         served = host.adapter_version
@@ -740,7 +745,7 @@ class Learner:
 
         def evaluate(point: dict) -> Any:
             _set_lora(trainer, start, cand, point["step"], point.get("shrink", 1.0))
-            g = gate.evaluate(
+            g = (retreat if "shrink" in point else gate).evaluate(
                 ModelView.adapter(peft, "default"),
                 current,
                 heldout,
@@ -804,15 +809,17 @@ def shrink_to_budget(kl: float | None, budget: float) -> float:
     return min(0.95, max(0.25, c))
 
 
-def _gate_for(config: Any):
-    """The promotion gate with the budget's settings from ``config``."""
+def _gate_for(config: Any, **override: Any):
+    """The promotion gate with the budget's settings from ``config`` (``override``: other
+    values for some of them)."""
     from ..training import PromotionGate
 
-    return PromotionGate(
-        max_kl_per_answer=config.gate_max_kl_per_answer,
-        on_topic_confidence=config.gate_on_topic_confidence,
-        heldout_margin_se=config.gate_heldout_margin_se,
-    )
+    settings = {
+        "max_kl_per_answer": config.gate_max_kl_per_answer,
+        "on_topic_confidence": config.gate_on_topic_confidence,
+        "heldout_margin_se": config.gate_heldout_margin_se,
+    }
+    return PromotionGate(**{**settings, **override})
 
 
 def _fresh_base(host: Host):

@@ -615,10 +615,14 @@ def test_a_candidate_over_the_kl_budget_is_shrunk_to_fit_from_its_smallest_step(
             p.add_(torch.randn(p.shape, generator=g) * 1e-2)
     cand = {n: p.detach().clone() for n, p in params.items()}
 
+    margins = []
+
     def run(verdicts):
         calls = iter(verdicts)
+        margins.clear()
 
         def evaluate(self, *a, **k):
+            margins.append(self.heldout_margin_se)
             passed, failed, kl = next(calls)
             return GateResult(
                 passed, {"kl_per_answer": kl}, [f"{f} failed" for f in failed], {}, failed
@@ -636,6 +640,10 @@ def test_a_candidate_over_the_kl_budget_is_shrunk_to_fit_from_its_smallest_step(
     c2 = c1 * (0.9 * 3.0 / 3.4) ** (1 / 1.5)  # refitted to the shrunk point's KL
     assert passed and point == {"step": 0.25, "shrink": round(c2, 4)}
     assert [t.get("shrink") for t in rep["tried"]] == [None, None, None, round(c1, 4), round(c2, 4)]
+    # the steps get the configured held-out margin; the points shrunk toward the base
+    # model (they give up part of what serves) must not score below the served version
+    assert margins == [host.engine.config.gate_heldout_margin_se] * 3 + [0.0, 0.0]
+    assert host.engine.config.gate_heldout_margin_se == 1.0
     for n, p in params.items():
         quarter = start[n] + 0.25 * (cand[n] - start[n])
         want = quarter * round(c2, 4) if "lora_B" in n else quarter
